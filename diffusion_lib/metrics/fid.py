@@ -1,0 +1,168 @@
+"""Fréchet Inception Distance (Heusel et al. 2017) with pytorch-fid's Inception network.
+
+Images travel as uint8 tensors, in memory: generated samples are quantised exactly as a PNG
+would store them (`data.float_to_uint8`), then fed to pytorch-fid's `InceptionV3` as
+uint8/255, the same values its CLI gets from `ToTensor()` on the PNG. So a milestone FID
+equals `python -m pytorch_fid` on the same images written to disk, without the disk.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+from unittest import mock
+
+import numpy as np
+import torch
+from PIL import Image
+from pytorch_fid import inception as pytorch_fid_inception
+from pytorch_fid.fid_score import calculate_frechet_distance
+
+from ..atomic import atomic_path
+from ..config import ConfigError
+from ..data import IMAGE_SUFFIXES, ImageDataset
+
+WEIGHTS_ENV = "SWEEP_FID_WEIGHTS"
+FEATURE_DIMS = 2048
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "diffusion_sweeps" / "fid"
+
+# uint8 images (N, 3, H, W) on any device -> float64 features (N, D)
+FeatureExtractor = Callable[[torch.Tensor], np.ndarray]
+
+
+def weights_help() -> str:
+    return (
+        "FID needs pytorch-fid's Inception weights (pt_inception-2015-12-05-6726825d.pth). "
+        f"Offline, point fid.weights (or the environment variable {WEIGHTS_ENV}) at a local copy, "
+        "or place it in $TORCH_HOME/hub/checkpoints/; or set fid.num_samples=0 and "
+        "fid.final_num_samples=0 to train without FID."
+    )
+
+
+def load_inception(weights: Optional[str] = None, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """pytorch-fid's FID InceptionV3 (pool3 block), from a local file or pytorch-fid's own download.
+
+    Raises ConfigError with `weights_help()` when no weights can be had, so a run fails before
+    training rather than at its first milestone.
+    """
+    weights = weights or os.environ.get(WEIGHTS_ENV) or None
+    block = [pytorch_fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIMS]]
+    try:
+        if weights is not None:
+            if not Path(weights).is_file():
+                raise ConfigError(f"fid.weights={weights}: no such file. {weights_help()}")
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            # pytorch-fid only knows how to fetch its weights from a URL; hand it the local file instead.
+            with mock.patch.object(pytorch_fid_inception, "load_state_dict_from_url", lambda *a, **k: state):
+                model = pytorch_fid_inception.InceptionV3(block)
+        else:
+            model = pytorch_fid_inception.InceptionV3(block)
+    except ConfigError:
+        raise
+    except Exception as err:  # network down, corrupt file, wrong state dict
+        raise ConfigError(f"cannot load the FID Inception weights ({type(err).__name__}: {err}). {weights_help()}") from None
+    return model.eval().to(device=device, memory_format=torch.channels_last)
+
+
+class InceptionFeatures:
+    """pool3 features (2048-d, fp32) of uint8 images, batched, under `inference_mode`."""
+
+    def __init__(self, weights: Optional[str] = None, device: torch.device | str = "cpu", batch_size: int = 200):
+        self.device = torch.device(device)
+        self.model = load_inception(weights, self.device)
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        out = []
+        for start in range(0, images.shape[0], self.batch_size):
+            batch = images[start : start + self.batch_size].to(self.device, non_blocking=True)
+            batch = (batch.float() / 255.0).contiguous(memory_format=torch.channels_last)
+            out.append(self.model(batch)[0].flatten(1).double().cpu())
+        return torch.cat(out).numpy()
+
+
+@dataclass
+class FeatureStats:
+    """Mean and covariance of features: the Gaussian FID compares."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    num_images: int
+
+    @classmethod
+    def from_features(cls, features: np.ndarray) -> "FeatureStats":
+        if features.shape[0] < 2:
+            raise ValueError(f"FID needs at least 2 images, got {features.shape[0]}")
+        return cls(features.mean(axis=0), np.cov(features, rowvar=False), features.shape[0])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """pytorch-fid's .npz layout (`mu`, `sigma`), so its CLI reads our files and vice versa."""
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, mu=self.mu, sigma=self.sigma, num_images=self.num_images)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FeatureStats":
+        try:
+            with np.load(path) as f:
+                num = int(f["num_images"]) if "num_images" in f else -1
+                return cls(f["mu"], f["sigma"], num)
+        except (OSError, KeyError, ValueError) as err:
+            raise ConfigError(f"{path}: not a FID statistics file with 'mu' and 'sigma' ({err})") from None
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+    """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½), by pytorch-fid's own implementation."""
+    return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+
+
+def reference_stats(
+    data: ImageDataset, features: FeatureExtractor, num_images: Optional[int], cache_dir: Optional[str]
+) -> FeatureStats:
+    """Statistics of the first `num_images` training images (all when None), cached on disk.
+
+    The cache key is the data set's name, a fingerprint of the images' bytes and the count, so
+    a hit costs no Inception pass and changed data never reuse stale statistics.
+    """
+    images = data.images if num_images is None else data.images[:num_images]
+    subset = ImageDataset(data.name, images)
+    path = Path(cache_dir or DEFAULT_CACHE_DIR) / f"{data.name}-{subset.fingerprint}-{len(subset)}.npz"
+    if path.is_file():
+        return FeatureStats.load(path)
+    stats = FeatureStats.from_features(features(subset.images))
+    stats.save(path)
+    return stats
+
+
+def load_image_folder(folder: str | os.PathLike) -> list[torch.Tensor]:
+    """Every image file in a folder (not recursive, like pytorch-fid) as uint8 (3, H, W) tensors."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    images = []
+    for path in files:
+        with Image.open(path) as img:
+            images.append(torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1))
+    return images
+
+
+def stats_of_source(source: str | os.PathLike, features: FeatureExtractor) -> FeatureStats:
+    """Statistics of an image folder or a saved `.npz` (the `python -m pytorch_fid` interface)."""
+    source = Path(source)
+    if source.suffix == ".npz":
+        if not source.is_file():
+            raise ConfigError(f"{source}: no such statistics file")
+        return FeatureStats.load(source)
+    if not source.is_dir():
+        raise ConfigError(f"{source}: expected an image folder or a .npz statistics file")
+    images = load_image_folder(source)
+    shapes = {tuple(img.shape) for img in images}
+    if len(shapes) == 1:
+        feats = features(torch.stack(images))
+    else:  # mixed sizes cannot share a batch
+        feats = np.concatenate([features(img[None]) for img in images])
+    return FeatureStats.from_features(feats)

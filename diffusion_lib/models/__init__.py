@@ -1,0 +1,3 @@
+from .unet import UNetCifar32
+
+__all__ = ["UNetCifar32"]
