@@ -22,6 +22,39 @@ def _randn(shape, generator: Optional[torch.Generator], device, dtype) -> torch.
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
+def reverse_step(
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    a_t: float,
+    a_prev: float,
+    *,
+    sampler: str,
+    eta: float = 0.0,
+    noise: Optional[torch.Tensor] = None,
+    clip_x0: bool = True,
+) -> torch.Tensor:
+    """One step x_t -> x_prev of a chain whose cumulative products are ᾱ_t = `a_t`, ᾱ_prev = `a_prev`.
+
+    `noise` ~ N(0, I) is used where the step is stochastic (DDPM, or DDIM with η > 0).
+    """
+    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
+    if sampler == "ddpm":
+        # Posterior q(x_prev | x_t, x_0) (Ho et al. 2020, eqs. 6-7) with β = 1 - ᾱ_t/ᾱ_prev.
+        beta = 1 - a_t / a_prev
+        mean = (beta * a_prev**0.5 / (1 - a_t)) * x0 + ((1 - a_prev) * (1 - beta) ** 0.5 / (1 - a_t)) * x
+        std = (beta * (1 - a_prev) / (1 - a_t)) ** 0.5
+    elif sampler == "ddim":
+        # Song et al. 2021, eq. 12, with σ_t(η) from eq. 16.
+        std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        mean = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    return mean + std * noise if std > 0 and noise is not None else mean
+
+
 @torch.no_grad()
 def sample(
     eps_fn: EpsFn,
@@ -44,26 +77,12 @@ def sample(
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     spaced = respace(schedule, nfe)
-    alphas_cumprod = spaced.schedule.alphas_cumprod  # float64, ᾱ of the kept steps
-    betas = spaced.schedule.betas
+    alphas_cumprod = spaced.schedule.alphas_cumprod.tolist()  # float64 ᾱ of the kept steps
     x = _randn(shape, generator, device, dtype)
     for i in reversed(range(nfe)):
-        a_t = alphas_cumprod[i].item()
-        a_prev = alphas_cumprod[i - 1].item() if i > 0 else 1.0
         t = torch.full((shape[0],), int(spaced.timesteps[i]), device=device, dtype=torch.long)
         eps = eps_fn(x, t).to(dtype)
-        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-        if clip_x0:
-            x0 = x0.clamp(-1, 1)
-            eps = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
-        if sampler == "ddpm":
-            # Posterior q(x_{t-1} | x_t, x_0) of the respaced chain (Ho et al. 2020, eqs. 6-7).
-            beta = betas[i].item()
-            mean = (beta * a_prev**0.5 / (1 - a_t)) * x0 + ((1 - a_prev) * (1 - beta) ** 0.5 / (1 - a_t)) * x
-            std = (beta * (1 - a_prev) / (1 - a_t)) ** 0.5
-        else:
-            # Song et al. 2021, eq. 12, with σ_t(η) from eq. 16.
-            std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-            mean = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
-        x = mean + std * _randn(shape, generator, device, dtype) if i > 0 and std > 0 else mean
+        noise = _randn(shape, generator, device, dtype) if i > 0 and (sampler == "ddpm" or eta > 0) else None
+        a_prev = alphas_cumprod[i - 1] if i > 0 else 1.0
+        x = reverse_step(x, eps, alphas_cumprod[i], a_prev, sampler=sampler, eta=eta, noise=noise, clip_x0=clip_x0)
     return x

@@ -26,7 +26,6 @@ from ..data import IMAGE_SUFFIXES, ImageDataset
 
 WEIGHTS_ENV = "SWEEP_FID_WEIGHTS"
 FEATURE_DIMS = 2048
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "diffusion_sweeps" / "fid"
 
 # uint8 images (N, 3, H, W) on any device -> float64 features (N, D)
 FeatureExtractor = Callable[[torch.Tensor], np.ndarray]
@@ -129,7 +128,7 @@ def reference_stats(
     """
     images = data.images if num_images is None else data.images[:num_images]
     subset = ImageDataset(data.name, images)
-    path = Path(cache_dir or DEFAULT_CACHE_DIR) / f"{data.name}-{subset.fingerprint}-{len(subset)}.npz"
+    path = Path(cache_dir or Path.home() / ".cache" / "diffusion_sweeps" / "fid") / f"{data.name}-{subset.fingerprint}-{len(subset)}.npz"
     if path.is_file():
         return FeatureStats.load(path)
     stats = FeatureStats.from_features(features(subset.images))

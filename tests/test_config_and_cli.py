@@ -1,0 +1,119 @@
+"""Run configs: defaults, overrides, and bad input rejected with exit 2 before any work."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from diffusion_lib.config import RunConfig, load_config
+from diffusion_lib.data import load_dataset
+from diffusion_lib.config import ConfigError, DataConfig
+from sweeps.cli import app
+from conftest import CIFAR_ROOT, needs_cifar
+
+runner = CliRunner()
+
+
+def test_defaults_reproduce_the_e1_baseline():
+    c = RunConfig()
+    assert (c.data.name, c.model.base_channels, c.model.dropout) == ("cifar10", 32, 0.1)
+    assert (c.diffusion.beta_schedule, c.diffusion.num_timesteps, c.diffusion.prediction) == ("linear", 1000, "eps")
+    assert (c.loss.weighting, c.train.batch_size, c.optim.lr, c.train.grad_clip) == ("constant", 4, 1e-4, 1.0)
+    assert (c.ema.decay, c.eval.sampler, c.eval.nfe, c.train.seed, c.train.total_steps) == (0.999, "ddpm", 50, 1077, 10_000)
+
+
+def test_overrides_are_typed_and_paths_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"batch_size": 4}, "data": {"root": "somewhere"}}))
+    c = load_config(path, ["train.batch_size=128", "loss.weighting=min_snr", "loss.minsnr_gamma=5"])
+    assert c.train.batch_size == 128 and c.loss.weighting == "min_snr" and c.loss.minsnr_gamma == 5.0
+    assert c.data.root == str(tmp_path / "somewhere")
+
+
+BAD = [
+    ({"train": {"batch_sise": 4}}, "train.batch_sise"),
+    ({"trian": {"batch_size": 4}}, "trian"),
+    ({"train": {"batch_size": "four"}}, "train.batch_size"),
+    ({"train": {"total_steps": -5}}, "train.total_steps"),
+    ({"loss": {"minsnr_gamma": 0}}, "loss.minsnr_gamma"),
+    ({"loss": {"weighting": "snr"}}, "loss.weighting"),
+    ({"eval": {"nfe": 2000}}, "eval.nfe"),
+    ({"eval": {"sampler": "euler"}}, "eval.sampler"),
+    ({"diffusion": {"beta_schedule": "quadratic"}}, "diffusion.beta_schedule"),
+    ({"data": {"download": "yes"}}, "data.download"),
+]
+
+
+@pytest.mark.parametrize("raw, key", BAD, ids=[k for _, k in BAD])
+def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path, raw, key):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(config), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert key in result.output
+    assert not out.exists()
+
+
+def test_bad_override_exits_2(tmp_path):
+    config, out = tmp_path / "empty.yaml", tmp_path / "run"
+    config.write_text("")
+    result = runner.invoke(app, ["train", str(config), "--out", str(out), "--set", "model.base_channels=0"])
+    assert result.exit_code == 2 and "model.base_channels" in result.output and not out.exists()
+
+
+def test_missing_data_root_names_the_expected_layout(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"name": "cifar10", "root": str(tmp_path / "nowhere")}}))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(config), "--out", str(out)])
+    assert result.exit_code == 2 and "cifar-10-batches-py" in result.output and not out.exists()
+
+
+def test_a_corrupt_cifar_batch_is_named(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(b"not a pickle")
+    with pytest.raises(ConfigError, match="data_batch_1 is not a CIFAR-10 python batch"):
+        load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))
+
+
+@needs_cifar
+def test_cifar10_subset_loads_as_uint8_images():
+    data = load_dataset(DataConfig(name="cifar10", root=str(CIFAR_ROOT)))
+    assert len(data) == 5085 and data.images.shape[1:] == (3, 32, 32)
+    assert 100 < data.images.float().mean() < 150  # real photographs, not zeros or noise
+
+
+def test_folder_data_set_reads_any_images(tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (48, 40), (i * 80, 10, 200)).save(tmp_path / f"{i}.png")
+    data = load_dataset(DataConfig(name="folder", root=str(tmp_path)))
+    assert data.images.shape == (3, 3, 32, 32) and data.images[2, 0, 0, 0] == 160
+
+
+def test_sweep_train_console_script_runs_and_resumes(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"name": "shapes", "num_images": 32},
+        "model": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1},
+        "train": {"total_steps": 10, "batch_size": 4},
+        "eval": {"every": 5, "nfe": 3, "grid_size": 4},
+        "fid": {"num_samples": 0, "final_num_samples": 0},
+        "curvature": {"probes": 0},
+    }))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sweeps", "train", str(config), "--out", str(out)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout.strip().splitlines()[-1])["step"] == 10
+    again = subprocess.run(cmd + ["--set", "train.total_steps=15"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "resuming" in again.stderr and "from step 10" in again.stderr
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3

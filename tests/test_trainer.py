@@ -1,0 +1,93 @@
+"""The trainer: exact resume, milestone outputs, atomic checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+from diffusion_lib.checkpoint import list_checkpoints, load_checkpoint
+from diffusion_lib.config import ConfigError
+from diffusion_lib.trainer import Trainer
+from conftest import tiny_config
+
+
+def params(trainer: Trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in list(trainer.model.parameters()) + list(trainer.ema.model.parameters())]
+
+
+def test_resume_is_bit_exact(tmp_path):
+    n = 10
+    straight = Trainer(tiny_config(train={"total_steps": 2 * n}, eval={"every": n}), tmp_path / "straight", progress=False)
+    straight.fit()
+
+    first = Trainer(tiny_config(train={"total_steps": n}, eval={"every": n}), tmp_path / "resumed", progress=False)
+    first.fit()
+    resumed = Trainer(tiny_config(train={"total_steps": 2 * n}, eval={"every": n}), tmp_path / "resumed", progress=False)
+    assert resumed.step == n
+    resumed.fit()
+
+    for a, b in zip(params(straight), params(resumed)):
+        assert torch.equal(a, b)
+    # And the check can tell: one extra step changes the parameters.
+    resumed.train_step()
+    assert not all(torch.equal(a, b) for a, b in zip(params(straight), params(resumed)))
+
+
+def test_milestones_write_metrics_grids_and_checkpoints(tmp_path):
+    config = tiny_config(train={"total_steps": 25}, eval={"every": 10}, curvature={"probes": 2})
+    Trainer(config, tmp_path, progress=False).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 25]
+    for row in rows:
+        assert {"train/loss", "wall_time_s", "images_seen", "curvature/hutch_trace_mean", "loss/t_bucket_9"} <= set(row)
+        assert row["images_seen"] == row["step"] * 8
+    assert rows[0]["wall_time_s"] < rows[1]["wall_time_s"] < rows[2]["wall_time_s"]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"step_{s:07d}.png" for s in (10, 20, 25)]
+    assert list(list_checkpoints(tmp_path)) == [25]  # FID off: only the newest is kept
+    state = load_checkpoint(list_checkpoints(tmp_path)[25])
+    assert state["step"] == 25 and state["config"]["train"]["total_steps"] == 25
+
+
+def test_a_killed_run_loses_only_the_steps_since_its_last_checkpoint(tmp_path):
+    config = tiny_config(train={"total_steps": 30}, eval={"every": 10})
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_20(row, path):
+        if row["step"] == 20:
+            raise Killed
+
+    with pytest.raises(Killed):
+        Trainer(config, tmp_path, progress=False).fit(on_milestone=kill_at_20)
+    resumed = Trainer(config, tmp_path, progress=False)
+    assert resumed.step == 20
+    resumed.fit()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 30]
+
+
+def test_resume_refuses_a_changed_trajectory_key(tmp_path):
+    Trainer(tiny_config(), tmp_path, progress=False).fit()
+    with pytest.raises(ConfigError, match="optim.lr"):
+        Trainer(tiny_config(optim={"lr": 3e-4}), tmp_path, progress=False)
+
+
+def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    Trainer(tiny_config(), tmp_path, progress=False).fit()
+    path = list_checkpoints(tmp_path)[20]
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ConfigError, match="not a readable checkpoint"):
+        Trainer(tiny_config(train={"total_steps": 30}), tmp_path, progress=False)
+
+
+def test_fid_milestones_use_their_sample_counts_and_keep_the_best_checkpoint(tmp_path, standin_features):
+    config = tiny_config(train={"total_steps": 30}, fid={"num_samples": 8, "final_num_samples": 16, "cache_dir": str(tmp_path / "cache")})
+    trainer = Trainer(config, tmp_path / "run", features=standin_features, progress=False)
+    summary = trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val/fid_num_samples"] for r in rows] == [8, 8, 16]
+    best = min(rows, key=lambda r: r["val/fid"])
+    assert summary["best_fid"] == best["val/fid"] and summary["best_step"] == best["step"]
+    assert summary["final_fid"] == rows[-1]["val/fid"]
+    assert set(list_checkpoints(tmp_path / "run")) == {30, best["step"]}
