@@ -145,7 +145,7 @@ def load_image_folder(folder: str | os.PathLike) -> list[torch.Tensor]:
     images = []
     for path in files:
         with Image.open(path) as img:
-            images.append(torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1))
+            images.append(torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1))
     return images
 
 

@@ -1,0 +1,161 @@
+"""Milestone metrics: FID against closed forms and pytorch-fid itself, the statistics cache,
+Hutchinson against the exact Hessian trace, missing weights, TensorBoard contents."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import linalg
+from typer.testing import CliRunner
+
+from diffusion_lib.config import ConfigError
+import torchvision.utils
+
+from diffusion_lib.data import ImageDataset, float_to_uint8, load_dataset, uint8_to_float
+from diffusion_lib.config import DataConfig
+from diffusion_lib.metrics.curvature import hutchinson_trace
+from diffusion_lib.metrics.fid import FeatureStats, InceptionFeatures, frechet_distance, reference_stats
+from diffusion_lib.trainer import Trainer
+from sweeps.cli import app
+from conftest import CIFAR_ROOT, FID_WEIGHTS, needs_cifar, needs_fid_weights, tiny_config
+
+
+def closed_form_frechet(mu1, cov1, mu2, cov2) -> float:
+    """d² = ‖μ1−μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1^½ Σ2 Σ1^½)^½), by symmetric eigendecompositions."""
+    def sqrt_psd(m):
+        w, v = np.linalg.eigh(m)
+        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+    s1 = sqrt_psd(cov1)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(cov1 + cov2 - 2 * sqrt_psd(s1 @ cov2 @ s1)))
+
+
+def test_fid_of_features_equals_the_closed_form_frechet_distance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 6)) @ rng.normal(size=(6, 6))
+    b = rng.normal(loc=0.5, size=(3000, 6)) @ rng.normal(size=(6, 6))
+    ours = frechet_distance(FeatureStats.from_features(a), FeatureStats.from_features(b))
+    expected = closed_form_frechet(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert ours == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(FeatureStats.from_features(a), FeatureStats.from_features(a)) == pytest.approx(0, abs=1e-6)
+
+
+def test_reference_statistics_are_cached_and_invalidated_by_new_data(tmp_path, standin_features):
+    data = load_dataset(DataConfig(name="shapes", num_images=50))
+    first = reference_stats(data, standin_features, None, str(tmp_path))
+    assert standin_features.calls == 1
+    second = reference_stats(data, standin_features, None, str(tmp_path))
+    assert standin_features.calls == 1  # a hit: no feature pass
+    np.testing.assert_array_equal(first.mu, second.mu)
+    changed = ImageDataset("shapes", data.images.clone())
+    changed.images[0, 0, 0, 0] ^= 1
+    reference_stats(changed, standin_features, None, str(tmp_path))
+    assert standin_features.calls == 2
+    reference_stats(data, standin_features, 20, str(tmp_path))  # another count is another entry
+    assert standin_features.calls == 3
+
+
+def exact_hessian_trace(model, loss_of_params) -> float:
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    shapes = [(n, p.shape, p.numel()) for n, p in model.named_parameters()]
+
+    def f(vector):
+        params, i = {}, 0
+        for name, shape, numel in shapes:
+            params[name] = vector[i : i + numel].view(shape)
+            i += numel
+        return loss_of_params(params)
+
+    return torch.func.hessian(f)(flat).diagonal().sum().item()
+
+
+def test_hutchinson_agrees_with_the_exact_hessian_trace_and_its_stderr_shrinks():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x, y = torch.randn(64, 5), torch.randn(64, 2)
+    exact = exact_hessian_trace(model, lambda p: ((torch.func.functional_call(model, p, (x,)) - y) ** 2).mean())
+    loss_fn = lambda: ((model(x) - y) ** 2).mean()  # noqa: E731
+    mean16, se16 = hutchinson_trace(loss_fn, list(model.parameters()), 16, torch.Generator().manual_seed(1))
+    mean256, se256 = hutchinson_trace(loss_fn, list(model.parameters()), 256, torch.Generator().manual_seed(2))
+    assert abs(mean16 - exact) < 3 * se16
+    assert abs(mean256 - exact) < 3 * se256
+    assert 2.5 < se16 / se256 < 6.5  # ≈ √(256/16) = 4
+
+
+@needs_cifar
+@needs_fid_weights
+def test_fid_equals_pytorch_fids_own_computation_on_the_same_pngs(tmp_path, monkeypatch):
+    """Milestone FID (float samples quantised in memory) and `sweep fid-stats`/`sweep fid` (PNG
+    folders) against pytorch-fid's own pipeline reading the same images as PNG files."""
+    from pytorch_fid.fid_score import calculate_fid_given_paths
+
+    images = load_dataset(DataConfig(name="cifar10", root=str(CIFAR_ROOT))).images
+    # Stand-ins for generated samples: float images in [-1, 1] off the uint8 grid.
+    samples = uint8_to_float(images[:200]) + 0.01 * torch.randn(200, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    (tmp_path / "a").mkdir()
+    for i, x in enumerate(samples):
+        torchvision.utils.save_image((x + 1) / 2, tmp_path / "a" / f"{i:04d}.png")
+    (tmp_path / "b").mkdir()
+    for i, img in enumerate(images[1000:1200]):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "b" / f"{i:04d}.png")
+
+    features = InceptionFeatures(str(FID_WEIGHTS), "cpu", batch_size=100)
+    in_memory = FeatureStats.from_features(features(float_to_uint8(samples)))
+    in_memory.save(tmp_path / "a.npz")
+    runner = CliRunner()
+    saved = runner.invoke(app, ["fid-stats", str(tmp_path / "b"), "--out", str(tmp_path / "b.npz"), "--weights", str(FID_WEIGHTS)])
+    assert saved.exit_code == 0, saved.output
+    printed = runner.invoke(app, ["fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--weights", str(FID_WEIGHTS)])
+    assert printed.exit_code == 0, printed.output
+    ours = float(printed.output.split("FID:")[1])
+
+    # pytorch-fid's own pipeline: decodes the PNGs and finds the weights its own way (TORCH_HOME).
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / FID_WEIGHTS.name).symlink_to(FID_WEIGHTS)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    theirs = calculate_fid_given_paths([str(tmp_path / "a"), str(tmp_path / "b")], 100, "cpu", 2048, num_workers=0)
+    assert ours == pytest.approx(theirs, rel=1e-3)
+    assert ours > 1.0  # different images: the comparison is not vacuous
+
+
+def test_a_run_without_reachable_weights_fails_fast_with_exit_2(tmp_path, monkeypatch):
+    import pytorch_fid.inception
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    monkeypatch.setattr(pytorch_fid.inception, "FID_WEIGHTS_URL", "http://127.0.0.1:9/pt_inception.pth")
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {name: shapes, num_images: 16}\nfid: {num_samples: 8}\n")
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["train", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "SWEEP_FID_WEIGHTS" in result.output and "fid.weights" in result.output
+    assert time.perf_counter() - started < 30
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nowhere.pth: no such file"):
+        InceptionFeatures(str(tmp_path / "nowhere.pth"))
+
+
+def test_tensorboard_reader_finds_fid_and_hparams(tmp_path, standin_features):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    config = tiny_config(fid={"num_samples": 8, "final_num_samples": 8, "cache_dir": str(tmp_path / "cache")}, curvature={"probes": 2})
+    Trainer(config, tmp_path / "run", features=standin_features, progress=False).fit()
+    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"val/fid", "val/fid_num_samples", "train/loss", "curvature/hutch_trace_mean", "loss/t_bucket_0"} <= set(scalars)
+    assert [e.step for e in events.Scalars("val/fid")] == [10, 20]
+    assert "samples" in events.Tags()["images"]
+    hparams = events.PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    assert session.hparams["loss.weighting"].string_value == "constant"
+    assert session.hparams["train.batch_size"].number_value == 8
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} == {"val/best_fid", "val/final_fid"}
