@@ -36,9 +36,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def list_checkpoints(run_dir: Path) -> dict[int, Path]:
-    """{step: path} of the checkpoints in a run directory."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
+def list_checkpoints(folder: Path) -> dict[int, Path]:
+    """{step: path} of the checkpoints in a folder."""
+    folder = Path(folder)
     if not folder.is_dir():
         return {}
     found = {}
@@ -49,6 +49,6 @@ def list_checkpoints(run_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    checkpoints = list_checkpoints(run_dir)
+def latest_checkpoint(folder: Path) -> Optional[Path]:
+    checkpoints = list_checkpoints(folder)
     return checkpoints[max(checkpoints)] if checkpoints else None

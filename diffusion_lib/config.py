@@ -151,14 +151,14 @@ _RANGES: dict[str, tuple[Any, str]] = {
 }
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
+def check_type(key: str, value: Any, annotation: Any) -> Any:
     """Check `value` against a field's type annotation, allowing int where float is expected."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is typing.Union:  # Optional[X]
         if value is None:
             return None
-        return _coerce(key, value, next(a for a in args if a is not type(None)))
+        return check_type(key, value, next(a for a in args if a is not type(None)))
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, args))}")
@@ -166,7 +166,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+        return [check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -211,7 +211,7 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
             dotted = f"{name}.{key}"
             if key not in hints:
                 raise ConfigError(f"{dotted}: unknown key; {name} accepts {', '.join(hints)}")
-            kwargs[key] = _coerce(dotted, v, hints[key])
+            kwargs[key] = check_type(dotted, v, hints[key])
         built[name] = cls(**kwargs)
     config = RunConfig(**built)
     validate(config)

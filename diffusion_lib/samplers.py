@@ -11,6 +11,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .data import float_to_uint8
+from .diffusion import GaussianDiffusion
 from .schedules import NoiseSchedule, respace
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -86,3 +88,33 @@ def sample(
         a_prev = alphas_cumprod[i - 1] if i > 0 else 1.0
         x = reverse_step(x, eps, alphas_cumprod[i], a_prev, sampler=sampler, eta=eta, noise=noise, clip_x0=clip_x0)
     return x
+
+
+@torch.no_grad()
+def sample_images(
+    model: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    num_images: int,
+    *,
+    sampler: str,
+    nfe: int,
+    eta: float,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    autocast: Optional[torch.autocast] = None,
+) -> torch.Tensor:
+    """`num_images` uint8 (N, 3, 32, 32) images from a network predicting `diffusion.prediction`."""
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if autocast is None:
+            return diffusion.eps_from_output(x, t, model(x, t).float())
+        with autocast:
+            return diffusion.eps_from_output(x, t, model(x, t).float())
+
+    batches = []
+    for start in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - start)
+        x = sample(eps_fn, diffusion.schedule, (n, 3, 32, 32), sampler=sampler, nfe=nfe, eta=eta, generator=generator, device=device)
+        batches.append(float_to_uint8(x))
+    return torch.cat(batches)

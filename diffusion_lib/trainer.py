@@ -17,15 +17,15 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINT_DIR, checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig
-from .data import float_to_uint8, load_dataset, uint8_to_float
+from .data import load_dataset, uint8_to_float
 from .diffusion import GaussianDiffusion
 from .ema import EMA
 from .losses import DiffusionLoss
 from .metrics.curvature import hutchinson_trace
 from .metrics.fid import FeatureExtractor, FeatureStats, InceptionFeatures, frechet_distance, reference_stats
-from .models import UNetCifar32
+from .models import build_model
 from .run_log import RunLog, make_grid
-from .samplers import sample
+from .samplers import sample_images
 from .schedules import make_schedule
 
 NUM_T_BUCKETS = 10
@@ -56,11 +56,13 @@ class Trainer:
         run_dir: str | Path,
         *,
         resume_from: Optional[Path] = None,
+        checkpoint_dir: Optional[Path] = None,
         features: Optional[FeatureExtractor] = None,
         progress: bool = True,
     ):
         self.config = config
         self.run_dir = Path(run_dir)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else self.run_dir / CHECKPOINT_DIR
         self.progress = progress
         self.device = resolve_device(config.train.device)
         cuda = self.device.type == "cuda"
@@ -79,8 +81,7 @@ class Trainer:
             self.device,
         )
         self.loss = DiffusionLoss(self.diffusion, config.loss.weighting, config.loss.minsnr_gamma)
-        m = config.model
-        self.model = UNetCifar32(m.base_channels, m.channel_mults, m.num_res_blocks, m.attention_resolutions, m.dropout)
+        self.model = build_model(config.model)
         self.model.to(self.device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
         self.ema = EMA(self.model, config.ema.decay)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.optim.lr, fused=cuda)
@@ -91,7 +92,7 @@ class Trainer:
         self.wall_time_s = 0.0
         self.best: Optional[tuple[float, int]] = None  # (val/fid, step)
         self.final_fid: Optional[float] = None
-        checkpoint = resume_from or latest_checkpoint(self.run_dir)
+        checkpoint = resume_from or latest_checkpoint(self.checkpoint_dir)
         if checkpoint is not None:
             self._restore(load_checkpoint(Path(checkpoint)))
         self.log = RunLog(self.run_dir, self.step)
@@ -203,21 +204,12 @@ class Trainer:
     def generate(self, num_samples: int) -> torch.Tensor:
         """`num_samples` uint8 images from the EMA model, with the same noise at every milestone."""
         cfg = self.config.eval
-        generator = torch.Generator(self.device).manual_seed(self.config.train.seed + 1)
-
-        def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with self.autocast:
-                return self.diffusion.eps_from_output(x, t, self.ema.model(x, t).float())
-
-        batches = []
-        for start in range(0, num_samples, cfg.batch_size):
-            n = min(cfg.batch_size, num_samples - start)
-            x = sample(
-                eps_fn, self.diffusion.schedule, (n, 3, 32, 32),
-                sampler=cfg.sampler, nfe=cfg.nfe, eta=cfg.eta, generator=generator, device=self.device,
-            )
-            batches.append(float_to_uint8(x))
-        return torch.cat(batches)
+        return sample_images(
+            self.ema.model, self.diffusion, num_samples,
+            sampler=cfg.sampler, nfe=cfg.nfe, eta=cfg.eta, batch_size=cfg.batch_size,
+            generator=torch.Generator(self.device).manual_seed(self.config.train.seed + 1),
+            device=self.device, autocast=self.autocast,
+        )
 
     def curvature(self) -> tuple[float, float]:
         """Hutchinson trace of the loss Hessian on a fixed batch, timesteps, noise and probes, so
@@ -256,11 +248,11 @@ class Trainer:
             },
             "config": self.config.to_dict(),
         }
-        path = self.run_dir / CHECKPOINT_DIR / checkpoint_name(self.step)
+        path = self.checkpoint_dir / checkpoint_name(self.step)
         save_checkpoint(path, state)
         # Keep the newest (for resume) and the best-FID one (for analysis); drop the rest.
         keep = {self.step, self.best[1] if self.best else self.step}
-        for step, old in list_checkpoints(self.run_dir).items():
+        for step, old in list_checkpoints(self.checkpoint_dir).items():
             if step not in keep:
                 old.unlink(missing_ok=True)
         return path

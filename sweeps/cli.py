@@ -99,3 +99,83 @@ def fid_stats(
     stats = stats_of_source(source, _features(weights, device, batch_size))
     stats.save(out)
     typer.echo(f"wrote {out} ({stats.num_images} images)")
+
+
+def describe(spec) -> str:
+    """The expanded trial list `--dry-run` prints, ending with the line `N trials`."""
+    from .runner import experiment_path, short_params
+
+    lines = [
+        f"experiment: {spec.name} at {experiment_path(spec)}",
+        f"algorithm: {spec.algorithm}; scheduler: "
+        + (f"asha (grace {spec.asha.grace_period} steps, reduction {spec.asha.reduction_factor:g}, max_t {spec.max_total_steps()})"
+           if spec.asha.type == "asha" else "none")
+        + f"; metric: {spec.metric} ({spec.mode})",
+        f"resources per trial: {spec.trial_resources.cpu:g} cpu, {spec.trial_resources.gpu:g} gpu; "
+        f"max concurrent: {spec.max_concurrent or 'unlimited'}; max failures: {spec.max_failures}",
+    ]
+    sampled = {k: d for k, d in spec.search.items() if k not in spec.grid_keys}
+    for key, dist in sampled.items():
+        kind, args = next(iter(dist.items()))
+        lines.append(f"sampled: {key} ~ {kind}({', '.join(map(str, args))})")
+    if spec.algorithm == "optuna":
+        lines += [f"  {i + 1:>3}  (Optuna TPE suggestion, seed {spec.seed})" for i in range(spec.num_trials)]
+    else:
+        n = 0
+        for point in spec.grid_points():
+            for _ in range(spec.num_samples):
+                n += 1
+                lines.append(f"  {n:>3}  {short_params(point) or '(base config)'}" + ("  + sampled" if sampled else ""))
+    lines.append(f"{spec.num_trials} trials")
+    return "\n".join(lines)
+
+
+@app.command()
+@exits_2_on_bad_input
+def run(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="Search-space file (YAML), e.g. search_spaces/smoke.yaml."),
+    name: Optional[str] = typer.Option(None, help="Experiment name (default: the spec's, else its file name)."),
+    storage: Optional[str] = typer.Option(None, help="Where experiments live: a local path or a URI Ray Tune accepts."),
+    set_: Optional[List[str]] = SetOption,
+    address: Optional[str] = typer.Option(None, help="Attach to a running Ray cluster (also $RAY_ADDRESS)."),
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted experiment."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the trial list; start nothing."),
+    analyze_after: bool = typer.Option(True, "--analyze/--no-analyze", help="Write tables, plots and report.md at the end."),
+):
+    """Run a grid, random or Optuna search with Ray Tune; resume it with --resume."""
+    from .runner import experiment_path, run_sweep
+    from .spec import load_spec
+
+    spec = load_spec(spec_path, set_)
+    spec.name = name or spec.name
+    spec.storage = storage or spec.storage
+    typer.echo(describe(spec))
+    if dry_run:
+        return
+    results = run_sweep(spec, address=address, resume=resume)
+    errors = sum(1 for r in results if r.error)
+    try:
+        best = results.get_best_result(metric=spec.metric, mode=spec.mode, scope="all")
+        typer.echo(f"best {spec.metric}: {best.metrics.get(spec.metric)} in {Path(best.path).name}")
+    except RuntimeError:
+        typer.echo(f"no trial reported {spec.metric}")
+    typer.echo(f"{len(results)} trials, {errors} errored; experiment at {experiment_path(spec)}")
+    if analyze_after and "://" not in spec.storage:
+        from analysis.report import analyze_experiment
+
+        analyze_experiment(Path(experiment_path(spec)))
+
+
+@app.command()
+@exits_2_on_bad_input
+def analyze(
+    experiment_dir: Path = typer.Argument(..., help="An experiment directory (storage/name)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: EXPERIMENT_DIR/analysis)."),
+):
+    """Tables (Parquet/Arrow), sample grids, plots and report.md from an experiment's files."""
+    from analysis.report import analyze_experiment
+
+    warnings = analyze_experiment(experiment_dir, out)
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"wrote {(out or experiment_dir / 'analysis') / 'report.md'}")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from diffusion_lib.checkpoint import list_checkpoints, load_checkpoint
+from diffusion_lib.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
 from diffusion_lib.config import ConfigError
 from diffusion_lib.trainer import Trainer
 from conftest import tiny_config
@@ -43,8 +43,8 @@ def test_milestones_write_metrics_grids_and_checkpoints(tmp_path):
         assert row["images_seen"] == row["step"] * 8
     assert rows[0]["wall_time_s"] < rows[1]["wall_time_s"] < rows[2]["wall_time_s"]
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"step_{s:07d}.png" for s in (10, 20, 25)]
-    assert list(list_checkpoints(tmp_path)) == [25]  # FID off: only the newest is kept
-    state = load_checkpoint(list_checkpoints(tmp_path)[25])
+    assert list(list_checkpoints(tmp_path / CHECKPOINT_DIR)) == [25]  # FID off: only the newest is kept
+    state = load_checkpoint(list_checkpoints(tmp_path / CHECKPOINT_DIR)[25])
     assert state["step"] == 25 and state["config"]["train"]["total_steps"] == 25
 
 
@@ -75,7 +75,7 @@ def test_resume_refuses_a_changed_trajectory_key(tmp_path):
 
 def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
     Trainer(tiny_config(), tmp_path, progress=False).fit()
-    path = list_checkpoints(tmp_path)[20]
+    path = list_checkpoints(tmp_path / CHECKPOINT_DIR)[20]
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ConfigError, match="not a readable checkpoint"):
         Trainer(tiny_config(train={"total_steps": 30}), tmp_path, progress=False)
@@ -90,4 +90,4 @@ def test_fid_milestones_use_their_sample_counts_and_keep_the_best_checkpoint(tmp
     best = min(rows, key=lambda r: r["val/fid"])
     assert summary["best_fid"] == best["val/fid"] and summary["best_step"] == best["step"]
     assert summary["final_fid"] == rows[-1]["val/fid"]
-    assert set(list_checkpoints(tmp_path / "run")) == {30, best["step"]}
+    assert set(list_checkpoints(tmp_path / "run" / CHECKPOINT_DIR)) == {30, best["step"]}

@@ -1,0 +1,151 @@
+"""Read what a sweep (or a single `sweep train` run) left on disk, tolerating what is missing.
+
+An experiment directory holds `sweep.json` (metric, mode, searched keys; written by
+`sweep run`), `experiment_summary.json` (final statuses, written when the sweep ends) and one
+folder per trial with `params.json`, `metrics.jsonl`, sample grids, TensorBoard events and
+checkpoints (`checkpoint_*/step_*.pt` from Ray, `checkpoints/step_*.pt` from `sweep train`).
+Anything unreadable becomes a warning, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+SWEEP_FILE = "sweep.json"
+SUMMARY_FILE = "experiment_summary.json"
+PARAMS_FILE = "params.json"
+METRICS_FILE = "metrics.jsonl"
+_CHECKPOINT = re.compile(r"^step_(\d+)\.pt$")
+
+
+def trial_label(searched: dict[str, Any]) -> str:
+    """`{"model.base_channels": 64, "optim.lr": 1e-4}` -> `base_channels=64,lr=0.0001`."""
+    return ",".join(f"{k.split('.')[-1]}={f'{v:.4g}' if isinstance(v, float) else v}" for k, v in searched.items())
+
+
+@dataclass
+class Trial:
+    trial_id: str
+    path: Path
+    searched: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    milestones: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: dict[int, Path] = field(default_factory=dict)
+    status: str = "INCOMPLETE"
+    error: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        return trial_label(self.searched) or self.trial_id
+
+    def best_milestone(self, metric: str, mode: str) -> Optional[dict[str, Any]]:
+        rows = [r for r in self.milestones if _finite(r.get(metric))]
+        if not rows:
+            return None
+        pick = min if mode == "min" else max
+        return pick(rows, key=lambda r: r[metric])
+
+    def best_checkpointed_milestone(self, metric: str, mode: str) -> Optional[dict[str, Any]]:
+        """The best milestone whose checkpoint still exists (Ray keeps the best and the newest)."""
+        rows = [r for r in self.milestones if _finite(r.get(metric)) and r["step"] in self.checkpoints]
+        if not rows:
+            return None
+        pick = min if mode == "min" else max
+        return pick(rows, key=lambda r: r[metric])
+
+
+@dataclass
+class Experiment:
+    path: Path
+    metric: str = "val/fid"
+    mode: str = "min"
+    trials: list[Trial] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def searched_keys(self) -> list[str]:
+        return list(dict.fromkeys(k for t in self.trials for k in t.searched))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _read_json(path: Path, warnings: list[str]) -> Optional[Any]:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        warnings.append(f"{path}: unreadable ({err}); ignored")
+        return None
+
+
+def _read_milestones(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    if not path.is_file():
+        return rows
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("no integer step")
+            rows.append(row)
+        except ValueError as err:
+            warnings.append(f"{path}:{number}: truncated or corrupt line skipped ({err})")
+    return rows
+
+
+def _find_checkpoints(trial_dir: Path) -> dict[int, Path]:
+    found = {}
+    for path in list(trial_dir.glob("checkpoint_*/step_*.pt")) + list(trial_dir.glob("checkpoints/step_*.pt")):
+        match = _CHECKPOINT.match(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
+def _status(trial: Trial, summary: Optional[dict]) -> tuple[str, Optional[str]]:
+    error_file = trial.path / "error.txt"
+    recorded = (summary or {}).get("trials", {}).get(trial.trial_id)
+    total = trial.config.get("train.total_steps")
+    last = trial.milestones[-1]["step"] if trial.milestones else 0
+    if recorded and recorded.get("status") == "ERROR" or error_file.is_file():
+        error = (recorded or {}).get("error")
+        if error is None and error_file.is_file():
+            error = error_file.read_text(errors="replace").strip().splitlines()[-1][:500]
+        return "ERROR", error
+    if total is not None and last >= total:
+        return "TERMINATED", None
+    if recorded:  # the sweep ended without this trial reaching its last step: ASHA stopped it
+        return "STOPPED", None
+    return "INCOMPLETE", None
+
+
+def load_experiment(path: Path) -> Experiment:
+    """Load an experiment directory, or a single run directory with metrics.jsonl."""
+    path = Path(path)
+    experiment = Experiment(path)
+    sweep = _read_json(path / SWEEP_FILE, experiment.warnings) or {}
+    experiment.metric = sweep.get("metric", experiment.metric)
+    experiment.mode = sweep.get("mode", experiment.mode)
+    summary = _read_json(path / SUMMARY_FILE, experiment.warnings)
+    trial_dirs = [path] if (path / METRICS_FILE).is_file() else sorted(
+        p for p in path.iterdir() if p.is_dir() and ((p / METRICS_FILE).is_file() or (p / PARAMS_FILE).is_file())
+    )
+    for trial_dir in trial_dirs:
+        trial = Trial(trial_dir.name, trial_dir)
+        params = _read_json(trial_dir / PARAMS_FILE, experiment.warnings) or {}
+        trial.searched, trial.config = params.get("searched", {}), params.get("config", {})
+        if not trial.config:
+            experiment.warnings.append(f"{trial_dir}: no readable {PARAMS_FILE}; its config columns are empty")
+        trial.milestones = _read_milestones(trial_dir / METRICS_FILE, experiment.warnings)
+        trial.checkpoints = _find_checkpoints(trial_dir)
+        trial.status, trial.error = _status(trial, summary)
+        experiment.trials.append(trial)
+    return experiment

@@ -1,0 +1,70 @@
+"""Overlay plots, one line per trial labelled by its searched values (the research notes' figures)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from diffusion_lib.atomic import atomic_path  # noqa: E402
+
+from .experiment import Experiment  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def overlay(experiment: Experiment, x: str, y: str, xlabel: str, ylabel: str, title: str, path: Path) -> Optional[Path]:
+    """Lines of `y` against `x` for every trial that reported `y`; None when none did."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = 0
+    for trial in experiment.trials:
+        points = [(r[x], r[y]) for r in trial.milestones if _finite(r.get(x)) and _finite(r.get(y))]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", markersize=3, label=trial.label)
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def best_by_key(experiment: Experiment, key: str, path: Path) -> Optional[Path]:
+    """Best metric per trial against one searched key (categorical keys on a category axis)."""
+    points = []
+    for trial in experiment.trials:
+        best = trial.best_milestone(experiment.metric, experiment.mode)
+        if best is not None and key in trial.searched:
+            points.append((trial.searched[key], best[experiment.metric]))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    values = [p[0] for p in points]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        ax.scatter(values, [p[1] for p in points])
+        if min(values) > 0 and max(values) / min(values) >= 100:
+            ax.set_xscale("log")
+    else:
+        categories = sorted({str(v) for v in values})
+        ax.scatter([categories.index(str(v)) for v in values], [p[1] for p in points])
+        ax.set_xticks(range(len(categories)), categories)
+    ax.set(xlabel=key, ylabel=f"best {experiment.metric}", title=f"best {experiment.metric} by {key}")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

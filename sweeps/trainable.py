@@ -1,0 +1,54 @@
+"""The Ray Tune trainable: one trial = one diffusion_lib Trainer run.
+
+The trial writes its TensorBoard events, metrics.jsonl, params.json and sample grids into its
+working directory, which Ray syncs to the experiment's storage (`sync_artifacts`). At every
+milestone it reports the milestone's metrics with a Ray checkpoint holding the trainer
+checkpoint and metrics.jsonl so far, so a restarted trial resumes from it, on any node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from diffusion_lib.atomic import atomic_write_text
+from diffusion_lib.checkpoint import CHECKPOINT_DIR
+from diffusion_lib.config import apply_overrides, from_dict
+from diffusion_lib.run_log import METRICS_FILE
+from diffusion_lib.trainer import Trainer
+
+from .spec import flatten_searched
+
+PARAMS_FILE = "params.json"
+
+
+def train_trial(searched: dict[str, Any], base: dict[str, Any]) -> None:
+    """Ray Tune function trainable; `searched` holds the trial's dotted-key values."""
+    config = from_dict(apply_overrides(base, flatten_searched(searched)))
+    run_dir = Path.cwd()
+    atomic_write_text(run_dir / PARAMS_FILE, json.dumps({"searched": flatten_searched(searched), "config": config.flat()}, indent=1))
+    with tempfile.TemporaryDirectory(prefix="trial-ckpt-") as scratch:
+        scratch = Path(scratch)
+        resume_from = None
+        restored = tune.get_checkpoint()
+        if restored is not None:
+            restored.to_directory(str(scratch / "restored"))
+            resume_from = next((scratch / "restored").glob("step_*.pt"))
+            shutil.copy(scratch / "restored" / METRICS_FILE, run_dir / METRICS_FILE)
+
+        trainer = Trainer(config, run_dir, resume_from=resume_from, checkpoint_dir=scratch / CHECKPOINT_DIR, progress=False)
+
+        def report(row: dict[str, Any], checkpoint_path: Path) -> None:
+            staged = Path(tempfile.mkdtemp(dir=scratch, prefix="report-"))
+            os.link(checkpoint_path, staged / checkpoint_path.name)
+            shutil.copy(run_dir / METRICS_FILE, staged / METRICS_FILE)
+            tune.report({k: v for k, v in row.items() if v is not None}, checkpoint=tune.Checkpoint.from_directory(str(staged)))
+            shutil.rmtree(staged, ignore_errors=True)
+
+        trainer.fit(on_milestone=report)
