@@ -2,7 +2,7 @@
 
 An experiment directory holds `sweep.json` (metric, mode, searched keys; written by
 `sweep run`), `experiment_summary.json` (final statuses, written when the sweep ends) and one
-folder per trial with `params.json`, `metrics.jsonl`, sample grids, TensorBoard events and
+folder per trial with `trial.json`, `metrics.jsonl`, sample grids, TensorBoard events and
 checkpoints (`checkpoint_*/step_*.pt` from Ray, `checkpoints/step_*.pt` from `sweep train`).
 Anything unreadable becomes a warning, never a traceback.
 """
@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILE = "experiment_summary.json"
-PARAMS_FILE = "params.json"
+TRIAL_FILE = "trial.json"  # the trial's searched values, full config and node (params.json is Ray's)
 METRICS_FILE = "metrics.jsonl"
 _CHECKPOINT = re.compile(r"^step_(\d+)\.pt$")
 
@@ -136,14 +136,14 @@ def load_experiment(path: Path) -> Experiment:
     experiment.mode = sweep.get("mode", experiment.mode)
     summary = _read_json(path / SUMMARY_FILE, experiment.warnings)
     trial_dirs = [path] if (path / METRICS_FILE).is_file() else sorted(
-        p for p in path.iterdir() if p.is_dir() and ((p / METRICS_FILE).is_file() or (p / PARAMS_FILE).is_file())
+        p for p in path.iterdir() if p.is_dir() and ((p / METRICS_FILE).is_file() or (p / TRIAL_FILE).is_file())
     )
     for trial_dir in trial_dirs:
         trial = Trial(trial_dir.name, trial_dir)
-        params = _read_json(trial_dir / PARAMS_FILE, experiment.warnings) or {}
+        params = _read_json(trial_dir / TRIAL_FILE, experiment.warnings) or {}
         trial.searched, trial.config = params.get("searched", {}), params.get("config", {})
         if not trial.config:
-            experiment.warnings.append(f"{trial_dir}: no readable {PARAMS_FILE}; its config columns are empty")
+            experiment.warnings.append(f"{trial_dir}: no readable {TRIAL_FILE}; its config columns are empty")
         trial.milestones = _read_milestones(trial_dir / METRICS_FILE, experiment.warnings)
         trial.checkpoints = _find_checkpoints(trial_dir)
         trial.status, trial.error = _status(trial, summary)

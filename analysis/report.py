@@ -66,7 +66,7 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
         raise ConfigError(f"{path}: no such experiment directory")
     experiment = load_experiment(path)
     if not experiment.trials:
-        raise ConfigError(f"{path}: no trials found (expected folders with metrics.jsonl or params.json)")
+        raise ConfigError(f"{path}: no trials found (expected folders with metrics.jsonl or trial.json)")
     out = Path(out_dir) if out_dir else path / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     warnings = experiment.warnings

@@ -20,7 +20,6 @@ from diffusion_lib.config import RunConfig
 from diffusion_lib.data import load_dataset
 from diffusion_lib.losses import DiffusionLoss
 from diffusion_lib.models import UNetCifar32
-from diffusion_lib.samplers import sample
 from diffusion_lib.trainer import Trainer
 
 

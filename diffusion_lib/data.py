@@ -10,7 +10,6 @@ import hashlib
 import pickle
 from functools import cached_property
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch

@@ -114,6 +114,8 @@ def run_sweep(
     """Run the sweep to completion (or resume it) and return Ray Tune's ResultGrid."""
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # loggers are chosen in make_tuner_parts
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the CLIReporter table with our columns
+    # Every milestone report carries a checkpoint by design; Ray's warning about that is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     from ray import tune
 
@@ -127,6 +129,7 @@ def run_sweep(
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         ray.init(address=address, include_dashboard=False, num_cpus=None if address else num_cpus, log_to_driver=True)
+    check_resources(spec, ray.cluster_resources())
     wrapped, tune_config, run_config = make_tuner_parts(spec, trainable)
     if resume:
         tuner = tune.Tuner.restore(path, trainable=wrapped, resume_unfinished=True, resume_errored=True)
@@ -138,6 +141,17 @@ def run_sweep(
     if "://" not in path:
         write_summary(results, Path(path))
     return results
+
+
+def check_resources(spec: SweepSpec, cluster: dict[str, float]) -> None:
+    """A trial asking for more than the whole cluster has would wait forever: refuse it now."""
+    for name, wanted in (("cpu", spec.trial_resources.cpu), ("gpu", spec.trial_resources.gpu)):
+        available = cluster.get(name.upper(), 0.0)
+        if wanted > available:
+            raise ConfigError(
+                f"resources.{name}: each trial asks for {wanted:g} {name.upper()} but the Ray cluster has {available:g}; "
+                f"lower resources.{name} in the spec (e.g. 0 to run on CPU) or attach to a cluster with --address"
+            )
 
 
 def write_summary(results, experiment_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """The Ray Tune trainable: one trial = one diffusion_lib Trainer run.
 
-The trial writes its TensorBoard events, metrics.jsonl, params.json and sample grids into its
+The trial writes its TensorBoard events, metrics.jsonl, trial.json and sample grids into its
 working directory, which Ray syncs to the experiment's storage (`sync_artifacts`). At every
 milestone it reports the milestone's metrics with a Ray checkpoint holding the trainer
 checkpoint and metrics.jsonl so far, so a restarted trial resumes from it, on any node.
@@ -15,8 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
+from analysis.experiment import TRIAL_FILE
 from diffusion_lib.atomic import atomic_write_text
 from diffusion_lib.checkpoint import CHECKPOINT_DIR
 from diffusion_lib.config import apply_overrides, from_dict
@@ -25,14 +27,13 @@ from diffusion_lib.trainer import Trainer
 
 from .spec import flatten_searched
 
-PARAMS_FILE = "params.json"
-
 
 def train_trial(searched: dict[str, Any], base: dict[str, Any]) -> None:
     """Ray Tune function trainable; `searched` holds the trial's dotted-key values."""
     config = from_dict(apply_overrides(base, flatten_searched(searched)))
     run_dir = Path.cwd()
-    atomic_write_text(run_dir / PARAMS_FILE, json.dumps({"searched": flatten_searched(searched), "config": config.flat()}, indent=1))
+    params = {"searched": flatten_searched(searched), "config": config.flat(), "node_id": ray.get_runtime_context().get_node_id()}
+    atomic_write_text(run_dir / TRIAL_FILE, json.dumps(params, indent=1))
     with tempfile.TemporaryDirectory(prefix="trial-ckpt-") as scratch:
         scratch = Path(scratch)
         resume_from = None

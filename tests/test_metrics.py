@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy import linalg
 from typer.testing import CliRunner
 
 from diffusion_lib.config import ConfigError

@@ -1,0 +1,53 @@
+"""Search-space files: the shipped ones validate, bad ones exit 2 naming the problem, before Ray starts."""
+
+from pathlib import Path
+
+import pytest
+import ray
+from typer.testing import CliRunner
+
+from sweeps.cli import app
+from sweeps.spec import load_spec
+from test_sweeps import write_spec
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("spec", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_spec_passes_dry_run(spec):
+    result = runner.invoke(app, ["run", str(spec), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    n = int(lines[-1].split()[0])
+    assert lines[-1] == f"{n} trials" and n == load_spec(spec).num_trials
+
+
+def test_min_snr_spec_is_the_gamma_grid_plus_the_baseline():
+    spec = load_spec(REPO / "search_spaces" / "min_snr_gamma.yaml")
+    points = [p["loss"] for p in spec.grid_points()]
+    assert points[0] == {"weighting": "constant"}
+    assert sorted(p["minsnr_gamma"] for p in points[1:]) == [1, 2, 5, 10, 20]
+    assert spec.asha.type == "asha" and spec.max_total_steps() == 10_000
+
+
+BAD_SPECS = [
+    ({"search": {"train.batch_sise": {"grid": [4]}}}, "train.batch_sise"),
+    ({"search": {"optim.lr": {"gaussian": [0, 1]}}}, "optim.lr"),
+    ({"search": {"optim.lr": {"loguniform": [0, 1e-3]}}}, "optim.lr"),
+    ({"search": {"eval.nfe": {"grid": [50, 5000]}}}, "eval.nfe"),
+    ({"search": {"optim.lr": {"grid": [1e-4]}}, "algorithm": "optuna"}, "grid is not supported with algorithm optuna"),
+    ({"search": {"optim.lr": {"grid": [1e-4]}}, "schedular": "asha"}, "schedular"),
+    ({"search": {"optim.lr": {"grid": [1e-4]}}, "metric": "val/fid"}, "fid.num_samples"),
+    ({"search": {"optim.lr": {"grid": [1e-4]}}, "scheduler": {"type": "asha", "grace": 3}}, "scheduler.grace"),
+    ({"search": {"loss": {"grid": [{"weighting": "min_snr", "minsnr_gamma": -1}]}}}, "loss.minsnr_gamma"),
+]
+
+
+@pytest.mark.parametrize("fields, named", BAD_SPECS, ids=[n for _, n in BAD_SPECS])
+def test_bad_specs_exit_2_naming_the_problem_and_start_nothing(tmp_path, fields, named):
+    result = runner.invoke(app, ["run", str(write_spec(tmp_path, **fields))])
+    assert result.exit_code == 2, result.output
+    assert named in result.output
+    assert not (tmp_path / "runs").exists()
+    assert not ray.is_initialized()  # refused before Ray started

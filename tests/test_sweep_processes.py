@@ -1,0 +1,84 @@
+"""Sweeps as a user runs them, in their own processes: kill -9 of the driver then --resume,
+and `sweep run --address` on a two-node Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_sweeps import TINY_BASE, write_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def clean_env() -> dict[str, str]:
+    """This machine's environment without any Ray cluster address another test left behind."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def test_kill_minus_9_then_resume_finishes_without_recomputing(tmp_path):
+    spec = write_spec(
+        tmp_path,
+        base={**TINY_BASE, "train": {"total_steps": 200, "batch_size": 8}, "eval": {**TINY_BASE["eval"], "every": 20}},
+        search={"optim.lr": {"grid": [1e-4, 2e-4, 3e-4]}},
+        max_concurrent=1,
+    )
+    experiment = tmp_path / "runs" / "tiny"
+    cmd = [sys.executable, "-m", "sweeps", "run", str(spec), "--no-analyze"]
+    env = clean_env()
+    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def metrics_by_trial() -> dict[str, list[dict]]:
+        found = {}
+        for path in experiment.glob("*/metrics.jsonl"):
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            found[path.parent.name] = rows
+        return found
+
+    # Wait for one finished trial and one with a checkpointed milestone, then kill everything.
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        found = metrics_by_trial()
+        done = [t for t, rows in found.items() if rows and rows[-1]["step"] == 200]
+        started = [t for t, rows in found.items() if rows and rows[-1]["step"] < 200 and list((experiment / t).glob("checkpoint_*"))]
+        if done and started:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the sweep did not reach the kill point in time")
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = metrics_by_trial()
+    finished_before = (experiment / done[0] / "metrics.jsonl").read_text()
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    after = metrics_by_trial()
+    assert len(after) == 3
+    assert all(rows[-1]["step"] == 200 and [r["step"] for r in rows] == list(range(20, 201, 20)) for rows in after.values())
+    assert (experiment / done[0] / "metrics.jsonl").read_text() == finished_before  # not recomputed
+    interrupted = started[0]
+    checkpointed = [r for r in before[interrupted] if r["step"] <= max(int(p.name.split("_")[1][:-3]) for p in (experiment / interrupted).glob("checkpoint_*/step_*.pt"))]
+    assert after[interrupted][: len(checkpointed)] == checkpointed  # resumed from its checkpoint, not step 0
+    # Without --resume, the existing experiment is refused rather than overwritten.
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
+    """`sweep run --address` against a two-node Ray cluster (ray.cluster_utils on one machine),
+    each in its own process as a user would run them."""
+    spec = write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4, 2e-4, 3e-4, 4e-4]}})
+    script = REPO / "tests" / "two_node_cluster.py"
+    done = subprocess.run([sys.executable, str(script), str(spec)], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trials = list((tmp_path / "runs" / "tiny").glob("*/trial.json"))
+    assert len(trials) == 4
+    assert len({json.loads(p.read_text())["node_id"] for p in trials}) == 2
