@@ -1,0 +1,141 @@
+"""Analysis of a tiny real sweep: tables, best-checkpoint grids, plots, report, damaged files."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.feather as feather
+import pyarrow.parquet as pq
+import pytest
+import ray
+from typer.testing import CliRunner
+
+import conftest
+from analysis.grids import sample_grid
+from analysis.report import analyze_experiment
+from sweeps.cli import app
+from sweeps.runner import run_sweep
+from sweeps.spec import load_spec
+from conftest import StandInFeatures
+from test_sweeps import TINY_BASE, write_spec
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def trial_with_standin_fid(searched, base):
+    """The product trainable, with the stand-in feature extractor in place of Inception."""
+    import diffusion_lib.trainer
+    from sweeps.trainable import train_trial
+
+    diffusion_lib.trainer.InceptionFeatures = lambda *args, **kwargs: StandInFeatures()
+    train_trial(searched, base)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("sweep")
+    base = {**TINY_BASE, "train": {"total_steps": 30, "batch_size": 8},
+            "fid": {"num_samples": 8, "final_num_samples": 16, "cache_dir": str(tmp / "fid_cache")}, "curvature": {"probes": 2, "batch_size": 4}}
+    spec = load_spec(write_spec(tmp, base=base, metric="val/fid", search={"optim.lr": {"grid": [1e-4, 2e-3]}}))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for module in (sys.modules[__name__], conftest):
+            ray.cloudpickle.register_pickle_by_value(module)  # workers cannot import tests
+        results = run_sweep(spec, trainable=trial_with_standin_fid)
+    finally:
+        ray.shutdown()
+    assert not results.errors
+    return Path(results.experiment_path)
+
+
+@pytest.fixture(scope="module")
+def analysed(experiment) -> Path:
+    result = CliRunner().invoke(app, ["analyze", str(experiment)])
+    assert result.exit_code == 0, result.output
+    return experiment / "analysis"
+
+
+def test_tables_have_one_row_per_trial_and_milestone_with_documented_dtypes(analysed):
+    trials = pq.read_table(analysed / "trials.parquet")
+    milestones = pq.read_table(analysed / "milestones.parquet")
+    assert trials.num_rows == 2 and milestones.num_rows == 2 * 3
+    assert feather.read_table(analysed / "trials.arrow").equals(trials)
+    assert milestones.schema.field("step").type == pa.int64()
+    assert milestones.schema.field("val/fid").type == pa.float64()
+    assert milestones.schema.field("val/fid_num_samples").type == pa.int64()
+    assert milestones.schema.field("curvature/hutch_trace_mean").type == pa.float64()
+    assert {f"loss/t_bucket_{i}" for i in range(10)} <= set(milestones.column_names)
+    assert trials.schema.field("optim.lr").type == pa.float64()
+    assert trials.schema.field("model.channel_mults").type == pa.string()
+    assert trials.schema.field("best.val/fid").type == pa.float64()
+    assert trials.column("status").to_pylist() == ["TERMINATED", "TERMINATED"]
+    assert sorted(pd.read_parquet(analysed / "milestones.parquet")["step"].unique()) == [10, 20, 30]
+    counts = duckdb.sql(
+        f"select trial_id, count(*) as n, min(\"val/fid\") as best from '{analysed / 'milestones.parquet'}' group by trial_id"
+    ).fetchall()
+    assert sorted(n for _, n, _ in counts) == [3, 3]
+    joined = duckdb.sql(
+        f"select t.\"best.val/fid\", m.best from '{analysed / 'trials.parquet'}' t join "
+        f"(select trial_id, min(\"val/fid\") as best from '{analysed / 'milestones.parquet'}' group by trial_id) m using (trial_id)"
+    ).fetchall()
+    assert all(a == pytest.approx(b) for a, b in joined)
+
+
+def test_best_grid_comes_from_the_lowest_fid_checkpoint_and_is_reproducible(analysed, tmp_path):
+    milestones = pd.read_parquet(analysed / "milestones.parquet")
+    best = milestones.loc[milestones["val/fid"].idxmin()]
+    trials = pd.read_parquet(analysed / "trials.parquet").set_index("trial_id")
+    checkpoint = Path(trials.loc[best["trial_id"], "best_checkpoint"])
+    assert checkpoint.name == f"step_{int(best['step']):07d}.pt" and checkpoint.parent.parent.name == best["trial_id"]
+    sample_grid(checkpoint, tmp_path / "a.png")
+    sample_grid(checkpoint, tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes() == (analysed / "best_grid.png").read_bytes()
+    sample_grid(checkpoint, tmp_path / "c.png", seed=1)
+    assert (tmp_path / "c.png").read_bytes() != (tmp_path / "a.png").read_bytes()
+
+
+def test_plots_are_valid_pngs_and_the_report_links_only_existing_files(analysed):
+    for name in ["fid_vs_step", "loss_vs_step", "curvature_vs_step", "fid_vs_wall_time", "best_by_optim.lr", "best_grid", "grid_rank2", "denoise"]:
+        data = (analysed / f"{name}.png").read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 2000, name
+    report = (analysed / "report.md").read_text()
+    links = [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
+    assert len(links) >= 7 and all((analysed / link).is_file() for link in links)
+    assert "Best val/fid" in report and "as lr goes 0.0001 → 0.002" in report
+
+
+def test_damaged_files_are_reported_and_the_rest_still_written(experiment, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(experiment, damaged, ignore=shutil.ignore_patterns("analysis"))
+    intact, broken = sorted(p for p in damaged.iterdir() if (p / "metrics.jsonl").is_file())
+    metrics = broken / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-40])  # a torn last line
+    for checkpoint in broken.glob("checkpoint_*"):
+        shutil.rmtree(checkpoint)
+    warnings = analyze_experiment(damaged)
+    assert any("metrics.jsonl:3: truncated or corrupt line" in w for w in warnings)
+    assert any(broken.name in w and "no checkpoint" in w for w in warnings)
+    trials = pq.read_table(damaged / "analysis" / "trials.parquet").to_pylist()
+    assert len(trials) == 2
+    by_id = {t["trial_id"]: t for t in trials}
+    assert by_id[broken.name]["final.step"] == 20 and by_id[broken.name]["best_checkpoint"] is None
+    assert by_id[intact.name]["final.step"] == 30 and by_id[intact.name]["best_checkpoint"] is not None
+    assert (damaged / "analysis" / "best_grid.png").is_file() and (damaged / "analysis" / "fid_vs_step.png").is_file()
+    assert "Problems met while analysing" in (damaged / "analysis" / "report.md").read_text()
+
+
+def test_a_corrupt_trial_file_and_a_missing_directory_are_clear_errors(experiment, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(experiment, damaged, ignore=shutil.ignore_patterns("analysis"))
+    trial = next(p for p in damaged.iterdir() if (p / "trial.json").is_file())
+    (trial / "trial.json").write_text("{not json")
+    warnings = analyze_experiment(damaged)
+    assert any("trial.json: unreadable" in w for w in warnings)
+    assert pq.read_table(damaged / "analysis" / "trials.parquet").num_rows == 2
+    result = CliRunner().invoke(app, ["analyze", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "no such experiment directory" in result.output
