@@ -10,6 +10,7 @@ harnesses usually are: torchvision DataLoader with per-image PIL transforms, fp3
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import torch
@@ -22,6 +23,9 @@ from diffusion_lib.losses import DiffusionLoss
 from diffusion_lib.models import UNetCifar32
 from diffusion_lib.trainer import Trainer
 
+
+
+RUN_DIR = tempfile.mkdtemp(prefix="bench-")  # the trainers' logs; nothing here is kept
 
 
 def sync(device: torch.device) -> None:
@@ -46,7 +50,7 @@ class PerImageDataset(Dataset):
 def plain_loop_images_per_s(config: RunConfig, device: torch.device, batch_size: int, steps: int) -> float:
     images = load_dataset(config.data).images
     loader = DataLoader(PerImageDataset(images), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=2)
-    trainer = Trainer(config, "/tmp/bench_unused", progress=False)  # for its diffusion and loss only
+    trainer = Trainer(config, RUN_DIR, progress=False)  # for its diffusion and loss only
     model = UNetCifar32().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss_fn = DiffusionLoss(trainer.diffusion)
@@ -73,7 +77,7 @@ def plain_loop_images_per_s(config: RunConfig, device: torch.device, batch_size:
 
 def ours_images_per_s(config: RunConfig, device: torch.device, batch_size: int, steps: int) -> float:
     config.train.batch_size = batch_size
-    trainer = Trainer(config, "/tmp/bench_unused", progress=False)
+    trainer = Trainer(config, RUN_DIR, progress=False)
     for _ in range(3):
         trainer.train_step()
     sync(device)
@@ -86,7 +90,7 @@ def ours_images_per_s(config: RunConfig, device: torch.device, batch_size: int, 
 
 def sampling_images_per_s(config: RunConfig, device: torch.device, sampler: str, batch_size: int) -> float:
     config.eval.sampler, config.eval.batch_size = sampler, batch_size
-    trainer = Trainer(config, "/tmp/bench_unused", progress=False)
+    trainer = Trainer(config, RUN_DIR, progress=False)
     trainer.generate(min(batch_size, 8))
     sync(device)
     start = time.perf_counter()

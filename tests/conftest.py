@@ -62,7 +62,6 @@ def standin_features() -> StandInFeatures:
 
 
 @pytest.fixture(autouse=True)
-def _no_default_fid_cache(tmp_path, monkeypatch):
-    """Keep tests away from the user's ~/.cache and from any weights the environment names."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+def _no_weights_from_the_environment(monkeypatch):
+    """Tests say which FID weights they use; a SWEEP_FID_WEIGHTS in the shell must not leak in."""
     monkeypatch.delenv("SWEEP_FID_WEIGHTS", raising=False)
