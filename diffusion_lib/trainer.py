@@ -8,6 +8,7 @@ generators, so a run resumed from a checkpoint continues bit for bit as if never
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -128,8 +129,8 @@ class Trainer:
 
     def _check_finite(self) -> float:
         mean = (self._loss_sum / max(self._loss_count, 1)).item()
-        if mean != mean or mean in (float("inf"), float("-inf")):
-            raise NonFiniteLossError(f"non-finite training loss ({mean}) between steps {self.step - CHECK_EVERY} and {self.step}")
+        if not math.isfinite(mean):
+            raise NonFiniteLossError(f"non-finite training loss ({mean}) at or before step {self.step}")
         return mean
 
     def fit(self, on_milestone: Optional[MilestoneHook] = None) -> dict[str, Any]:
@@ -137,9 +138,9 @@ class Trainer:
         total, every = self.config.train.total_steps, self.config.eval.every
         bar = tqdm(total=total, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         last = time.perf_counter()
+        self.model.train()
         try:
             while self.step < total:
-                self.model.train()
                 self.train_step()
                 self.step += 1
                 if self.step % CHECK_EVERY == 0:
@@ -147,12 +148,12 @@ class Trainer:
                     bar.update(self.step - bar.n)
                 if self.step % every == 0 or self.step == total:
                     self._check_finite()
-                    row = self.milestone(final=self.step == total)
+                    row, grid = self.milestone(final=self.step == total)
                     now = time.perf_counter()
                     self.wall_time_s += now - last
                     last = now
                     row["wall_time_s"] = self.wall_time_s
-                    self.log.milestone(row, row.pop("_grid"))
+                    self.log.milestone(row, grid)
                     path = self._save_checkpoint()
                     self._reset_accumulators()
                     if on_milestone is not None:
@@ -175,7 +176,8 @@ class Trainer:
 
     # ---- milestones -----------------------------------------------------------------------
 
-    def milestone(self, final: bool) -> dict[str, Any]:
+    def milestone(self, final: bool) -> tuple[dict[str, Any], torch.Tensor]:
+        """The milestone's metrics and its sample grid; FID uses the final count after the last step."""
         cfg = self.config
         row: dict[str, Any] = {
             "step": self.step,
@@ -187,7 +189,7 @@ class Trainer:
 
         num_fid = cfg.fid.final_num_samples if final else cfg.fid.num_samples
         samples = self.generate(max(cfg.eval.grid_size, num_fid))
-        row["_grid"] = make_grid(samples[: cfg.eval.grid_size].cpu())
+        grid = make_grid(samples[: cfg.eval.grid_size].cpu())
         if num_fid and self.fid_reference is not None:
             fid = frechet_distance(FeatureStats.from_features(self.features(samples[:num_fid])), self.fid_reference)
             row["val/fid"], row["val/fid_num_samples"] = fid, num_fid
@@ -198,7 +200,7 @@ class Trainer:
         if cfg.curvature.probes:
             mean, stderr = self.curvature()
             row["curvature/hutch_trace_mean"], row["curvature/hutch_trace_stderr"] = mean, stderr
-        return row
+        return row, grid
 
     @torch.no_grad()
     def generate(self, num_samples: int) -> torch.Tensor:

@@ -43,12 +43,16 @@ def trial_dirname(trial) -> str:
 
 
 def parameter_columns(spec: SweepSpec) -> list[str]:
-    """Searched keys as Ray's table names them; a searched section shows as `loss/weighting`, …"""
+    """Searched keys as Ray's table names them. A searched section shows the keys every variant
+    sets (`loss/weighting`); Ray's table fails on a key some trials lack, and the trial name
+    shows all searched values anyway."""
     columns = []
     for key, dist in spec.search.items():
         values = next(iter(dist.values()))
-        nested = [f"{key}/{k}" for v in values if isinstance(v, dict) for k in v]
-        columns += list(dict.fromkeys(nested)) or [key]
+        if all(isinstance(v, dict) for v in values):
+            columns += [f"{key}/{k}" for k in values[0] if all(k in v for v in values)]
+        else:
+            columns.append(key)
     return columns
 
 

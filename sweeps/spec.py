@@ -178,6 +178,9 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec
                 from_dict(apply_overrides(base, flatten_searched({key: value})))
             except ConfigError as err:
                 raise ConfigError(f"search.{key}: value {value!r} gives an invalid run config: {err}") from None
+    if spec.algorithm == "optuna" and any(k in sections for k in spec.search):
+        section = next(k for k in spec.search if k in sections)
+        raise ConfigError(f"search.{section}: Optuna cannot search a whole section; search its dotted keys")
     if spec.algorithm == "optuna" and spec.grid_keys:
         raise ConfigError(f"search.{spec.grid_keys[0]}: grid is not supported with algorithm optuna; use choice")
     if spec.algorithm == "grid" and len(spec.grid_keys) != len(spec.search):

@@ -41,6 +41,8 @@ BAD_SPECS = [
     ({"search": {"optim.lr": {"grid": [1e-4]}}, "metric": "val/fid"}, "fid.num_samples"),
     ({"search": {"optim.lr": {"grid": [1e-4]}}, "scheduler": {"type": "asha", "grace": 3}}, "scheduler.grace"),
     ({"search": {"loss": {"grid": [{"weighting": "min_snr", "minsnr_gamma": -1}]}}}, "loss.minsnr_gamma"),
+    ({"search": {"loss": {"choice": [{"weighting": "constant"}]}}, "algorithm": "optuna"}, "Optuna cannot search a whole section"),
+    ({"search": {"loss": {"uniform": [1, 2]}}}, "a whole section is searched with grid or choice"),
 ]
 
 
@@ -51,3 +53,10 @@ def test_bad_specs_exit_2_naming_the_problem_and_start_nothing(tmp_path, fields,
     assert named in result.output
     assert not (tmp_path / "runs").exists()
     assert not ray.is_initialized()  # refused before Ray started
+
+
+def test_progress_columns_name_only_keys_every_trial_has():
+    from sweeps.runner import parameter_columns
+
+    assert parameter_columns(load_spec(REPO / "search_spaces" / "smoke.yaml")) == ["loss/weighting", "optim.lr"]
+    assert parameter_columns(load_spec(REPO / "search_spaces" / "steps_vs_capacity.yaml")) == ["model.base_channels", "train.total_steps"]
