@@ -38,6 +38,8 @@ def main() -> None:
     config.eval.every = max(1, round(2_000 * args.scale))
     config.fid.num_samples = max(2, round(2_000 * args.scale))
     config.fid.final_num_samples = max(2, round(10_000 * args.scale))
+    if args.scale < 1:  # scaled runs also scale the reference set (CIFAR-10 has 50k images)
+        config.fid.ref_num_images = max(100, round(50_000 * args.scale))
     with tempfile.TemporaryDirectory() as run_dir:
         config.fid.cache_dir = os.path.join(run_dir, "fid-cache")
         start = time.perf_counter()
