@@ -105,6 +105,40 @@ def test_a_nan_trial_errors_with_its_reason_while_siblings_finish(tmp_path, loca
     assert sum(t["status"] == "ERROR" for t in summary["trials"].values()) == 1
 
 
+def crash_once_after_first_milestone(searched, base, marker):
+    """The product trainable, made to crash once, right after its first checkpoint."""
+    import diffusion_lib.trainer
+    from sweeps.trainable import train_trial
+
+    if not Path(marker).exists():
+        original = diffusion_lib.trainer.Trainer._save_checkpoint
+
+        def save_then_crash(self):
+            path = original(self)
+            if self.step == 20:
+                Path(marker).write_text((self.run_dir / "metrics.jsonl").read_text())
+                raise RuntimeError("simulated node failure")
+            return path
+
+        diffusion_lib.trainer.Trainer._save_checkpoint = save_then_crash
+    train_trial(searched, base)
+
+
+def test_max_failures_retries_a_crashed_trial_from_its_last_checkpoint(tmp_path, local_ray):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+    spec = load_spec(write_spec(tmp_path, base={**TINY_BASE, "train": {"total_steps": 40, "batch_size": 8}},
+                                search={"optim.lr": {"grid": [1e-4]}}, max_failures=1))
+    marker = tmp_path / "crashed"
+    results = run_sweep(spec, trainable=lambda searched, base: crash_once_after_first_milestone(searched, base, str(marker)))
+    assert marker.exists() and not results.errors
+    rows = [json.loads(line) for line in (Path(results[0].path) / "metrics.jsonl").read_text().splitlines()]
+    before_crash = [json.loads(line) for line in marker.read_text().splitlines()]
+    assert [r["step"] for r in before_crash] == [10, 20]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    # Resumed from the step-10 checkpoint: that milestone (wall time included) was not recomputed.
+    assert rows[0] == before_crash[0]
+
+
 def test_a_gpu_spec_on_a_cpu_only_cluster_is_refused_before_any_trial(tmp_path, local_ray):
     result = runner.invoke(app, ["run", str(write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4]}}, resources={"cpu": 1, "gpu": 0.25}))])
     assert result.exit_code == 2 and "resources.gpu" in result.output
