@@ -26,17 +26,21 @@ needs_fid_weights = pytest.mark.skipif(
 )
 
 
+# A run small enough to train in seconds on a CPU.
+TINY_RUN = {
+    "data": {"name": "shapes", "num_images": 64},
+    "model": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1},
+    "diffusion": {"num_timesteps": 100},
+    "train": {"total_steps": 20, "batch_size": 8},
+    "eval": {"every": 10, "nfe": 5, "grid_size": 4, "batch_size": 16},
+    "fid": {"num_samples": 0, "final_num_samples": 0},
+    "curvature": {"probes": 0, "batch_size": 4},
+}
+
+
 def tiny_config(**sections) -> RunConfig:
-    """A run small enough to train in seconds on a CPU; `sections` override it, e.g. train={...}."""
-    raw = {
-        "data": {"name": "shapes", "num_images": 64},
-        "model": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1},
-        "diffusion": {"num_timesteps": 100},
-        "train": {"total_steps": 20, "batch_size": 8},
-        "eval": {"every": 10, "nfe": 5, "grid_size": 4, "batch_size": 16},
-        "fid": {"num_samples": 0, "final_num_samples": 0},
-        "curvature": {"probes": 0, "batch_size": 4},
-    }
+    """TINY_RUN with `sections` overriding it, e.g. train={"total_steps": 30}."""
+    raw = {name: dict(values) for name, values in TINY_RUN.items()}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return from_dict(raw)

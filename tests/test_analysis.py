@@ -21,8 +21,8 @@ from analysis.report import analyze_experiment
 from sweeps.cli import app
 from sweeps.runner import run_sweep
 from sweeps.spec import load_spec
-from conftest import StandInFeatures
-from test_sweeps import TINY_BASE, write_spec
+from conftest import TINY_RUN, StandInFeatures
+from test_sweeps import write_spec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -39,7 +39,7 @@ def trial_with_standin_fid(searched, base):
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("sweep")
-    base = {**TINY_BASE, "train": {"total_steps": 30, "batch_size": 8},
+    base = {**TINY_RUN, "train": {"total_steps": 30, "batch_size": 8},
             "fid": {"num_samples": 8, "final_num_samples": 16, "cache_dir": str(tmp / "fid_cache")}, "curvature": {"probes": 2, "batch_size": 4}}
     spec = load_spec(write_spec(tmp, base=base, metric="val/fid", search={"optim.lr": {"grid": [1e-4, 2e-3]}}))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

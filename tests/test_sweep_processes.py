@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from test_sweeps import TINY_BASE, write_spec
+from conftest import TINY_RUN
+from test_sweeps import write_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def clean_env() -> dict[str, str]:
 def test_kill_minus_9_then_resume_finishes_without_recomputing(tmp_path):
     spec = write_spec(
         tmp_path,
-        base={**TINY_BASE, "train": {"total_steps": 200, "batch_size": 8}, "eval": {**TINY_BASE["eval"], "every": 20}},
+        base={**TINY_RUN, "train": {"total_steps": 200, "batch_size": 8}, "eval": {**TINY_RUN["eval"], "every": 20}},
         search={"optim.lr": {"grid": [1e-4, 2e-4, 3e-4]}},
         max_concurrent=1,
     )

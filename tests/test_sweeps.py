@@ -12,6 +12,7 @@ import ray
 import yaml
 from typer.testing import CliRunner
 
+from conftest import TINY_RUN
 from sweeps.cli import app
 from sweeps.spec import load_spec
 from sweeps.runner import run_sweep
@@ -19,19 +20,10 @@ from sweeps.runner import run_sweep
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
-TINY_BASE = {
-    "data": {"name": "shapes", "num_images": 64},
-    "model": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1},
-    "diffusion": {"num_timesteps": 100},
-    "train": {"total_steps": 20, "batch_size": 8},
-    "eval": {"every": 10, "nfe": 3, "grid_size": 4, "batch_size": 16},
-    "fid": {"num_samples": 0, "final_num_samples": 0},
-    "curvature": {"probes": 0},
-}
 
 
 def write_spec(tmp_path: Path, **fields) -> Path:
-    spec = {"base": TINY_BASE, "metric": "train/loss", "storage": str(tmp_path / "runs"), "name": "tiny", **fields}
+    spec = {"base": TINY_RUN, "metric": "train/loss", "storage": str(tmp_path / "runs"), "name": "tiny", **fields}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -65,7 +57,7 @@ def test_grid_sweep_reports_every_milestone_key(tmp_path, local_ray):
 def test_optuna_with_asha_stops_the_clearly_worse_arm_early(tmp_path, local_ray):
     spec = load_spec(write_spec(
         tmp_path,
-        base={**TINY_BASE, "train": {"total_steps": 60, "batch_size": 8}},
+        base={**TINY_RUN, "train": {"total_steps": 60, "batch_size": 8}},
         search={"optim.lr": {"choice": [3e-3, 1e-8]}},  # 1e-8 cannot learn in 60 steps
         algorithm="optuna", seed=6, num_samples=6, max_concurrent=1,
         scheduler={"type": "asha", "grace_period": 10, "reduction_factor": 2},
@@ -126,7 +118,7 @@ def crash_once_after_first_milestone(searched, base, marker):
 
 def test_max_failures_retries_a_crashed_trial_from_its_last_checkpoint(tmp_path, local_ray):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
-    spec = load_spec(write_spec(tmp_path, base={**TINY_BASE, "train": {"total_steps": 40, "batch_size": 8}},
+    spec = load_spec(write_spec(tmp_path, base={**TINY_RUN, "train": {"total_steps": 40, "batch_size": 8}},
                                 search={"optim.lr": {"grid": [1e-4]}}, max_failures=1))
     marker = tmp_path / "crashed"
     results = run_sweep(spec, trainable=lambda searched, base: crash_once_after_first_milestone(searched, base, str(marker)))
