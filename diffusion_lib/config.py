@@ -60,7 +60,6 @@ class TrainConfig:
     grad_clip: float = 1.0
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     device: str = "auto"  # "auto" picks cuda when available
-    compile: bool = False  # torch.compile the model on CUDA (falls back to eager on failure)
 
 
 @dataclass
