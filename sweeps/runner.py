@@ -113,7 +113,6 @@ def run_sweep(
     address: Optional[str] = None,
     resume: bool = False,
     trainable: Callable = train_trial,
-    num_cpus: Optional[int] = None,
 ):
     """Run the sweep to completion (or resume it) and return Ray Tune's ResultGrid."""
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # loggers are chosen in make_tuner_parts
@@ -132,7 +131,7 @@ def run_sweep(
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False, num_cpus=None if address else num_cpus, log_to_driver=True)
+        ray.init(address=address, include_dashboard=False)
     check_resources(spec, ray.cluster_resources())
     wrapped, tune_config, run_config = make_tuner_parts(spec, trainable)
     if resume:
