@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -85,6 +86,13 @@ class Trainer:
         self.model = build_model(config.model)
         self.model.to(self.device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
         self.ema = EMA(self.model, config.ema.decay)
+        leftover = config.ema.decay ** config.train.total_steps
+        if leftover > 0.05:
+            warnings.warn(
+                f"ema.decay={config.ema.decay} over {config.train.total_steps} steps leaves {leftover:.0%} of the random "
+                "initialisation in the EMA weights that samples and FID use; lower ema.decay for short runs",
+                stacklevel=2,
+            )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.optim.lr, fused=cuda)
         self.generator = torch.Generator(self.device).manual_seed(config.train.seed)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and config.train.amp)

@@ -32,6 +32,7 @@ TINY_RUN = {
     "model": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1},
     "diffusion": {"num_timesteps": 100},
     "train": {"total_steps": 20, "batch_size": 8},
+    "ema": {"decay": 0.8},
     "eval": {"every": 10, "nfe": 5, "grid_size": 4, "batch_size": 16},
     "fid": {"num_samples": 0, "final_num_samples": 0},
     "curvature": {"probes": 0, "batch_size": 4},

@@ -1,6 +1,7 @@
 """The trainer: exact resume, milestone outputs, atomic checkpoints."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -91,3 +92,12 @@ def test_fid_milestones_use_their_sample_counts_and_keep_the_best_checkpoint(tmp
     assert summary["best_fid"] == best["val/fid"] and summary["best_step"] == best["step"]
     assert summary["final_fid"] == rows[-1]["val/fid"]
     assert set(list_checkpoints(tmp_path / "run" / CHECKPOINT_DIR)) == {30, best["step"]}
+
+
+def test_an_ema_too_slow_for_the_run_length_is_flagged(tmp_path):
+    with pytest.warns(UserWarning, match="leaves 82% of the random initialisation"):
+        Trainer(tiny_config(ema={"decay": 0.99}), tmp_path / "short", progress=False)  # 0.99^20 ≈ 0.82
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(tiny_config(ema={"decay": 0.5}), tmp_path / "fine", progress=False)
+    assert not [w for w in caught if "ema.decay" in str(w.message)]
