@@ -7,6 +7,7 @@ Markov chain with the same marginals, not a full-chain step applied over a strid
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -107,9 +108,7 @@ def sample_images(
     """`num_images` uint8 (N, 3, 32, 32) images from a network predicting `diffusion.prediction`."""
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if autocast is None:
-            return diffusion.eps_from_output(x, t, model(x, t).float())
-        with autocast:
+        with autocast or contextlib.nullcontext():
             return diffusion.eps_from_output(x, t, model(x, t).float())
 
     batches = []
