@@ -2,7 +2,7 @@
 every 2k steps, final FID on 10k samples (the notes: ≈3,600 s on a cloud GPU). Reference
 statistics are computed before the timer starts (cached, as in any second run).
 
-    python benchmarks/e1_end_to_end.py --weights FILE [--data-root ../shared/data]
+    python benchmarks/e1_end_to_end.py --weights FILE [--data-root ../shared/data] [--compile]
     python benchmarks/e1_end_to_end.py --weights FILE --scale 0.05    # a scaled-down run on a CPU
 """
 
@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--data-root", default=None, help="CIFAR-10 root (default: procedural shapes, same image size)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply steps and sample counts (e.g. 0.05 on a CPU)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true", help="train.compile: true")
     args = parser.parse_args()
 
     config = RunConfig()
@@ -32,7 +33,7 @@ def main() -> None:
         config.data.root = args.data_root
     else:
         config.data.name, config.data.num_images = "shapes", 10_000
-    config.train.device = args.device
+    config.train.device, config.train.compile = args.device, args.compile
     config.fid.weights = args.weights
     config.train.total_steps = max(1, round(10_000 * args.scale))
     config.eval.every = max(1, round(2_000 * args.scale))

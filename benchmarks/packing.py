@@ -2,7 +2,7 @@
 fractional `resources.gpu` (e.g. 0.25 for four trials per GPU) buys. Each trial is a separate
 process running the Trainer's step at batch 4, as Ray runs trials.
 
-    python benchmarks/packing.py [--trials 4] [--seconds 20] [--device cuda]
+    python benchmarks/packing.py [--trials 4] [--seconds 20] [--device cuda] [--compile]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 import torch
 
 
-def worker(device: str, batch_size: int, seconds: float, start_at: float, out) -> None:
+def worker(device: str, batch_size: int, compiled: bool, seconds: float, start_at: float, out) -> None:
     from diffusion_lib.config import RunConfig
     from diffusion_lib.trainer import Trainer
 
@@ -23,7 +23,7 @@ def worker(device: str, batch_size: int, seconds: float, start_at: float, out) -
         torch.set_num_threads(1)  # as Ray gives a trial with resources.cpu = 1
     config = RunConfig()
     config.data.name, config.data.num_images = "shapes", 2048
-    config.train.device, config.train.batch_size = device, batch_size
+    config.train.device, config.train.batch_size, config.train.compile = device, batch_size, compiled
     config.fid.num_samples = config.fid.final_num_samples = 0
     trainer = Trainer(config, tempfile.mkdtemp(prefix="bench-"), progress=False)
     for _ in range(5):
@@ -39,11 +39,11 @@ def worker(device: str, batch_size: int, seconds: float, start_at: float, out) -
     out.put(steps * batch_size / (time.perf_counter() - begin))
 
 
-def aggregate(n: int, device: str, batch_size: int, seconds: float) -> float:
+def aggregate(n: int, device: str, batch_size: int, compiled: bool, seconds: float) -> float:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    start_at = time.time() + 20 + 5 * n  # after every process has built its trainer
-    procs = [ctx.Process(target=worker, args=(device, batch_size, seconds, start_at, out)) for _ in range(n)]
+    start_at = time.time() + 20 + 5 * n + (120 if compiled else 0)  # after every process has built its trainer
+    procs = [ctx.Process(target=worker, args=(device, batch_size, compiled, seconds, start_at, out)) for _ in range(n)]
     for p in procs:
         p.start()
     rates = [out.get() for _ in procs]
@@ -58,9 +58,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="train.compile: true in every trial")
     args = parser.parse_args()
-    one = aggregate(1, args.device, args.batch_size, args.seconds)
-    many = aggregate(args.trials, args.device, args.batch_size, args.seconds)
+    one = aggregate(1, args.device, args.batch_size, args.compile, args.seconds)
+    many = aggregate(args.trials, args.device, args.batch_size, args.compile, args.seconds)
     print(f"device {args.device}, batch {args.batch_size}: 1 trial {one:.1f} images/s; "
           f"{args.trials} trials {many:.1f} images/s in all ({many / one:.2f}x)")
 

@@ -1,10 +1,13 @@
 """Training and sampling images/s of the default UNetCifar32, ours against a plain reference loop.
 
 Ours: the Trainer's step (data set resident on the device, batches drawn there; bf16 autocast,
-channels_last and fused Adam on CUDA). Plain: the same model trained the way home-made
-harnesses usually are: torchvision DataLoader with per-image PIL transforms, fp32 eager.
+channels_last and fused Adam on CUDA), eager and with `train.compile`. Plain: the same model
+trained the way home-made harnesses usually are: torchvision DataLoader with per-image PIL
+transforms, fp32 eager. Model FLOP utilisation counts the network's forward and backward FLOPs
+(torch.utils.flop_counter) against the device's dense bf16 peak.
 
     python benchmarks/train_throughput.py [--device cpu|cuda] [--steps 20] [--batch-sizes 4 128]
+        [--compile] [--peak-tflops 989]
 """
 
 from __future__ import annotations
@@ -16,15 +19,16 @@ import time
 import torch
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_lib.config import RunConfig
 from diffusion_lib.data import load_dataset
 from diffusion_lib.losses import DiffusionLoss
-from diffusion_lib.models import UNetCifar32
+from diffusion_lib.models import build_model
 from diffusion_lib.trainer import Trainer
 
-
-
+# Dense bf16 peak TFLOP/s by device name (NVIDIA data sheets, SXM parts).
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 RUN_DIR = tempfile.mkdtemp(prefix="bench-")  # the trainers' logs; nothing here is kept
 
 
@@ -51,7 +55,7 @@ def plain_loop_images_per_s(config: RunConfig, device: torch.device, batch_size:
     images = load_dataset(config.data).images
     loader = DataLoader(PerImageDataset(images), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=2)
     trainer = Trainer(config, RUN_DIR, progress=False)  # for its diffusion and loss only
-    model = UNetCifar32().to(device)
+    model = build_model(config.model).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss_fn = DiffusionLoss(trainer.diffusion)
     done, start = 0, None
@@ -75,10 +79,18 @@ def plain_loop_images_per_s(config: RunConfig, device: torch.device, batch_size:
     return steps * batch_size / (time.perf_counter() - start)
 
 
+def training_flops_per_image(config: RunConfig) -> float:
+    """Forward + backward FLOPs of the network for one 32×32 image."""
+    model = build_model(config.model)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)).sum().backward()
+    return counter.get_total_flops()
+
+
 def ours_images_per_s(config: RunConfig, device: torch.device, batch_size: int, steps: int) -> float:
     config.train.batch_size = batch_size
     trainer = Trainer(config, RUN_DIR, progress=False)
-    for _ in range(3):
+    for _ in range(3):  # with train.compile, the first step compiles and the next record CUDA graphs
         trainer.train_step()
     sync(device)
     start = time.perf_counter()
@@ -105,8 +117,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 128])
     parser.add_argument("--sample-batch", type=int, default=None, help="sampling batch (default 500 on CUDA, 32 on CPU)")
+    parser.add_argument("--compile", action="store_true", help="also time the step with train.compile")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
     def config() -> RunConfig:
         c = RunConfig()
@@ -115,13 +131,23 @@ def main() -> None:
         c.fid.num_samples = c.fid.final_num_samples = 0
         return c
 
-    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else torch.get_num_threads()} "
-          f"{'' if device.type == 'cuda' else 'threads'}), torch {torch.__version__}")
-    print(f"{'training images/s':<28}{'ours':>10}{'plain':>10}{'speed-up':>10}")
+    flops = training_flops_per_image(config())
+    print(f"device: {device} ({name if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"torch {torch.__version__}; network forward+backward {flops / 1e9:.2f} GFLOP per image"
+          + (f"; MFU against {peak:g} TFLOP/s" if peak else ""))
+    print(f"{'training images/s':<20}{'ours':>9}{'compiled':>10}{'plain':>9}{'speed-up':>10}{'TFLOP/s':>9}{'MFU':>7}")
     for b in args.batch_sizes:
         ours = ours_images_per_s(config(), device, b, args.steps)
+        compiled = None
+        if args.compile:
+            c = config()
+            c.train.compile = True
+            compiled = ours_images_per_s(c, device, b, args.steps)
         plain = plain_loop_images_per_s(config(), device, b, args.steps)
-        print(f"{'  batch ' + str(b):<28}{ours:>10.1f}{plain:>10.1f}{ours / plain:>9.2f}x")
+        best = max(ours, compiled or 0.0)
+        tflops = best * flops / 1e12
+        print(f"{'  batch ' + str(b):<20}{ours:>9.1f}{compiled or float('nan'):>10.1f}{plain:>9.1f}{best / plain:>9.2f}x"
+              f"{tflops:>9.3f}{f'{tflops / peak:.1%}' if peak else '-':>7}")
     sample_batch = args.sample_batch or (500 if device.type == "cuda" else 32)
     for sampler in ("ddpm", "ddim"):
         rate = sampling_images_per_s(config(), device, sampler, sample_batch)

@@ -59,6 +59,7 @@ class TrainConfig:
     seed: int = 1077
     grad_clip: float = 1.0
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    compile: bool = False  # torch.compile the training step's network (CUDA graphs on CUDA); eager if it fails
     device: str = "auto"  # "auto" picks cuda when available
 
 

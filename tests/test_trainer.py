@@ -101,3 +101,43 @@ def test_an_ema_too_slow_for_the_run_length_is_flagged(tmp_path):
         warnings.simplefilter("always")
         Trainer(tiny_config(ema={"decay": 0.5}), tmp_path / "fine", progress=False)
     assert not [w for w in caught if "ema.decay" in str(w.message)]
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    config = lambda compile: tiny_config(model={"dropout": 0.0}, train={"compile": compile})  # noqa: E731
+    eager = Trainer(config(False), tmp_path / "eager", progress=False)
+    compiled = Trainer(config(True), tmp_path / "compiled", progress=False)
+    x0 = eager.data.images[:8].float() / 127.5 - 1
+    t = torch.arange(0, 100, 13)[:8]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="train.compile")  # no silent fallback to eager
+        torch.testing.assert_close(compiled._forward_backward(x0, t, noise), eager._forward_backward(x0, t, noise))
+        for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-6)
+        for _ in range(3):
+            eager.train_step()
+            compiled.train_step()
+    assert compiled.train_model is not compiled.model
+    torch.testing.assert_close(compiled._bucket_sum, eager._bucket_sum, rtol=1e-4, atol=0)
+    # Checkpoints hold the plain module's keys, so compiled and eager runs resume each other.
+    assert compiled.model.state_dict().keys() == eager.model.state_dict().keys()
+
+
+def test_a_failing_compile_falls_back_to_eager(tmp_path, monkeypatch):
+    class Broken(torch.nn.Module):
+        def forward(self, *args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr("diffusion_lib.trainer.compile_network", lambda model, device: Broken())
+    # One trainer after the other: both seed the global RNG that dropout draws from.
+    eager = Trainer(tiny_config(), tmp_path / "eager", progress=False)
+    for _ in range(2):
+        eager.train_step()
+    fallback = Trainer(tiny_config(train={"compile": True}), tmp_path / "fallback", progress=False)
+    with pytest.warns(UserWarning, match=r"train.compile: torch.compile failed \(RuntimeError: InvalidCxxCompiler: No working C\+\+ compiler found\); training eagerly"):
+        fallback.train_step()
+    fallback.train_step()
+    assert fallback.train_model is fallback.model
+    for a, b in zip(params(eager), params(fallback)):
+        assert torch.equal(a, b)
