@@ -23,6 +23,7 @@ from .data import load_dataset, uint8_to_float
 from .diffusion import GaussianDiffusion
 from .ema import EMA
 from .losses import DiffusionLoss
+from .metrics import full_fp32
 from .metrics.curvature import hutchinson_trace
 from .metrics.fid import FeatureExtractor, FeatureStats, InceptionFeatures, frechet_distance, reference_stats
 from .models import build_model
@@ -245,7 +246,7 @@ class Trainer:
 
     def curvature(self) -> tuple[float, float]:
         """Hutchinson trace of the loss Hessian on a fixed batch, timesteps, noise and probes, so
-        values are comparable across milestones and trials (dropout off, fp32)."""
+        values are comparable across milestones, trials and devices (dropout off, full fp32)."""
         n = min(self.config.curvature.batch_size, len(self.data))
         generator = torch.Generator(self.device).manual_seed(self.config.train.seed + 2)
         x0 = uint8_to_float(self.data.images[:n])
@@ -253,12 +254,13 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
         self.model.eval()
         try:
-            return hutchinson_trace(
-                lambda: self.loss.per_sample(self.model, x0, t, noise).mean(),
-                list(self.model.parameters()),
-                self.config.curvature.probes,
-                generator=generator,
-            )
+            with full_fp32():
+                return hutchinson_trace(
+                    lambda: self.loss.per_sample(self.model, x0, t, noise).mean(),
+                    list(self.model.parameters()),
+                    self.config.curvature.probes,
+                    generator=generator,
+                )
         finally:
             self.model.train()
 

@@ -120,6 +120,24 @@ def test_fid_equals_pytorch_fids_own_computation_on_the_same_pngs(tmp_path, monk
     assert ours > 1.0  # different images: the comparison is not vacuous
 
 
+@needs_fid_weights
+def test_inception_features_turn_off_tf32_convolutions_only_while_they_run():
+    """On CUDA, cuDNN computes fp32 convolutions in TF32 unless told otherwise."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.allow_tf32)
+            return [x.mean(dim=(2, 3), keepdim=True)]
+
+    features = InceptionFeatures(str(FID_WEIGHTS), "cpu", batch_size=2)
+    features.model = Recorder()
+    assert torch.backends.cudnn.allow_tf32  # PyTorch's default
+    assert features(torch.zeros(4, 3, 32, 32, dtype=torch.uint8)).shape == (4, 3)
+    assert seen == [False, False]
+    assert torch.backends.cudnn.allow_tf32
+
+
 def test_a_run_without_reachable_weights_fails_fast_with_exit_2(tmp_path, monkeypatch):
     import pytorch_fid.inception
 

@@ -141,3 +141,16 @@ def test_a_failing_compile_falls_back_to_eager(tmp_path, monkeypatch):
     assert fallback.train_model is fallback.model
     for a, b in zip(params(eager), params(fallback)):
         assert torch.equal(a, b)
+
+
+def test_curvature_runs_with_tf32_convolutions_off(tmp_path, monkeypatch):
+    seen = []
+
+    def recording_trace(loss_fn, params, num_probes, generator):
+        seen.append(torch.backends.cudnn.allow_tf32)
+        return 1.0, 0.1
+
+    monkeypatch.setattr("diffusion_lib.trainer.hutchinson_trace", recording_trace)
+    trainer = Trainer(tiny_config(curvature={"probes": 2}), tmp_path, progress=False)
+    assert trainer.curvature() == (1.0, 0.1)
+    assert seen == [False] and torch.backends.cudnn.allow_tf32

@@ -20,6 +20,7 @@ from PIL import Image
 from pytorch_fid import inception as pytorch_fid_inception
 from pytorch_fid.fid_score import calculate_frechet_distance
 
+from . import full_fp32
 from ..atomic import atomic_path
 from ..config import ConfigError
 from ..data import IMAGE_SUFFIXES, ImageDataset
@@ -66,7 +67,7 @@ def load_inception(weights: Optional[str] = None, device: torch.device | str = "
 
 
 class InceptionFeatures:
-    """pool3 features (2048-d, fp32) of uint8 images, batched, under `inference_mode`."""
+    """pool3 features (2048-d, full fp32) of uint8 images, batched, under `inference_mode`."""
 
     def __init__(self, weights: Optional[str] = None, device: torch.device | str = "cpu", batch_size: int = 200):
         self.device = torch.device(device)
@@ -76,10 +77,11 @@ class InceptionFeatures:
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         out = []
-        for start in range(0, images.shape[0], self.batch_size):
-            batch = images[start : start + self.batch_size].to(self.device, non_blocking=True)
-            batch = (batch.float() / 255.0).contiguous(memory_format=torch.channels_last)
-            out.append(self.model(batch)[0].flatten(1).double().cpu())
+        with full_fp32():
+            for start in range(0, images.shape[0], self.batch_size):
+                batch = images[start : start + self.batch_size].to(self.device, non_blocking=True)
+                batch = (batch.float() / 255.0).contiguous(memory_format=torch.channels_last)
+                out.append(self.model(batch)[0].flatten(1).double().cpu())
         return torch.cat(out).numpy()
 
 
