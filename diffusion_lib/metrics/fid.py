@@ -81,8 +81,9 @@ class InceptionFeatures:
             for start in range(0, images.shape[0], self.batch_size):
                 batch = images[start : start + self.batch_size].to(self.device, non_blocking=True)
                 batch = (batch.float() / 255.0).contiguous(memory_format=torch.channels_last)
-                out.append(self.model(batch)[0].flatten(1).double().cpu())
-        return torch.cat(out).numpy()
+                out.append(self.model(batch)[0].flatten(1))
+        # One copy to the host at the end, so no batch waits for the previous one to finish.
+        return torch.cat(out).double().cpu().numpy()
 
 
 @dataclass
