@@ -8,6 +8,7 @@ import torch
 
 from diffusion_lib.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
 from diffusion_lib.config import ConfigError
+from diffusion_lib.data import uint8_to_float
 from diffusion_lib.trainer import Trainer
 from conftest import tiny_config
 
@@ -107,7 +108,7 @@ def test_compiled_training_matches_eager(tmp_path):
     config = lambda compile: tiny_config(model={"dropout": 0.0}, train={"compile": compile})  # noqa: E731
     eager = Trainer(config(False), tmp_path / "eager", progress=False)
     compiled = Trainer(config(True), tmp_path / "compiled", progress=False)
-    x0 = eager.data.images[:8].float() / 127.5 - 1
+    x0 = uint8_to_float(eager.data.images[:8])
     t = torch.arange(0, 100, 13)[:8]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
