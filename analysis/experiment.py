@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from diffusion_lib.checkpoint import CHECKPOINT_DIR, list_checkpoints
+from diffusion_lib.run_log import METRICS_FILE
+
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILE = "experiment_summary.json"
 TRIAL_FILE = "trial.json"  # the trial's searched values, full config and node (params.json is Ray's)
-METRICS_FILE = "metrics.jsonl"
-_CHECKPOINT = re.compile(r"^step_(\d+)\.pt$")
 
 
 def trial_label(searched: dict[str, Any]) -> str:
@@ -43,16 +43,10 @@ class Trial:
     def label(self) -> str:
         return trial_label(self.searched) or self.trial_id
 
-    def best_milestone(self, metric: str, mode: str) -> Optional[dict[str, Any]]:
-        rows = [r for r in self.milestones if _finite(r.get(metric))]
-        if not rows:
-            return None
-        pick = min if mode == "min" else max
-        return pick(rows, key=lambda r: r[metric])
-
-    def best_checkpointed_milestone(self, metric: str, mode: str) -> Optional[dict[str, Any]]:
-        """The best milestone whose checkpoint still exists (Ray keeps the best and the newest)."""
-        rows = [r for r in self.milestones if _finite(r.get(metric)) and r["step"] in self.checkpoints]
+    def best_milestone(self, metric: str, mode: str, *, checkpointed: bool = False) -> Optional[dict[str, Any]]:
+        """The best milestone by `metric`; with `checkpointed`, the best whose checkpoint still
+        exists (Ray keeps the best and the newest)."""
+        rows = [r for r in self.milestones if _finite(r.get(metric)) and (not checkpointed or r["step"] in self.checkpoints)]
         if not rows:
             return None
         pick = min if mode == "min" else max
@@ -102,11 +96,10 @@ def _read_milestones(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
 
 
 def _find_checkpoints(trial_dir: Path) -> dict[int, Path]:
+    """{step: path} in Ray's `checkpoint_*/` folders (a sweep trial) or `checkpoints/` (`sweep train`)."""
     found = {}
-    for path in list(trial_dir.glob("checkpoint_*/step_*.pt")) + list(trial_dir.glob("checkpoints/step_*.pt")):
-        match = _CHECKPOINT.match(path.name)
-        if match:
-            found[int(match.group(1))] = path
+    for folder in [*sorted(trial_dir.glob("checkpoint_*")), trial_dir / CHECKPOINT_DIR]:
+        found.update(list_checkpoints(folder))
     return found
 
 
@@ -118,7 +111,7 @@ def _status(trial: Trial, summary: Optional[dict]) -> tuple[str, Optional[str]]:
     if recorded and recorded.get("status") == "ERROR" or error_file.is_file():
         error = (recorded or {}).get("error")
         if error is None and error_file.is_file():
-            error = error_file.read_text(errors="replace").strip().splitlines()[-1][:500]
+            error = (error_file.read_text(errors="replace").strip().splitlines() or ["(empty error.txt)"])[-1][:500]
         return "ERROR", error
     if total is not None and last >= total:
         return "TERMINATED", None

@@ -77,7 +77,7 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
 
     images: list[tuple[str, Path]] = []
     ranked = _ranked(experiment)
-    with_checkpoint = [(t, t.best_checkpointed_milestone(metric, experiment.mode)) for t, _ in ranked]
+    with_checkpoint = [(t, t.best_milestone(metric, experiment.mode, checkpointed=True)) for t, _ in ranked]
     with_checkpoint = [(t, m) for t, m in with_checkpoint if m is not None]
     for trial, best in ranked:
         if best is not None and best["step"] not in trial.checkpoints:

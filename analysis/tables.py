@@ -83,7 +83,7 @@ def trials_table(experiment: Experiment) -> pa.Table:
     for trial in experiment.trials:
         best = trial.best_milestone(metric, mode)
         best_fid = trial.best_milestone("val/fid", "min")
-        best_saved = trial.best_checkpointed_milestone(metric, mode)
+        best_saved = trial.best_milestone(metric, mode, checkpointed=True)
         last = trial.milestones[-1] if trial.milestones else {}
         rows.append({
             "trial_id": trial.trial_id,

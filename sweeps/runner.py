@@ -14,6 +14,7 @@ from diffusion_lib.config import ConfigError
 from .spec import SweepSpec, flatten_searched
 from .trainable import train_trial
 
+
 def experiment_path(spec: SweepSpec) -> str:
     """storage/name; a local storage path is made absolute, a URI (s3://, gs://, …) kept as is."""
     storage = spec.storage if "://" in spec.storage else str(Path(spec.storage).expanduser().resolve())

@@ -117,6 +117,7 @@ def test_damaged_files_are_reported_and_the_rest_still_written(experiment, tmp_p
     metrics.write_text(metrics.read_text()[:-40])  # a torn last line
     for checkpoint in broken.glob("checkpoint_*"):
         shutil.rmtree(checkpoint)
+    (broken / "error.txt").write_text("")  # a trial that died before Ray could write its error
     warnings = analyze_experiment(damaged)
     assert any("metrics.jsonl:3: truncated or corrupt line" in w for w in warnings)
     assert any(broken.name in w and "no checkpoint" in w for w in warnings)
@@ -124,6 +125,7 @@ def test_damaged_files_are_reported_and_the_rest_still_written(experiment, tmp_p
     assert len(trials) == 2
     by_id = {t["trial_id"]: t for t in trials}
     assert by_id[broken.name]["final.step"] == 20 and by_id[broken.name]["best_checkpoint"] is None
+    assert by_id[broken.name]["status"] == "ERROR" and by_id[intact.name]["status"] == "TERMINATED"
     assert by_id[intact.name]["final.step"] == 30 and by_id[intact.name]["best_checkpoint"] is not None
     assert (damaged / "analysis" / "best_grid.png").is_file() and (damaged / "analysis" / "fid_vs_step.png").is_file()
     assert "Problems met while analysing" in (damaged / "analysis" / "report.md").read_text()
