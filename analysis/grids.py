@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 import torchvision.utils
 
-from diffusion_lib.atomic import atomic_path
 from diffusion_lib.checkpoint import load_checkpoint
 from diffusion_lib.config import RunConfig, from_dict
 from diffusion_lib.data import float_to_uint8, load_dataset, uint8_to_float
 from diffusion_lib.diffusion import GaussianDiffusion
 from diffusion_lib.models import build_model
+from diffusion_lib.run_log import make_grid, save_png
 from diffusion_lib.samplers import sample_images
 from diffusion_lib.schedules import make_schedule
 
@@ -30,20 +30,15 @@ def load_ema(checkpoint: Path) -> tuple[RunConfig, torch.nn.Module, GaussianDiff
     return config, model.eval(), diffusion
 
 
-def _save_png(grid: torch.Tensor, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torchvision.utils.save_image(grid, tmp, format="png")
-
-
 def sample_grid(checkpoint: Path, out: Path, num_images: int = 64, seed: int = GRID_SEED) -> None:
-    """An 8×8 grid with a fixed seed and the trial's own sampler, NFE and η."""
+    """A square grid (8×8 by default) with a fixed seed and the trial's own sampler, NFE and η."""
     config, model, diffusion = load_ema(checkpoint)
     images = sample_images(
         model, diffusion, num_images,
         sampler=config.eval.sampler, nfe=config.eval.nfe, eta=config.eval.eta, batch_size=num_images,
         generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"),
     )
-    _save_png(torchvision.utils.make_grid(images.float() / 255, nrow=8, padding=2), out)
+    save_png(make_grid(images), out)
 
 
 @torch.no_grad()
@@ -64,4 +59,4 @@ def denoising_diagnostic(checkpoint: Path, out: Path, num_images: int = 4, seed:
         for triple in zip(x0, x_t.clamp(-1, 1), x0_hat):
             tiles += list(triple)
     grid = torchvision.utils.make_grid(float_to_uint8(torch.stack(tiles)).float() / 255, nrow=3 * num_images, padding=2)
-    _save_png(grid, out)
+    save_png(grid, out)

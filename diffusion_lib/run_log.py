@@ -51,12 +51,11 @@ class RunLog:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
         for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and value is not None:
+            if key != "step" and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, step)
         if grid is not None:
             self.writer.add_image("samples", grid, step)
-            with atomic_path(self.run_dir / SAMPLES_DIR / f"step_{step:07d}.png") as tmp:
-                torchvision.utils.save_image(grid, tmp, format="png")
+            save_png(grid, self.run_dir / SAMPLES_DIR / f"step_{step:07d}.png")
         self.writer.flush()
 
     def hparams(self, flat_config: dict[str, Any], metrics: dict[str, float]) -> None:
@@ -74,3 +73,9 @@ def make_grid(images_uint8: torch.Tensor) -> torch.Tensor:
     """A square-ish grid (3, H, W) in [0, 1] from uint8 images."""
     nrow = max(1, int(math.sqrt(images_uint8.shape[0])))
     return torchvision.utils.make_grid(images_uint8.float().div(255), nrow=nrow, padding=2)
+
+
+def save_png(grid: torch.Tensor, path: Path) -> None:
+    """A (3, H, W) image in [0, 1] as a PNG, written atomically."""
+    with atomic_path(path) as tmp:
+        torchvision.utils.save_image(grid, tmp, format="png")
