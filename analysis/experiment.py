@@ -46,7 +46,7 @@ class Trial:
     def best_milestone(self, metric: str, mode: str, *, checkpointed: bool = False) -> Optional[dict[str, Any]]:
         """The best milestone by `metric`; with `checkpointed`, the best whose checkpoint still
         exists (Ray keeps the best and the newest)."""
-        rows = [r for r in self.milestones if _finite(r.get(metric)) and (not checkpointed or r["step"] in self.checkpoints)]
+        rows = [r for r in self.milestones if is_finite_number(r.get(metric)) and (not checkpointed or r["step"] in self.checkpoints)]
         if not rows:
             return None
         pick = min if mode == "min" else max
@@ -66,7 +66,8 @@ class Experiment:
         return list(dict.fromkeys(k for t in self.trials for k in t.searched))
 
 
-def _finite(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """A metric value that can be ranked and plotted (a missing or NaN value cannot)."""
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 

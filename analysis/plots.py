@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from diffusion_lib.atomic import atomic_path  # noqa: E402
 
-from .experiment import Experiment  # noqa: E402
+from .experiment import Experiment, is_finite_number  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -23,16 +22,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
-
-
 def overlay(experiment: Experiment, x: str, y: str, xlabel: str, ylabel: str, title: str, path: Path) -> Optional[Path]:
     """Lines of `y` against `x` for every trial that reported `y`; None when none did."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = 0
     for trial in experiment.trials:
-        points = [(r[x], r[y]) for r in trial.milestones if _finite(r.get(x)) and _finite(r.get(y))]
+        points = [(r[x], r[y]) for r in trial.milestones if is_finite_number(r.get(x)) and is_finite_number(r.get(y))]
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o", markersize=3, label=trial.label)

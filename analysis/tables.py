@@ -16,10 +16,10 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from diffusion_lib.atomic import atomic_path
+from diffusion_lib.trainer import NUM_T_BUCKETS
 
 from .experiment import Experiment
 
-NUM_T_BUCKETS = 10
 MILESTONE_METRICS = [
     ("train/loss", pa.float64()),
     ("val/fid", pa.float64()),
@@ -109,14 +109,10 @@ def trials_table(experiment: Experiment) -> pa.Table:
     return table
 
 
-def write_table(table: pa.Table, out_dir: Path, stem: str, arrow_too: bool = False) -> list[Path]:
+def write_table(table: pa.Table, out_dir: Path, stem: str, arrow_too: bool = False) -> None:
     """Write `stem.parquet` (and `stem.arrow`, Arrow IPC) atomically."""
-    written = []
     with atomic_path(out_dir / f"{stem}.parquet") as tmp:
         pq.write_table(table, tmp)
-    written.append(out_dir / f"{stem}.parquet")
     if arrow_too:
         with atomic_path(out_dir / f"{stem}.arrow") as tmp:
             feather.write_feather(table, tmp, compression="uncompressed")
-        written.append(out_dir / f"{stem}.arrow")
-    return written
