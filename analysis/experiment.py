@@ -17,15 +17,8 @@ from typing import Any, Optional
 
 from diffusion_lib.checkpoint import CHECKPOINT_DIR, list_checkpoints
 from diffusion_lib.run_log import METRICS_FILE
-
-SWEEP_FILE = "sweep.json"
-SUMMARY_FILE = "experiment_summary.json"
-TRIAL_FILE = "trial.json"  # the trial's searched values, full config and node (params.json is Ray's)
-
-
-def trial_label(searched: dict[str, Any]) -> str:
-    """`{"model.base_channels": 64, "optim.lr": 1e-4}` -> `base_channels=64,lr=0.0001`."""
-    return ",".join(f"{k.split('.')[-1]}={f'{v:.4g}' if isinstance(v, float) else v}" for k, v in searched.items())
+from diffusion_lib.milestone import FID, STEP
+from sweeps.layout import RAY_CHECKPOINT_GLOB, RAY_ERROR_FILE, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, one_line_error, trial_label
 
 
 @dataclass
@@ -46,7 +39,7 @@ class Trial:
     def best_milestone(self, metric: str, mode: str, *, checkpointed: bool = False) -> Optional[dict[str, Any]]:
         """The best milestone by `metric`; with `checkpointed`, the best whose checkpoint still
         exists (Ray keeps the best and the newest)."""
-        rows = [r for r in self.milestones if is_finite_number(r.get(metric)) and (not checkpointed or r["step"] in self.checkpoints)]
+        rows = [r for r in self.milestones if is_finite_number(r.get(metric)) and (not checkpointed or r[STEP.name] in self.checkpoints)]
         if not rows:
             return None
         pick = min if mode == "min" else max
@@ -56,14 +49,23 @@ class Trial:
 @dataclass
 class Experiment:
     path: Path
-    metric: str = "val/fid"
+    metric: str = FID.name
     mode: str = "min"
+    search: dict[str, dict] = field(default_factory=dict)  # sweep.json's {key: {distribution: args}}
     trials: list[Trial] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
     def searched_keys(self) -> list[str]:
         return list(dict.fromkeys(k for t in self.trials for k in t.searched))
+
+    def searched_on_log_scale(self, key: str) -> bool:
+        """Drawn from a loguniform range, or a listed search spanning two decades or more."""
+        dist = self.search.get(key) or self.search.get(key.split(".")[0]) or {}
+        if "loguniform" in dist:
+            return True
+        values = [t.searched[key] for t in self.trials if is_finite_number(t.searched.get(key))]
+        return bool(values) and min(values) > 0 and max(values) / min(values) >= 100
 
 
 def is_finite_number(value: Any) -> bool:
@@ -88,7 +90,7 @@ def _read_milestones(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
             row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            if not isinstance(row, dict) or not isinstance(row.get(STEP.name), int):
                 raise ValueError("no integer step")
             rows.append(row)
         except ValueError as err:
@@ -99,21 +101,23 @@ def _read_milestones(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
 def _find_checkpoints(trial_dir: Path) -> dict[int, Path]:
     """{step: path} in Ray's `checkpoint_*/` folders (a sweep trial) or `checkpoints/` (`sweep train`)."""
     found = {}
-    for folder in [*sorted(trial_dir.glob("checkpoint_*")), trial_dir / CHECKPOINT_DIR]:
+    for folder in [*sorted(trial_dir.glob(RAY_CHECKPOINT_GLOB)), trial_dir / CHECKPOINT_DIR]:
         found.update(list_checkpoints(folder))
     return found
 
 
 def _status(trial: Trial, summary: Optional[dict]) -> tuple[str, Optional[str]]:
-    error_file = trial.path / "error.txt"
+    """The trial's status and one-line error. The summary `sweep run` writes at the end is the
+    truth (a resumed trial that finished is finished, whatever error.txt an earlier attempt left);
+    without one (a sweep still running or killed), an error.txt means the trial errored."""
     recorded = (summary or {}).get("trials", {}).get(trial.trial_id)
+    error_file = trial.path / RAY_ERROR_FILE
     total = trial.config.get("train.total_steps")
-    last = trial.milestones[-1]["step"] if trial.milestones else 0
-    if recorded and recorded.get("status") == "ERROR" or error_file.is_file():
-        error = (recorded or {}).get("error")
-        if error is None and error_file.is_file():
-            error = (error_file.read_text(errors="replace").strip().splitlines() or ["(empty error.txt)"])[-1][:500]
-        return "ERROR", error
+    last = trial.milestones[-1][STEP.name] if trial.milestones else 0
+    if recorded and recorded.get("status") == "ERROR":
+        return "ERROR", recorded.get("error") or "(no error message)"
+    if not recorded and error_file.is_file():
+        return "ERROR", one_line_error(error_file.read_text(errors="replace")) if error_file.stat().st_size else "(empty error.txt)"
     if total is not None and last >= total:
         return "TERMINATED", None
     if recorded:  # the sweep ended without this trial reaching its last step: ASHA stopped it
@@ -128,6 +132,7 @@ def load_experiment(path: Path) -> Experiment:
     sweep = _read_json(path / SWEEP_FILE, experiment.warnings) or {}
     experiment.metric = sweep.get("metric", experiment.metric)
     experiment.mode = sweep.get("mode", experiment.mode)
+    experiment.search = sweep.get("search", {})
     summary = _read_json(path / SUMMARY_FILE, experiment.warnings)
     trial_dirs = [path] if (path / METRICS_FILE).is_file() else sorted(
         p for p in path.iterdir() if p.is_dir() and ((p / METRICS_FILE).is_file() or (p / TRIAL_FILE).is_file())

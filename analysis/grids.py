@@ -8,14 +8,13 @@ from pathlib import Path
 import torch
 import torchvision.utils
 
-from diffusion_lib.checkpoint import load_checkpoint
-from diffusion_lib.config import RunConfig, from_dict
+from diffusion_lib.build import create_diffusion, create_model
+from diffusion_lib.checkpoint import checkpoint_config, load_checkpoint
+from diffusion_lib.config import RunConfig
 from diffusion_lib.data import float_to_uint8, load_dataset, uint8_to_float
 from diffusion_lib.diffusion import GaussianDiffusion
-from diffusion_lib.models import build_model
 from diffusion_lib.run_log import make_grid, save_png
 from diffusion_lib.samplers import sample_images
-from diffusion_lib.schedules import make_schedule
 
 GRID_SEED = 0
 
@@ -23,11 +22,10 @@ GRID_SEED = 0
 def load_ema(checkpoint: Path) -> tuple[RunConfig, torch.nn.Module, GaussianDiffusion]:
     """The run config, the EMA network (eval mode, CPU) and its diffusion, from a checkpoint."""
     state = load_checkpoint(checkpoint)
-    config = from_dict(state["config"])
-    model = build_model(config.model)
+    config = checkpoint_config(state)
+    model = create_model(config.model)
     model.load_state_dict(state["ema"])
-    diffusion = GaussianDiffusion(make_schedule(config.diffusion.beta_schedule, config.diffusion.num_timesteps), config.diffusion.prediction)
-    return config, model.eval(), diffusion
+    return config, model.eval(), create_diffusion(config.diffusion)
 
 
 def sample_grid(checkpoint: Path, out: Path, num_images: int = 64, seed: int = GRID_SEED) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import matplotlib
 
@@ -22,15 +22,23 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def overlay(experiment: Experiment, x: str, y: str, xlabel: str, ylabel: str, title: str, path: Path) -> Optional[Path]:
-    """Lines of `y` against `x` for every trial that reported `y`; None when none did."""
+def overlay(
+    experiment: Experiment, x: str, y: str, xlabel: str, ylabel: str, title: str, path: Path, *, count: Optional[str] = None
+) -> Optional[Path]:
+    """Lines of `y` against `x` for every trial that reported `y`; None when none did. With
+    `count` (e.g. `val/fid_num_samples`), points measured at different counts are never joined:
+    each count is its own line, labelled with it."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = 0
     for trial in experiment.trials:
-        points = [(r[x], r[y]) for r in trial.milestones if is_finite_number(r.get(x)) and is_finite_number(r.get(y))]
-        if points:
+        lines: dict[Any, list[tuple[float, float]]] = {}
+        for r in trial.milestones:
+            if is_finite_number(r.get(x)) and is_finite_number(r.get(y)):
+                lines.setdefault(r.get(count) if count else None, []).append((r[x], r[y]))
+        for n, points in lines.items():
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", markersize=3, label=trial.label)
+            label = trial.label if len(lines) == 1 else f"{trial.label} (N={n})"
+            ax.plot(xs, ys, marker="o", markersize=3, label=label)
             drawn += 1
     if not drawn:
         plt.close(fig)
@@ -42,19 +50,20 @@ def overlay(experiment: Experiment, x: str, y: str, xlabel: str, ylabel: str, ti
 
 
 def best_by_key(experiment: Experiment, key: str, path: Path) -> Optional[Path]:
-    """Best metric per trial against one searched key (categorical keys on a category axis)."""
+    """Best metric per trial against one searched key: categorical keys on a category axis, a
+    key searched on a log scale (loguniform) on a log axis; None when the key took one value."""
     points = []
     for trial in experiment.trials:
         best = trial.best_milestone(experiment.metric, experiment.mode)
         if best is not None and key in trial.searched:
             points.append((trial.searched[key], best[experiment.metric]))
-    if not points:
+    if len({str(p[0]) for p in points}) < 2:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     values = [p[0] for p in points]
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         ax.scatter(values, [p[1] for p in points])
-        if min(values) > 0 and max(values) / min(values) >= 100:
+        if experiment.searched_on_log_scale(key):
             ax.set_xscale("log")
     else:
         categories = sorted({str(v) for v in values})

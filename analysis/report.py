@@ -13,6 +13,7 @@ from . import plots
 from .experiment import Experiment, Trial, load_experiment
 from .grids import denoising_diagnostic, sample_grid
 from .tables import milestones_table, trials_table, write_table
+from diffusion_lib.milestone import CURVATURE, FID, FID_NUM_SAMPLES, STEP, TRAIN_LOSS, WALL_TIME
 
 TOP_K = 3
 
@@ -80,10 +81,10 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
     with_checkpoint = [(t, t.best_milestone(metric, experiment.mode, checkpointed=True)) for t, _ in ranked]
     with_checkpoint = [(t, m) for t, m in with_checkpoint if m is not None]
     for trial, best in ranked:
-        if best is not None and best["step"] not in trial.checkpoints:
+        if best is not None and best[STEP.name] not in trial.checkpoints:
             warnings.append(f"{trial.trial_id}: no checkpoint for its best milestone (step {best['step']}); its grid uses the best one kept")
     for rank, (trial, milestone) in enumerate(with_checkpoint[:top_k]):
-        checkpoint = trial.checkpoints[milestone["step"]]
+        checkpoint = trial.checkpoints[milestone[STEP.name]]
         try:
             name = "best_grid.png" if rank == 0 else f"grid_rank{rank + 1}.png"
             sample_grid(checkpoint, out / name)
@@ -97,10 +98,10 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
         warnings.append(f"no trial has a checkpoint for a milestone with {metric}; no sample grids")
 
     figures = [
-        plots.overlay(experiment, "step", "val/fid", "training step", "FID", "FID vs step", out / "fid_vs_step.png"),
-        plots.overlay(experiment, "step", "train/loss", "training step", "training loss", "Loss vs step", out / "loss_vs_step.png"),
-        plots.overlay(experiment, "step", "curvature/hutch_trace_mean", "training step", "Hutchinson tr(H)", "Curvature vs step", out / "curvature_vs_step.png"),
-        plots.overlay(experiment, "wall_time_s", "val/fid", "wall time (s)", "FID", "FID vs wall time", out / "fid_vs_wall_time.png"),
+        plots.overlay(experiment, STEP.name, FID.name, "training step", "FID", "FID vs step", out / "fid_vs_step.png", count=FID_NUM_SAMPLES.name),
+        plots.overlay(experiment, STEP.name, TRAIN_LOSS.name, "training step", "training loss", "Loss vs step", out / "loss_vs_step.png"),
+        plots.overlay(experiment, STEP.name, CURVATURE.name, "training step", "Hutchinson tr(H)", "Curvature vs step", out / "curvature_vs_step.png"),
+        plots.overlay(experiment, WALL_TIME.name, FID.name, "wall time (s)", "FID", "FID vs wall time", out / "fid_vs_wall_time.png", count=FID_NUM_SAMPLES.name),
         *[plots.best_by_key(experiment, key, out / f"best_by_{key.replace('/', '_')}.png") for key in experiment.searched_keys],
     ]
     plot_images = [(p.stem.replace("_", " "), p) for p in figures if p is not None]
@@ -125,12 +126,12 @@ def render_report(experiment, ranked, images, warnings, out: Path) -> str:
     for trial, best in ranked:
         last = trial.milestones[-1] if trial.milestones else {}
         cells = [trial.trial_id, trial.status, *(_fmt(trial.searched.get(k)) for k in keys),
-                 _fmt(best[metric] if best else None), _fmt(best["step"] if best else None),
-                 _fmt(last.get("train/loss")), _fmt(last.get("wall_time_s"))]
+                 _fmt(best[metric] if best else None), _fmt(best[STEP.name] if best else None),
+                 _fmt(last.get(TRAIN_LOSS.name)), _fmt(last.get(WALL_TIME.name))]
         lines.append("| " + " | ".join(cells) + " |")
     errors = [t for t in experiment.trials if t.error]
     if errors:
-        lines += ["", "Errors:", *[f"- `{t.trial_id}`: {t.error}" for t in errors]]
+        lines += ["", "Errors (full tracebacks in each trial's error.txt):", *[f"- `{t.trial_id}`: {t.error}" for t in errors]]
     lines += ["", "## Effects", ""]
     lines += [f"- {s}" for s in effect_sentences(experiment)] or ["- Too few finished trials to compare."]
     lines += ["", "## Figures", ""]

@@ -16,22 +16,19 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from diffusion_lib.atomic import atomic_path
-from diffusion_lib.trainer import NUM_T_BUCKETS
+from diffusion_lib.milestone import (
+    CURVATURE, FID, FID_NUM_SAMPLES, IMAGES_SEEN, MILESTONE_METRICS, STEP, TRAIN_LOSS, WALL_TIME, Metric,
+)
 
 from .experiment import Experiment
 
-MILESTONE_METRICS = [
-    ("train/loss", pa.float64()),
-    ("val/fid", pa.float64()),
-    ("val/fid_num_samples", pa.int64()),
-    ("curvature/hutch_trace_mean", pa.float64()),
-    ("curvature/hutch_trace_stderr", pa.float64()),
-    *[(f"loss/t_bucket_{i}", pa.float64()) for i in range(NUM_T_BUCKETS)],
-    ("wall_time_s", pa.float64()),
-    ("images_seen", pa.int64()),
-]
-MILESTONES_SCHEMA = pa.schema([("trial_id", pa.string()), ("step", pa.int64()), *MILESTONE_METRICS])
-FINAL_METRICS = ["train/loss", "val/fid", "val/fid_num_samples", "curvature/hutch_trace_mean"]
+
+def arrow_type(metric: Metric) -> pa.DataType:
+    return pa.int64() if metric.kind is int else pa.float64()
+
+
+MILESTONES_SCHEMA = pa.schema([("trial_id", pa.string()), *[(m.name, arrow_type(m)) for m in MILESTONE_METRICS]])
+FINAL_METRICS = [TRAIN_LOSS, FID, FID_NUM_SAMPLES, CURVATURE]
 TRIAL_COLUMNS = pa.schema(
     [
         ("trial_id", pa.string()),
@@ -43,9 +40,9 @@ TRIAL_COLUMNS = pa.schema(
         ("best.val/fid", pa.float64()),
         ("best.val/fid_step", pa.int64()),
         ("final.step", pa.int64()),
-        *[(f"final.{m}", pa.int64() if m.endswith("num_samples") else pa.float64()) for m in FINAL_METRICS],
-        ("wall_time_s", pa.float64()),
-        ("images_seen", pa.int64()),
+        *[(f"final.{m.name}", arrow_type(m)) for m in FINAL_METRICS],
+        (WALL_TIME.name, arrow_type(WALL_TIME)),
+        (IMAGES_SEEN.name, arrow_type(IMAGES_SEEN)),
         ("best_checkpoint", pa.string()),
     ]
 )
@@ -53,7 +50,7 @@ TRIAL_COLUMNS = pa.schema(
 
 def milestones_table(experiment: Experiment) -> pa.Table:
     rows = [
-        {"trial_id": trial.trial_id, "step": row["step"], **{name: row.get(name) for name, _ in MILESTONE_METRICS}}
+        {"trial_id": trial.trial_id, **{m.name: row.get(m.name) for m in MILESTONE_METRICS}}
         for trial in experiment.trials
         for row in trial.milestones
     ]
@@ -82,7 +79,7 @@ def trials_table(experiment: Experiment) -> pa.Table:
     rows = []
     for trial in experiment.trials:
         best = trial.best_milestone(metric, mode)
-        best_fid = trial.best_milestone("val/fid", "min")
+        best_fid = trial.best_milestone(FID.name, "min")
         best_saved = trial.best_milestone(metric, mode, checkpointed=True)
         last = trial.milestones[-1] if trial.milestones else {}
         rows.append({
@@ -91,14 +88,14 @@ def trials_table(experiment: Experiment) -> pa.Table:
             "error": trial.error,
             "best.metric": metric,
             "best.value": best[metric] if best else None,
-            "best.step": best["step"] if best else None,
-            "best.val/fid": best_fid["val/fid"] if best_fid else None,
-            "best.val/fid_step": best_fid["step"] if best_fid else None,
-            "final.step": last.get("step"),
-            **{f"final.{m}": last.get(m) for m in FINAL_METRICS},
-            "wall_time_s": last.get("wall_time_s"),
-            "images_seen": last.get("images_seen"),
-            "best_checkpoint": str(trial.checkpoints[best_saved["step"]]) if best_saved else None,
+            "best.step": best[STEP.name] if best else None,
+            "best.val/fid": best_fid[FID.name] if best_fid else None,
+            "best.val/fid_step": best_fid[STEP.name] if best_fid else None,
+            "final.step": last.get(STEP.name),
+            **{f"final.{m.name}": last.get(m.name) for m in FINAL_METRICS},
+            WALL_TIME.name: last.get(WALL_TIME.name),
+            IMAGES_SEEN.name: last.get(IMAGES_SEEN.name),
+            "best_checkpoint": str(trial.checkpoints[best_saved[STEP.name]]) if best_saved else None,
         })
     table = pa.Table.from_pylist(rows, schema=TRIAL_COLUMNS)
     config_keys = sorted({k for t in experiment.trials for k in t.config})

@@ -15,8 +15,8 @@ import tempfile
 import time
 
 from diffusion_lib.config import RunConfig
-from diffusion_lib.metrics.fid import WEIGHTS_ENV
-from diffusion_lib.trainer import Trainer
+from diffusion_lib.config import WEIGHTS_ENV
+from diffusion_lib.build import create_trainer
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         config.fid.cache_dir = os.path.join(run_dir, "fid-cache")
         start = time.perf_counter()
-        trainer = Trainer(config, run_dir, progress=False)  # loads data and Inception, computes reference stats
+        trainer = create_trainer(config, run_dir, progress=False)  # loads data and Inception, computes reference stats
         setup_s = time.perf_counter() - start
         start = time.perf_counter()
         summary = trainer.fit()

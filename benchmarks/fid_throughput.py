@@ -21,7 +21,8 @@ from PIL import Image
 
 from diffusion_lib.config import DataConfig
 from diffusion_lib.data import load_dataset
-from diffusion_lib.metrics.fid import WEIGHTS_ENV, FeatureStats, InceptionFeatures, frechet_distance, reference_stats
+from diffusion_lib.config import WEIGHTS_ENV
+from diffusion_lib.metrics.fid import FeatureStats, InceptionFeatures, frechet_distance, reference_stats
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 

@@ -17,7 +17,7 @@ import torch
 
 def worker(device: str, batch_size: int, compiled: bool, seconds: float, start_at: float, out) -> None:
     from diffusion_lib.config import RunConfig
-    from diffusion_lib.trainer import Trainer
+    from diffusion_lib.build import create_trainer
 
     if device == "cpu":
         torch.set_num_threads(1)  # as Ray gives a trial with resources.cpu = 1
@@ -25,7 +25,7 @@ def worker(device: str, batch_size: int, compiled: bool, seconds: float, start_a
     config.data.name, config.data.num_images = "shapes", 2048
     config.train.device, config.train.batch_size, config.train.compile = device, batch_size, compiled
     config.fid.num_samples = config.fid.final_num_samples = 0
-    trainer = Trainer(config, tempfile.mkdtemp(prefix="bench-"), progress=False)
+    trainer = create_trainer(config, tempfile.mkdtemp(prefix="bench-"), progress=False)
     for _ in range(5):
         trainer.train_step()
     while time.time() < start_at:

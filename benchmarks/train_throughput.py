@@ -21,11 +21,9 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffusion_lib.build import create_diffusion, create_loss, create_model, create_trainer
 from diffusion_lib.config import RunConfig
 from diffusion_lib.data import load_dataset
-from diffusion_lib.losses import DiffusionLoss
-from diffusion_lib.models import build_model
-from diffusion_lib.trainer import Trainer
 
 # Dense bf16 peak TFLOP/s by device name (NVIDIA data sheets, SXM parts).
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -54,10 +52,9 @@ class PerImageDataset(Dataset):
 def plain_loop_images_per_s(config: RunConfig, device: torch.device, batch_size: int, steps: int) -> float:
     images = load_dataset(config.data).images
     loader = DataLoader(PerImageDataset(images), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=2)
-    trainer = Trainer(config, RUN_DIR, progress=False)  # for its diffusion and loss only
-    model = build_model(config.model).to(device)
+    model = create_model(config.model).to(device)  # no channels_last: the plain way
+    loss_fn = create_loss(config.loss, create_diffusion(config.diffusion, device))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss_fn = DiffusionLoss(trainer.diffusion)
     done, start = 0, None
     while done < steps + 3:
         for x0 in loader:
@@ -81,7 +78,7 @@ def plain_loop_images_per_s(config: RunConfig, device: torch.device, batch_size:
 
 def training_flops_per_image(config: RunConfig) -> float:
     """Forward + backward FLOPs of the network for one 32×32 image."""
-    model = build_model(config.model)
+    model = create_model(config.model)
     with FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)).sum().backward()
     return counter.get_total_flops()
@@ -89,7 +86,7 @@ def training_flops_per_image(config: RunConfig) -> float:
 
 def ours_images_per_s(config: RunConfig, device: torch.device, batch_size: int, steps: int) -> float:
     config.train.batch_size = batch_size
-    trainer = Trainer(config, RUN_DIR, progress=False)
+    trainer = create_trainer(config, RUN_DIR, progress=False)
     for _ in range(3):  # with train.compile, the first step compiles and the next record CUDA graphs
         trainer.train_step()
     sync(device)
@@ -102,7 +99,7 @@ def ours_images_per_s(config: RunConfig, device: torch.device, batch_size: int, 
 
 def sampling_images_per_s(config: RunConfig, device: torch.device, sampler: str, batch_size: int) -> float:
     config.eval.sampler, config.eval.batch_size = sampler, batch_size
-    trainer = Trainer(config, RUN_DIR, progress=False)
+    trainer = create_trainer(config, RUN_DIR, progress=False)
     trainer.generate(min(batch_size, 8))
     sync(device)
     start = time.perf_counter()

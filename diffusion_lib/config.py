@@ -2,8 +2,9 @@
 
 The defaults reproduce the research notes' E1 baseline (CIFAR-10, UNetCifar32 at width 32,
 linear β over T=1000, ε-prediction, constant weighting, batch 4, Adam 1e-4, EMA 0.999,
-50-NFE DDPM evaluation, seed 1077). Every key is validated before any work starts; a bad
-key raises `ConfigError`, which the CLI turns into exit code 2.
+50-NFE DDPM evaluation, seed 1077). Each field carries its allowed range (`opt(default, check)`);
+`load_dataclass` is the one strict loader for run configs and sweep specs alike. A bad key
+raises `ConfigError`, which the CLI turns into exit code 2, before any work starts.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional, TypeVar
 
 import yaml
 
@@ -22,81 +23,110 @@ class ConfigError(ValueError):
     """Bad user input (config, spec, data or checkpoint): reported with exit code 2."""
 
 
+# ---- ranges on the fields ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """A field's allowed values: a predicate and how to say what it allows."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+
+
+def opt(default: Any = dataclasses.MISSING, check: Optional[Check] = None, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its range check attached (read by `load_dataclass`)."""
+    metadata = {"check": check} if check else {}
+    return field(default=default, default_factory=factory, metadata=metadata)
+
+
+AT_LEAST_1 = Check(lambda v: v >= 1, "an integer >= 1")
+POSITIVE = Check(lambda v: v > 0, "a number > 0")
+OFF_OR_AT_LEAST_2 = Check(lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2")
+UNIT_INTERVAL = Check(lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+# ---- the run config ------------------------------------------------------------------------
+
+
 @dataclass
 class DataConfig:
     name: Literal["cifar10", "shapes", "folder"] = "cifar10"
     root: str = "data"
     download: bool = False
-    num_images: Optional[int] = None  # use only the first N images (None: all; shapes: 10,000)
+    num_images: Optional[int] = opt(None, Check(lambda v: v is None or v > 0, "a positive integer or null"))  # None: all; shapes: 10,000
 
 
 @dataclass
 class ModelConfig:
-    base_channels: int = 32
-    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
-    num_res_blocks: int = 2
-    attention_resolutions: list[int] = field(default_factory=list)
-    dropout: float = 0.1
+    base_channels: int = opt(32, Check(lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8 (GroupNorm uses 8 groups)"))
+    channel_mults: list[int] = opt(
+        check=Check(lambda v: 0 < len(v) <= 6 and all(m > 0 for m in v), "1 to 6 positive integers (32x32 images halve at most 5 times)"),
+        factory=lambda: [1, 2, 2, 2],
+    )
+    num_res_blocks: int = opt(2, AT_LEAST_1)
+    attention_resolutions: list[int] = opt(check=Check(lambda v: all(r in (32, 16, 8, 4) for r in v), "a list drawn from 32, 16, 8, 4"), factory=list)
+    dropout: float = opt(0.1, UNIT_INTERVAL)
 
 
 @dataclass
 class DiffusionConfig:
     beta_schedule: Literal["linear", "cosine"] = "linear"
-    num_timesteps: int = 1000
+    num_timesteps: int = opt(1000, Check(lambda v: v >= 2, "an integer >= 2"))
     prediction: Literal["eps", "x0", "v"] = "eps"
 
 
 @dataclass
 class LossConfig:
     weighting: Literal["constant", "min_snr"] = "constant"
-    minsnr_gamma: float = 5.0
+    minsnr_gamma: float = opt(5.0, POSITIVE)
 
 
 @dataclass
 class TrainConfig:
-    total_steps: int = 10_000
-    batch_size: int = 4
-    seed: int = 1077
-    grad_clip: float = 1.0
+    total_steps: int = opt(10_000, AT_LEAST_1)
+    batch_size: int = opt(4, AT_LEAST_1)
+    seed: int = opt(1077, Check(lambda v: v >= 0, "an integer >= 0"))
+    grad_clip: float = opt(1.0, POSITIVE)
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     compile: bool = False  # torch.compile the training step's network (CUDA graphs on CUDA); eager if it fails
-    device: str = "auto"  # "auto" picks cuda when available
+    device: str = opt("auto", Check(lambda v: v in ("auto", "cpu") or v.startswith("cuda"), "auto, cpu or cuda[:N]"))
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: float = opt(1e-4, Check(lambda v: 0 < v < 1, "a number in (0, 1)"))
 
 
 @dataclass
 class EmaConfig:
-    decay: float = 0.999
+    decay: float = opt(0.999, UNIT_INTERVAL)
 
 
 @dataclass
 class EvalConfig:
     sampler: Literal["ddpm", "ddim"] = "ddpm"
-    nfe: int = 50
-    eta: float = 0.0  # DDIM stochasticity; 0 is the deterministic DDIM sampler
-    every: int = 2_000  # milestone interval in training steps
-    grid_size: int = 64  # images in the milestone sample grid
-    batch_size: int = 500  # sampling batch for FID
+    nfe: int = opt(50, AT_LEAST_1)
+    eta: float = opt(0.0, Check(lambda v: 0 <= v <= 1, "a number in [0, 1]"))  # DDIM stochasticity; 0 is deterministic DDIM
+    every: int = opt(2_000, AT_LEAST_1)  # milestone interval in training steps
+    grid_size: int = opt(64, AT_LEAST_1)  # images in the milestone sample grid
+    batch_size: int = opt(500, AT_LEAST_1)  # sampling batch for FID
 
 
 @dataclass
 class FidConfig:
-    num_samples: int = 2_000  # samples per milestone FID; 0 turns FID off
-    final_num_samples: int = 10_000  # samples for the FID after the last step
+    num_samples: int = opt(2_000, OFF_OR_AT_LEAST_2)  # samples per milestone FID; 0 turns FID off
+    final_num_samples: int = opt(10_000, OFF_OR_AT_LEAST_2)  # samples for the FID after the last step
     weights: Optional[str] = None  # local pytorch-fid Inception weights; env SWEEP_FID_WEIGHTS
-    ref_num_images: Optional[int] = None  # reference statistics over the first N images (None: all)
+    ref_num_images: Optional[int] = opt(None, Check(lambda v: v is None or v >= 2, "an integer >= 2 or null"))  # None: all
     cache_dir: Optional[str] = None  # reference-statistics cache; default ~/.cache/diffusion_sweeps/fid
-    batch_size: int = 200  # Inception batch
+    batch_size: int = opt(200, AT_LEAST_1)  # Inception batch
 
 
 @dataclass
 class CurvatureConfig:
-    probes: int = 16  # Rademacher probes per milestone; 0 turns curvature off
-    batch_size: int = 32  # images in the fixed probe batch
+    probes: int = opt(16, OFF_OR_AT_LEAST_2)  # Rademacher probes per milestone; 0 turns curvature off
+    batch_size: int = opt(32, AT_LEAST_1)  # images in the fixed probe batch
 
 
 @dataclass
@@ -112,49 +142,93 @@ class RunConfig:
     fid: FidConfig = field(default_factory=FidConfig)
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
 
+    def __post_init__(self) -> None:
+        if self.eval.nfe > self.diffusion.num_timesteps:
+            raise ConfigError(
+                f"eval.nfe: {self.eval.nfe} exceeds diffusion.num_timesteps={self.diffusion.num_timesteps}; "
+                "the sampler can take at most one step per training timestep"
+            )
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "RunConfig":
+        """A validated RunConfig from nested sections; unknown keys and bad values are errors."""
+        return load_dataclass(cls, raw)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
         """The config as {"section.key": value}, the form `--set`, search specs and tables use."""
-        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+        return flatten(self.to_dict())
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
+        """A new, validated config with dotted keys set (`{"optim.lr": 1e-3}`); a whole section
+        given as a mapping (`{"loss": {"weighting": "min_snr"}}`) sets the keys it names."""
+        return RunConfig.from_dict(set_dotted(self.to_dict(), overrides))
 
 
-# Range checks: (predicate, what is allowed). Keys absent here accept any value of their type.
-_RANGES: dict[str, tuple[Any, str]] = {
-    "data.num_images": (lambda v: v is None or v > 0, "a positive integer or null"),
-    "model.base_channels": (lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8 (GroupNorm uses 8 groups)"),
-    "model.channel_mults": (lambda v: len(v) > 0 and all(m > 0 for m in v), "a non-empty list of positive integers"),
-    "model.num_res_blocks": (lambda v: v >= 1, "an integer >= 1"),
-    "model.attention_resolutions": (lambda v: all(r in (32, 16, 8, 4) for r in v), "a list drawn from 32, 16, 8, 4"),
-    "model.dropout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "diffusion.num_timesteps": (lambda v: v >= 2, "an integer >= 2"),
-    "loss.minsnr_gamma": (lambda v: v > 0, "a number > 0"),
-    "train.total_steps": (lambda v: v >= 1, "an integer >= 1"),
-    "train.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "train.seed": (lambda v: v >= 0, "an integer >= 0"),
-    "train.grad_clip": (lambda v: v > 0, "a number > 0"),
-    "train.device": (lambda v: v == "auto" or v == "cpu" or v.startswith("cuda"), "auto, cpu or cuda[:N]"),
-    "optim.lr": (lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "ema.decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "eval.nfe": (lambda v: v >= 1, "an integer >= 1"),
-    "eval.eta": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "eval.every": (lambda v: v >= 1, "an integer >= 1"),
-    "eval.grid_size": (lambda v: v >= 1, "an integer >= 1"),
-    "eval.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "fid.num_samples": (lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2"),
-    "fid.final_num_samples": (lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2"),
-    "fid.ref_num_images": (lambda v: v is None or v >= 2, "an integer >= 2 or null"),
-    "fid.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "curvature.probes": (lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2"),
-    "curvature.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-}
+def set_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of nested sections `raw` with the (dotted or section-mapping) `overrides` set."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for dotted, value in flatten(overrides).items():
+        if dotted.count(".") != 1:
+            raise ConfigError(f"{dotted}: expected a dotted key SECTION.KEY, e.g. train.batch_size")
+        section, key = dotted.split(".")
+        if not isinstance(merged.setdefault(section, {}), dict):
+            raise ConfigError(f"{section}: expected a mapping of keys")
+        merged[section][key] = value
+    return merged
+
+
+def flatten(nested: dict[str, Any]) -> dict[str, Any]:
+    """{"loss": {"weighting": "constant"}, "optim.lr": 1e-4} -> {"loss.weighting": ..., "optim.lr": ...}."""
+    flat = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+# ---- the strict loader ---------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def load_dataclass(cls: type[T], raw: Any, prefix: str = "", what: str = "a run config") -> T:
+    """Build `cls` from a mapping: unknown keys, wrong types and out-of-range values raise
+    ConfigError naming the dotted key; nested dataclass fields are loaded the same way."""
+    where = prefix.rstrip(".") or what
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{dotted}: unknown key; {where} accepts {', '.join(fields)}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation) and not isinstance(value, annotation):
+            kwargs[key] = load_dataclass(annotation, value, f"{dotted}.", what)
+            continue
+        kwargs[key] = check_type(dotted, value, annotation)
+        check = fields[key].metadata.get("check")
+        if check is not None and not check.ok(kwargs[key]):
+            raise ConfigError(f"{dotted}: {value!r} is out of range; expected {check.allowed}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field left out
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def check_type(key: str, value: Any, annotation: Any) -> Any:
     """Check `value` against a field's type annotation, allowing int where float is expected."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if annotation is Any or (dataclasses.is_dataclass(annotation) and isinstance(value, annotation)):  # built already
+        return value
     if origin is typing.Union:  # Optional[X]
         if value is None:
             return None
@@ -167,6 +241,10 @@ def check_type(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {k: check_type(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -188,49 +266,7 @@ def check_type(key: str, value: Any, annotation: Any) -> Any:
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")
 
 
-def _section_types() -> dict[str, type]:
-    hints = typing.get_type_hints(RunConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)}
-
-
-def from_dict(raw: dict[str, Any]) -> RunConfig:
-    """Build and validate a RunConfig from a nested dict; unknown keys are errors."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"a run config must be a mapping of sections, got {type(raw).__name__}")
-    sections = _section_types()
-    built = {}
-    for name, value in raw.items():
-        if name not in sections:
-            raise ConfigError(f"{name}: unknown section; allowed sections are {', '.join(sections)}")
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping of keys, got {value!r}")
-        cls = sections[name]
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, v in value.items():
-            dotted = f"{name}.{key}"
-            if key not in hints:
-                raise ConfigError(f"{dotted}: unknown key; {name} accepts {', '.join(hints)}")
-            kwargs[key] = check_type(dotted, v, hints[key])
-        built[name] = cls(**kwargs)
-    config = RunConfig(**built)
-    validate(config)
-    return config
-
-
-def validate(config: RunConfig) -> None:
-    for key, value in config.flat().items():
-        if key in _RANGES:
-            ok, allowed = _RANGES[key]
-            if not ok(value):
-                raise ConfigError(f"{key}: {value!r} is out of range; expected {allowed}")
-    if config.eval.nfe > config.diffusion.num_timesteps:
-        raise ConfigError(
-            f"eval.nfe: {config.eval.nfe} exceeds diffusion.num_timesteps={config.diffusion.num_timesteps}; "
-            "the sampler can take at most one step per training timestep"
-        )
-    if 32 % (2 ** (len(config.model.channel_mults) - 1)) != 0:
-        raise ConfigError("model.channel_mults: too many levels for 32x32 images (at most 6)")
+# ---- files and the command line ------------------------------------------------------------
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -239,19 +275,6 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.batch_size=128")
     key, value = text.split("=", 1)
     return key.strip(), yaml.safe_load(value)
-
-
-def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict copy; the result is validated by `from_dict`."""
-    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    for dotted, value in overrides.items():
-        if dotted.count(".") != 1:
-            raise ConfigError(f"{dotted}: expected a dotted key SECTION.KEY, e.g. train.batch_size")
-        section, key = dotted.split(".")
-        if not isinstance(merged.setdefault(section, {}), dict):
-            raise ConfigError(f"{section}: expected a mapping of keys")
-        merged[section][key] = value
-    return merged
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
@@ -264,23 +287,31 @@ def read_yaml(path: str | os.PathLike) -> Any:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a run config from YAML (or the defaults when `path` is None) and apply `--set` overrides.
+WEIGHTS_ENV = "SWEEP_FID_WEIGHTS"  # local FID Inception weights, when fid.weights is not set
 
-    Relative `data.root`, `fid.weights` and `fid.cache_dir` are made absolute against the
-    working directory now, so the config means the same thing after Ray moves a trial into
-    its own directory.
-    """
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config from YAML (or the defaults when `path` is None), apply `--set`
+    overrides, and resolve its paths (`resolve_paths`)."""
     raw = read_yaml(path) if path is not None else {}
-    raw = apply_overrides(raw, dict(parse_override(o) for o in overrides or []))
-    return resolve_paths(from_dict(raw))
+    return resolve_paths(RunConfig.from_dict(set_dotted(raw, dict(parse_override(o) for o in overrides or []))))
 
 
 def resolve_paths(config: RunConfig) -> RunConfig:
+    """Make every path absolute against the working directory of the command that was typed, and
+    check the input files exist, so the config means the same after Ray moves a trial into its
+    own directory (or onto another node). `$SWEEP_FID_WEIGHTS` becomes `fid.weights` here."""
+
     def absolute(p: Optional[str]) -> Optional[str]:
         return None if p is None else str(Path(p).expanduser().resolve())
 
     config.data.root = absolute(config.data.root)
-    config.fid.weights = absolute(config.fid.weights)
     config.fid.cache_dir = absolute(config.fid.cache_dir)
+    source = "fid.weights"
+    if config.fid.weights is None and os.environ.get(WEIGHTS_ENV):
+        config.fid.weights, source = os.environ[WEIGHTS_ENV], f"${WEIGHTS_ENV}"
+    config.fid.weights = absolute(config.fid.weights)
+    fid_on = config.fid.num_samples or config.fid.final_num_samples
+    if fid_on and config.fid.weights is not None and not Path(config.fid.weights).is_file():
+        raise ConfigError(f"{source}: no such file {config.fid.weights}; point it at pt_inception-2015-12-05-6726825d.pth")
     return config

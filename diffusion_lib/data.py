@@ -59,6 +59,33 @@ def float_to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) / 2).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
 
 
+class CifarBatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 python batch, refusing any global the official files don't use.
+
+    A pickle runs code on load: every global it names can be called with arguments of its choice.
+    The official batches hold only dicts, lists, str/bytes, ints and numpy uint8 arrays, whose only
+    globals are the three that rebuild an array; anything else is a ConfigError naming the file.
+    """
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),  # as the official files (numpy < 2) name it
+        ("numpy._core.multiarray", "_reconstruct"),  # the same function, pickled by numpy >= 2
+    }
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")  # the dict keys stay bytes: b"data", b"labels"
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise ConfigError(
+                f"{self.path}: refused to load: the pickle references {module}.{name}, which a CIFAR-10 batch never holds"
+            )
+        return super().find_class(module, name)
+
+
 def load_cifar10(root: Path, download: bool) -> torch.Tensor:
     folder = root / CIFAR_FOLDER
     if download and not all((folder / f).is_file() for f in CIFAR_TRAIN_FILES):
@@ -75,8 +102,10 @@ def load_cifar10(root: Path, download: bool) -> torch.Tensor:
             )
         try:
             with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="bytes")
+                entry = CifarBatchUnpickler(f, path).load()
             data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        except ConfigError:
+            raise
         except Exception as err:  # a truncated or foreign file: name it, don't trace back
             raise ConfigError(f"data.root={root}: {path} is not a CIFAR-10 python batch ({err})") from None
         batches.append(torch.from_numpy(data))

@@ -40,8 +40,18 @@ class DiffusionLoss:
         self.weights = weights.float()
 
     def per_sample(self, model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """w(t) · MSE(f_θ(x_t, t), target) for each sample (the training objective)."""
         x_t = self.diffusion.q_sample(x0, t, noise)
         output = model(x_t, t)
         target = self.diffusion.target(x0, noise, t)
         mse = (output.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.dim())))
         return self.weights[t] * mse
+
+
+def eps_mse(model: nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Unweighted ε-space MSE per sample, ‖ε̂_θ(x_t, t) − ε‖² (Ho et al. 2020, eq. 14), whatever the
+    network predicts and however training weights it: one objective on which every run's
+    curvature can be compared."""
+    x_t = diffusion.q_sample(x0, t, noise)
+    eps = diffusion.eps_from_output(x_t, t, model(x_t, t))
+    return (eps.float() - noise.float()).pow(2).mean(dim=tuple(range(1, x0.dim())))

@@ -13,6 +13,7 @@ import torchvision.utils
 from torch.utils.tensorboard import SummaryWriter
 
 from .atomic import atomic_path, atomic_write_text
+from .milestone import STEP
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
@@ -40,18 +41,18 @@ class RunLog:
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / METRICS_FILE
         # Milestones after the checkpoint we resume from will be recomputed: drop their rows.
-        kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= resume_step]
+        kept = [r for r in read_metrics(self.metrics_path) if r.get(STEP.name, 0) <= resume_step]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         # purge_step hides TensorBoard events past the checkpoint written before a crash.
         self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=resume_step + 1 if resume_step else None)
 
     def milestone(self, row: dict[str, Any], grid: Optional[torch.Tensor]) -> None:
         """Append one milestone: a metrics.jsonl line, TensorBoard scalars and the sample grid."""
-        step = row["step"]
+        step = row[STEP.name]
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
         for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
+            if key != STEP.name and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, step)
         if grid is not None:
             self.writer.add_image("samples", grid, step)

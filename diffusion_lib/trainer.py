@@ -17,25 +17,22 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CHECKPOINT_DIR, checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from .config import ConfigError, RunConfig
-from .data import load_dataset, uint8_to_float
+from .checkpoint import CHECKPOINT_DIR, RunProgress, latest_checkpoint, prune_checkpoints, restore_checkpoint, save_checkpoint
+from .config import RunConfig
+from .data import ImageDataset, uint8_to_float
 from .diffusion import GaussianDiffusion
 from .ema import EMA
-from .losses import DiffusionLoss
+from .losses import DiffusionLoss, eps_mse
 from .metrics import full_fp32
 from .metrics.curvature import hutchinson_trace
-from .metrics.fid import FeatureExtractor, FeatureStats, InceptionFeatures, frechet_distance, reference_stats
-from .models import build_model
+from .metrics.fid import FeatureExtractor, FeatureStats, frechet_distance
+from .milestone import (
+    CURVATURE, CURVATURE_STDERR, FID, FID_NUM_SAMPLES, IMAGES_SEEN, NUM_T_BUCKETS, STEP, T_BUCKETS, TRAIN_LOSS, WALL_TIME, t_bucket,
+)
 from .run_log import RunLog, make_grid
 from .samplers import sample_images
-from .schedules import make_schedule
 
-NUM_T_BUCKETS = 10
 CHECK_EVERY = 100  # steps between host syncs for the progress bar and the finite-loss check
-# Keys that may change when a run is resumed; anything else changes the trajectory.
-RESUMABLE_KEYS = ("train.total_steps", "train.device", "train.compile", "data.root", "data.download")
-RESUMABLE_SECTIONS = ("eval.", "fid.", "curvature.")
 
 MilestoneHook = Callable[[dict[str, Any], Path], None]
 
@@ -50,52 +47,46 @@ def compile_network(model: torch.nn.Module, device: torch.device) -> torch.nn.Mo
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name}: CUDA is not available on this machine")
-    return torch.device(name)
-
-
 class Trainer:
+    """The training loop, handed its parts (build them with `build.create_trainer`).
+
+    `model`, `diffusion`, `loss` and `data` live on one device; `features` and `fid_reference`
+    are needed only when FID is on; `train_model` is the network the training step calls
+    (default: `model`, or its compiled form with `train.compile`).
+    """
+
     def __init__(
         self,
         config: RunConfig,
         run_dir: str | Path,
         *,
-        resume_from: Optional[Path] = None,
-        checkpoint_dir: Optional[Path] = None,
+        model: torch.nn.Module,
+        diffusion: GaussianDiffusion,
+        loss: DiffusionLoss,
+        data: ImageDataset,
         features: Optional[FeatureExtractor] = None,
+        fid_reference: Optional[FeatureStats] = None,
+        train_model: Optional[torch.nn.Module] = None,
+        checkpoint_dir: Optional[Path] = None,
+        resume_from: Optional[Path] = None,
         progress: bool = True,
     ):
         self.config = config
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else self.run_dir / CHECKPOINT_DIR
-        self.progress = progress
-        self.device = resolve_device(config.train.device)
+        self.progress_bar = progress
+        self.model, self.diffusion, self.loss, self.data = model, diffusion, loss, data
+        self.device = data.images.device
         cuda = self.device.type == "cuda"
-        torch.manual_seed(config.train.seed)  # model initialisation and dropout
+        fid_on = config.fid.num_samples or config.fid.final_num_samples
+        if fid_on and (features is None or fid_reference is None):
+            raise ValueError("FID is on (fid.num_samples or fid.final_num_samples > 0): hand in features and fid_reference")
+        self.features, self.fid_reference = features, fid_reference
 
-        self.data = load_dataset(config.data).to(self.device)
-        # FID is set up before any training step: missing weights fail now, not at step 2,000.
-        self.fid_reference: Optional[FeatureStats] = None
-        if config.fid.num_samples or config.fid.final_num_samples:
-            self.features = features or InceptionFeatures(config.fid.weights, self.device, config.fid.batch_size)
-            self.fid_reference = reference_stats(self.data, self.features, config.fid.ref_num_images, config.fid.cache_dir)
-
-        self.diffusion = GaussianDiffusion(
-            make_schedule(config.diffusion.beta_schedule, config.diffusion.num_timesteps),
-            config.diffusion.prediction,
-            self.device,
-        )
-        self.loss = DiffusionLoss(self.diffusion, config.loss.weighting, config.loss.minsnr_gamma)
-        self.model = build_model(config.model)
-        self.model.to(self.device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
         self.ema = EMA(self.model, config.ema.decay)
         # Only the training step runs compiled; curvature needs double backward, which compiled
         # graphs do not support, and checkpoints hold the plain module's state.
-        self.train_model = compile_network(self.model, self.device) if config.train.compile else self.model
+        self.train_model = train_model or (compile_network(self.model, self.device) if config.train.compile else self.model)
         leftover = config.ema.decay ** config.train.total_steps
         if leftover > 0.05:
             warnings.warn(
@@ -107,15 +98,18 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(config.train.seed)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and config.train.amp)
 
-        self.step = 0
-        self.wall_time_s = 0.0
-        self.best: Optional[tuple[float, int]] = None  # (val/fid, step)
-        self.final_fid: Optional[float] = None
+        self.progress = RunProgress()
         checkpoint = resume_from or latest_checkpoint(self.checkpoint_dir)
         if checkpoint is not None:
-            self._restore(load_checkpoint(Path(checkpoint)))
-        self.log = RunLog(self.run_dir, self.step)
+            self.progress = restore_checkpoint(
+                Path(checkpoint), model=self.model, ema=self.ema, optimizer=self.optimizer, generator=self.generator, config=config
+            )
+        self.log = RunLog(self.run_dir, self.progress.step)
         self._reset_accumulators()
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
 
     # ---- training -------------------------------------------------------------------------
 
@@ -130,14 +124,14 @@ class Trainer:
         t = torch.randint(self.diffusion.num_timesteps, (cfg.batch_size,), generator=self.generator, device=self.device)
         noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
         try:
-            losses = self._forward_backward(x0, t, noise)
+            losses = self.forward_backward(x0, t, noise)
         except Exception as error:  # torch.compile's backends fail with many exception types
             if self.train_model is self.model:
                 raise
             reason = (str(error).strip().splitlines() or [""])[0]
             warnings.warn(f"train.compile: torch.compile failed ({type(error).__name__}: {reason}); training eagerly", stacklevel=2)
             self.train_model = self.model
-            losses = self._forward_backward(x0, t, noise)
+            losses = self.forward_backward(x0, t, noise)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.ema.update()
@@ -145,11 +139,11 @@ class Trainer:
         losses = losses.detach().double()
         self._loss_sum += losses.sum()
         self._loss_count += cfg.batch_size
-        bucket = t * NUM_T_BUCKETS // self.diffusion.num_timesteps
+        bucket = t_bucket(t, self.diffusion.num_timesteps)
         self._bucket_sum.index_add_(0, bucket, losses)
         self._bucket_count.index_add_(0, bucket, torch.ones_like(losses))
 
-    def _forward_backward(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def forward_backward(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Per-sample losses, with their mean's gradients in the parameters' `.grad`."""
         # Gradients are dropped before the forward pass: CUDA graphs reuse their output memory.
         self.optimizer.zero_grad(set_to_none=True)
@@ -167,29 +161,30 @@ class Trainer:
     def fit(self, on_milestone: Optional[MilestoneHook] = None) -> dict[str, Any]:
         """Train to `train.total_steps`, evaluating and checkpointing at each milestone."""
         total, every = self.config.train.total_steps, self.config.eval.every
-        bar = tqdm(total=total, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        progress = self.progress
+        bar = tqdm(total=total, initial=progress.step, disable=not self.progress_bar, unit="step", dynamic_ncols=True)
         last = time.perf_counter()
         self.model.train()
         try:
-            while self.step < total:
+            while progress.step < total:
                 self.train_step()
-                self.step += 1
-                if self.step % CHECK_EVERY == 0:
+                progress.step += 1
+                if progress.step % CHECK_EVERY == 0:
                     bar.set_postfix(loss=f"{self._check_finite():.4f}")
-                    bar.update(self.step - bar.n)
-                if self.step % every == 0 or self.step == total:
+                    bar.update(progress.step - bar.n)
+                if progress.step % every == 0 or progress.step == total:
                     self._check_finite()
-                    row, grid = self.milestone(final=self.step == total)
+                    row, grid = self.milestone(final=progress.step == total)
                     now = time.perf_counter()
-                    self.wall_time_s += now - last
+                    progress.wall_time_s += now - last
                     last = now
-                    row["wall_time_s"] = self.wall_time_s
+                    row[WALL_TIME.name] = progress.wall_time_s
                     self.log.milestone(row, grid)
-                    path = self._save_checkpoint()
+                    path = self.save_checkpoint()
                     self._reset_accumulators()
                     if on_milestone is not None:
                         on_milestone(row, path)
-            bar.update(self.step - bar.n)
+            bar.update(progress.step - bar.n)
             summary = self.summary()
             self.log.hparams(self.config.flat(), {"val/best_fid": summary["best_fid"], "val/final_fid": summary["final_fid"]})
             return summary
@@ -198,39 +193,40 @@ class Trainer:
             self.log.close()
 
     def summary(self) -> dict[str, Any]:
+        best = self.progress.best
         return {
             "step": self.step,
-            "best_fid": self.best[0] if self.best else None,
-            "best_step": self.best[1] if self.best else None,
-            "final_fid": self.final_fid,
+            "best_fid": best[0] if best else None,
+            "best_step": best[1] if best else None,
+            "final_fid": self.progress.final_fid,
         }
 
     # ---- milestones -----------------------------------------------------------------------
 
     def milestone(self, final: bool) -> tuple[dict[str, Any], torch.Tensor]:
-        """The milestone's metrics and its sample grid; FID uses the final count after the last step."""
+        """The milestone's metrics (see `milestone.MILESTONE_METRICS`) and its sample grid; FID
+        uses the final count after the last step."""
         cfg = self.config
         row: dict[str, Any] = {
-            "step": self.step,
-            "images_seen": self.step * cfg.train.batch_size,
-            "train/loss": (self._loss_sum / max(self._loss_count, 1)).item(),
+            STEP.name: self.step,
+            IMAGES_SEEN.name: self.step * cfg.train.batch_size,
+            TRAIN_LOSS.name: (self._loss_sum / max(self._loss_count, 1)).item(),
         }
         bucket_mean = (self._bucket_sum / self._bucket_count).tolist()  # NaN where no sample fell
-        row.update({f"loss/t_bucket_{i}": v for i, v in enumerate(bucket_mean)})
+        row.update({metric.name: value for metric, value in zip(T_BUCKETS, bucket_mean)})
 
         num_fid = cfg.fid.final_num_samples if final else cfg.fid.num_samples
         samples = self.generate(max(cfg.eval.grid_size, num_fid))
         grid = make_grid(samples[: cfg.eval.grid_size].cpu())
-        if num_fid and self.fid_reference is not None:
+        if num_fid:
             fid = frechet_distance(FeatureStats.from_features(self.features(samples[:num_fid])), self.fid_reference)
-            row["val/fid"], row["val/fid_num_samples"] = fid, num_fid
-            if self.best is None or fid < self.best[0]:
-                self.best = (fid, self.step)
+            row[FID.name], row[FID_NUM_SAMPLES.name] = fid, num_fid
+            if self.progress.best is None or fid < self.progress.best[0]:
+                self.progress.best = (fid, self.step)
             if final:
-                self.final_fid = fid
+                self.progress.final_fid = fid
         if cfg.curvature.probes:
-            mean, stderr = self.curvature()
-            row["curvature/hutch_trace_mean"], row["curvature/hutch_trace_stderr"] = mean, stderr
+            row[CURVATURE.name], row[CURVATURE_STDERR.name] = self.curvature()
         return row, grid
 
     @torch.no_grad()
@@ -245,8 +241,11 @@ class Trainer:
         )
 
     def curvature(self) -> tuple[float, float]:
-        """Hutchinson trace of the loss Hessian on a fixed batch, timesteps, noise and probes, so
-        values are comparable across milestones, trials and devices (dropout off, full fp32)."""
+        """Hutchinson trace of the Hessian of the unweighted ε-space MSE (`losses.eps_mse`, not the
+        training loss: Min-SNR and constant-weight runs measure the same objective) with respect
+        to the trained (not EMA) weights, on a fixed batch — the first `curvature.batch_size`
+        training images, t evenly spaced over [0, T−1], seeded noise and probes — with dropout
+        off and full fp32, so values are comparable across milestones, trials and devices."""
         n = min(self.config.curvature.batch_size, len(self.data))
         generator = torch.Generator(self.device).manual_seed(self.config.train.seed + 2)
         x0 = uint8_to_float(self.data.images[:n])
@@ -256,7 +255,7 @@ class Trainer:
         try:
             with full_fp32():
                 return hutchinson_trace(
-                    lambda: self.loss.per_sample(self.model, x0, t, noise).mean(),
+                    lambda: eps_mse(self.model, self.diffusion, x0, t, noise).mean(),
                     list(self.model.parameters()),
                     self.config.curvature.probes,
                     generator=generator,
@@ -264,54 +263,11 @@ class Trainer:
         finally:
             self.model.train()
 
-    # ---- checkpoints ----------------------------------------------------------------------
-
-    def _save_checkpoint(self) -> Path:
-        state = {
-            "step": self.step,
-            "wall_time_s": self.wall_time_s,
-            "best": list(self.best) if self.best else None,
-            "final_fid": self.final_fid,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "train": self.generator.get_state(),
-            },
-            "config": self.config.to_dict(),
-        }
-        path = self.checkpoint_dir / checkpoint_name(self.step)
-        save_checkpoint(path, state)
-        # Keep the newest (for resume) and the best-FID one (for analysis); drop the rest.
-        keep = {self.step, self.best[1] if self.best else self.step}
-        for step, old in list_checkpoints(self.checkpoint_dir).items():
-            if step not in keep:
-                old.unlink(missing_ok=True)
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the current step, keeping only what `prune_checkpoints` keeps."""
+        path = save_checkpoint(
+            self.checkpoint_dir, self.progress,
+            model=self.model, ema=self.ema, optimizer=self.optimizer, generator=self.generator, config=self.config,
+        )
+        prune_checkpoints(self.checkpoint_dir, self.progress)
         return path
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        saved = RunConfig().flat()
-        saved.update({f"{s}.{k}": v for s, sec in state["config"].items() for k, v in sec.items()})
-        changed = [
-            k for k, v in self.config.flat().items()
-            if saved.get(k) != v and k not in RESUMABLE_KEYS and not k.startswith(RESUMABLE_SECTIONS)
-        ]
-        if changed:
-            raise ConfigError(
-                f"{self.run_dir}: cannot resume, the checkpoint was trained with different "
-                + ", ".join(f"{k} ({saved.get(k)!r} -> {self.config.flat()[k]!r})" for k in changed)
-                + "; use a new --out directory"
-            )
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.generator.set_state(state["rng"]["train"])
-        self.step = state["step"]
-        self.wall_time_s = state["wall_time_s"]
-        self.best = tuple(state["best"]) if state["best"] else None
-        self.final_fid = state["final_fid"]

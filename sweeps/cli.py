@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -42,11 +43,11 @@ def train(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
     """Train one model: TensorBoard events, metrics.jsonl, sample grids and checkpoints in OUT."""
+    from diffusion_lib.build import create_trainer
     from diffusion_lib.config import load_config
-    from diffusion_lib.trainer import Trainer
 
     run_config = load_config(config, set_)
-    trainer = Trainer(run_config, out, progress=progress and sys.stderr.isatty())
+    trainer = create_trainer(run_config, out, progress=progress and sys.stderr.isatty())
     if trainer.step:
         typer.echo(f"resuming {out} from step {trainer.step}", err=True)
     summary = trainer.fit()
@@ -54,8 +55,8 @@ def train(
 
 
 def _features(weights: Optional[str], device: str, batch_size: int):
+    from diffusion_lib.build import resolve_device
     from diffusion_lib.metrics.fid import InceptionFeatures
-    from diffusion_lib.trainer import resolve_device
 
     return InceptionFeatures(weights, resolve_device(device), batch_size)
 
@@ -103,21 +104,21 @@ def fid_stats(
 
 def describe(spec) -> str:
     """The expanded trial list `--dry-run` prints, ending with the line `N trials`."""
-    from .runner import experiment_path, short_params
+    from .spec import short_params
 
+    asha = spec.scheduler
     lines = [
-        f"experiment: {spec.name} at {experiment_path(spec)}",
+        f"experiment: {spec.name} at {spec.experiment_path}",
         f"algorithm: {spec.algorithm}; scheduler: "
-        + (f"asha (grace {spec.asha.grace_period} steps, reduction {spec.asha.reduction_factor:g}, max_t {spec.max_total_steps()})"
-           if spec.asha.type == "asha" else "none")
+        + (f"asha (grace {asha.grace_period} steps, reduction {asha.reduction_factor:g}, max_t {spec.max_total_steps()})"
+           if asha.type == "asha" else "none")
         + f"; metric: {spec.metric} ({spec.mode})",
-        f"resources per trial: {spec.trial_resources.cpu:g} cpu, {spec.trial_resources.gpu:g} gpu; "
+        f"resources per trial: {spec.resources.cpu:g} cpu, {spec.resources.gpu:g} gpu; "
         f"max concurrent: {spec.max_concurrent or 'unlimited'}; max failures: {spec.max_failures}",
     ]
-    sampled = {k: d for k, d in spec.search.items() if k not in spec.grid_keys}
+    sampled = {k: d for k, d in spec.search.items() if not d.is_grid}
     for key, dist in sampled.items():
-        kind, args = next(iter(dist.items()))
-        lines.append(f"sampled: {key} ~ {kind}({', '.join(map(str, args))})")
+        lines.append(f"sampled: {key} ~ {dist.describe()}")
     if spec.algorithm == "optuna":
         lines += [f"  {i + 1:>3}  (Optuna TPE suggestion, seed {spec.seed})" for i in range(spec.num_trials)]
     else:
@@ -143,27 +144,52 @@ def run(
     analyze_after: bool = typer.Option(True, "--analyze/--no-analyze", help="Write tables, plots and report.md at the end."),
 ):
     """Run a grid, random or Optuna search with Ray Tune; resume it with --resume."""
-    from .runner import experiment_path, run_sweep
+    from .runner import run_sweep
     from .spec import load_spec
 
-    spec = load_spec(spec_path, set_)
-    spec.name = name or spec.name
-    spec.storage = storage or spec.storage
+    spec = load_spec(spec_path, set_, name=name, storage=storage)
     typer.echo(describe(spec))
     if dry_run:
+        for warning in dry_run_warnings(spec, address or os.environ.get("RAY_ADDRESS")):
+            typer.echo(f"warning: {warning}", err=True)
         return
     results = run_sweep(spec, address=address, resume=resume)
-    errors = sum(1 for r in results if r.error)
+    raise typer.Exit(code=report_results(spec, results, analyze=analyze_after))
+
+
+def report_results(spec, results, *, analyze: bool) -> int:
+    """Print the outcome of a sweep and where to look, write the analysis; return the exit code:
+    1 when a trial errored (after its retries) and the spec fails on trial errors, else 0."""
+    from .layout import RAY_ERROR_FILE
+
     try:
         best = results.get_best_result(metric=spec.metric, mode=spec.mode, scope="all")
         typer.echo(f"best {spec.metric}: {best.metrics.get(spec.metric)} in {Path(best.path).name}")
     except RuntimeError:
         typer.echo(f"no trial reported {spec.metric}")
-    typer.echo(f"{len(results)} trials, {errors} errored; experiment at {experiment_path(spec)}")
-    if analyze_after and "://" not in spec.storage:
+    errored = [r for r in results if r.error]
+    typer.echo(f"{len(results)} trials, {len(errored)} errored; experiment at {spec.experiment_path}")
+    if analyze and "://" not in spec.storage:
         from analysis.report import analyze_experiment
 
-        analyze_experiment(Path(experiment_path(spec)))
+        analyze_experiment(Path(spec.experiment_path))
+        typer.echo(f"report: {Path(spec.experiment_path) / 'analysis' / 'report.md'}")
+    typer.echo(f"TensorBoard: tensorboard --logdir {spec.experiment_path}")
+    if not errored:
+        return 0
+    tracebacks = ", ".join(str(Path(r.path) / RAY_ERROR_FILE) for r in errored)
+    typer.echo(f"{len(errored)} of {len(results)} trials errored; full tracebacks in {tracebacks}", err=True)
+    return 1 if spec.fail_on_trial_error else 0
+
+
+def dry_run_warnings(spec, address: Optional[str]) -> list[str]:
+    """What a real run would refuse that a dry run can see without starting Ray."""
+    import torch
+
+    if spec.resources.gpu > 0 and address is None and torch.cuda.device_count() == 0:
+        return [f"resources.gpu: each trial asks for {spec.resources.gpu:g} GPU but this machine has none; "
+                "a run here would be refused (set resources.gpu: 0, or attach to a cluster with --address)"]
+    return []
 
 
 @app.command()

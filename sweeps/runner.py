@@ -3,39 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from analysis.experiment import SUMMARY_FILE, SWEEP_FILE, trial_label
 from diffusion_lib.atomic import atomic_write_text
+from diffusion_lib.build import create_trainer
 from diffusion_lib.config import ConfigError
 
-from .spec import SweepSpec, flatten_searched
-from .trainable import train_trial
-
-
-def experiment_path(spec: SweepSpec) -> str:
-    """storage/name; a local storage path is made absolute, a URI (s3://, gs://, …) kept as is."""
-    storage = spec.storage if "://" in spec.storage else str(Path(spec.storage).expanduser().resolve())
-    return f"{storage.rstrip('/')}/{spec.name}"
-
-
-def param_space(spec: SweepSpec) -> dict[str, Any]:
-    from ray import tune
-
-    listed = {"grid": tune.grid_search, "choice": tune.choice}
-    ranges = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint, "quniform": tune.quniform}
-    space = {}
-    for key, dist in spec.search.items():
-        kind, args = next(iter(dist.items()))
-        space[key] = listed[kind](args) if kind in listed else ranges[kind](*args)
-    return space
-
-
-def short_params(searched: dict[str, Any]) -> str:
-    """`loss.minsnr_gamma=5, model.base_channels=64` -> `minsnr_gamma=5,base_channels=64`."""
-    return trial_label(flatten_searched(searched))
+from .layout import RAY_ERROR_FILE, SUMMARY_FILE, SWEEP_FILE, one_line_error
+from .spec import SweepSpec, short_params
+from .trainable import TrainerFactory, train_trial
+from diffusion_lib.milestone import STEP, TRAIN_LOSS
 
 
 def trial_dirname(trial) -> str:
@@ -49,32 +29,32 @@ def parameter_columns(spec: SweepSpec) -> list[str]:
     shows all searched values anyway."""
     columns = []
     for key, dist in spec.search.items():
-        values = next(iter(dist.values()))
-        if all(isinstance(v, dict) for v in values):
+        values = dist.args
+        if dist.is_listed and all(isinstance(v, dict) for v in values):
             columns += [f"{key}/{k}" for k in values[0] if all(k in v for v in values)]
         else:
             columns.append(key)
     return columns
 
 
-def make_tuner_parts(spec: SweepSpec, trainable: Callable) -> tuple[Any, Any, Any]:
+def make_tuner_parts(spec: SweepSpec, make_trainer: TrainerFactory) -> tuple[Any, Any, Any]:
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     wrapped = tune.with_resources(
-        tune.with_parameters(trainable, base=spec.base),
-        {"cpu": spec.trial_resources.cpu, "gpu": spec.trial_resources.gpu},
+        tune.with_parameters(train_trial, base=spec.run_config, make_trainer=make_trainer),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
     scheduler = None
-    if spec.asha.type == "asha":
+    if spec.scheduler.type == "asha":
         # time_attr is the training step: grace period and rungs are in steps, not reports.
         scheduler = ASHAScheduler(
-            time_attr="step",
+            time_attr=STEP.name,
             max_t=spec.max_total_steps(),
-            grace_period=spec.asha.grace_period,
-            reduction_factor=spec.asha.reduction_factor,
+            grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
         )
     search_alg = OptunaSearch(seed=spec.seed) if spec.algorithm == "optuna" else None
     tune_config = tune.TuneConfig(
@@ -89,7 +69,7 @@ def make_tuner_parts(spec: SweepSpec, trainable: Callable) -> tuple[Any, Any, An
     )
     run_config = tune.RunConfig(
         name=spec.name,
-        storage_path=experiment_path(spec).rsplit("/", 1)[0],
+        storage_path=spec.experiment_path.rsplit("/", 1)[0],
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         # The newest checkpoint is always kept (for resume) plus the best by the metric (for analysis).
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=spec.metric, checkpoint_score_order=spec.mode),
@@ -98,7 +78,7 @@ def make_tuner_parts(spec: SweepSpec, trainable: Callable) -> tuple[Any, Any, An
         # because the trainer writes the trial's TensorBoard log itself (with grids and hparams).
         callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
         progress_reporter=tune.CLIReporter(
-            metric_columns=[spec.metric, "step", "train/loss"],
+            metric_columns=[spec.metric, STEP.name, TRAIN_LOSS.name],
             parameter_columns=parameter_columns(spec),
             max_report_frequency=30,
             sort_by_metric=True,
@@ -113,7 +93,7 @@ def run_sweep(
     *,
     address: Optional[str] = None,
     resume: bool = False,
-    trainable: Callable = train_trial,
+    make_trainer: TrainerFactory = create_trainer,
 ):
     """Run the sweep to completion (or resume it) and return Ray Tune's ResultGrid."""
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # loggers are chosen in make_tuner_parts
@@ -123,7 +103,7 @@ def run_sweep(
     import ray
     from ray import tune
 
-    path = experiment_path(spec)
+    path = spec.experiment_path
     exists = tune.Tuner.can_restore(path)
     if resume and not exists:
         raise ConfigError(f"--resume: no experiment to resume at {path}")
@@ -131,25 +111,37 @@ def run_sweep(
         raise ConfigError(f"{path} already holds experiment {spec.name!r}; pass --resume to finish it or --name to start another")
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False)
+        start_ray(address or os.environ.get("RAY_ADDRESS"))
     check_resources(spec, ray.cluster_resources())
-    wrapped, tune_config, run_config = make_tuner_parts(spec, trainable)
+    wrapped, tune_config, run_config = make_tuner_parts(spec, make_trainer)
     if resume:
         tuner = tune.Tuner.restore(path, trainable=wrapped, resume_unfinished=True, resume_errored=True)
     else:
-        tuner = tune.Tuner(wrapped, param_space=param_space(spec), tune_config=tune_config, run_config=run_config)
+        param_space = {key: dist.tune_domain() for key, dist in spec.search.items()}
+        tuner = tune.Tuner(wrapped, param_space=param_space, tune_config=tune_config, run_config=run_config)
     if "://" not in path:  # what analysis needs to read the experiment from files alone
-        atomic_write_text(Path(path) / SWEEP_FILE, json.dumps({"metric": spec.metric, "mode": spec.mode, "search": spec.search}, indent=1))
+        atomic_write_text(Path(path) / SWEEP_FILE, json.dumps({"metric": spec.metric, "mode": spec.mode, "search": {k: {d.kind: list(d.args)} for k, d in spec.search.items()}}, indent=1))
     results = tuner.fit()
     if "://" not in path:
         write_summary(results, Path(path))
     return results
 
 
+def start_ray(address: Optional[str]) -> None:
+    """Attach to the cluster at `address`, or start a local Ray without its dashboard.
+
+    Ray's default token authentication stays on; only its notice that it is on (printed on
+    every start, nothing to act on) and Ray's INFO lines are kept out of the console.
+    """
+    import ray
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+
+
 def check_resources(spec: SweepSpec, cluster: dict[str, float]) -> None:
     """A trial asking for more than the whole cluster has would wait forever: refuse it now."""
-    for name, wanted in (("cpu", spec.trial_resources.cpu), ("gpu", spec.trial_resources.gpu)):
+    for name, wanted in (("cpu", spec.resources.cpu), ("gpu", spec.resources.gpu)):
         available = cluster.get(name.upper(), 0.0)
         if wanted > available:
             raise ConfigError(
@@ -159,12 +151,14 @@ def check_resources(spec: SweepSpec, cluster: dict[str, float]) -> None:
 
 
 def write_summary(results, experiment_dir: Path) -> None:
-    """Each trial's final status and error, for analysis that reads files only."""
+    """Each trial's final status, and for an errored trial its error in one line and where its
+    full traceback is, for analysis and `sweep status`, which read files only."""
     trials = {}
     for result in results:
-        trial_dir = Path(result.path).name
-        trials[trial_dir] = {
+        trial_dir = Path(result.path)
+        trials[trial_dir.name] = {
             "status": "ERROR" if result.error else "TERMINATED",
-            "error": f"{type(result.error).__name__}: {result.error}" if result.error else None,
+            "error": one_line_error(str(result.error)) if result.error else None,
+            "traceback": str(trial_dir / RAY_ERROR_FILE) if result.error else None,
         }
     atomic_write_text(experiment_dir / SUMMARY_FILE, json.dumps({"trials": trials}, indent=1))

@@ -9,30 +9,35 @@ checkpoint and metrics.jsonl so far, so a restarted trial resumes from it, on an
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray import tune
 
-from analysis.experiment import TRIAL_FILE
 from diffusion_lib.atomic import atomic_write_text
+from diffusion_lib.build import create_trainer
 from diffusion_lib.checkpoint import CHECKPOINT_DIR
-from diffusion_lib.config import apply_overrides, from_dict
+from diffusion_lib.config import RunConfig, flatten
 from diffusion_lib.run_log import METRICS_FILE
 from diffusion_lib.trainer import Trainer
 
-from .spec import flatten_searched
+from .layout import TRIAL_FILE
+
+# (config, run_dir, *, checkpoint_dir, resume_from, progress) -> Trainer; tests hand in their own.
+TrainerFactory = Callable[..., Trainer]
 
 
-def train_trial(searched: dict[str, Any], base: dict[str, Any]) -> None:
-    """Ray Tune function trainable; `searched` holds the trial's dotted-key values."""
-    config = from_dict(apply_overrides(base, flatten_searched(searched)))
+def train_trial(searched: dict[str, Any], *, base: RunConfig, make_trainer: TrainerFactory = create_trainer) -> None:
+    """Ray Tune function trainable; `searched` is the trial's point in the search space."""
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint otherwise
+    config = base.with_overrides(searched)
     run_dir = Path.cwd()
-    params = {"searched": flatten_searched(searched), "config": config.flat(), "node_id": ray.get_runtime_context().get_node_id()}
+    params = {"searched": flatten(searched), "config": config.flat(), "node_id": ray.get_runtime_context().get_node_id()}
     atomic_write_text(run_dir / TRIAL_FILE, json.dumps(params, indent=1))
     with tempfile.TemporaryDirectory(prefix="trial-ckpt-") as scratch:
         scratch = Path(scratch)
@@ -43,7 +48,7 @@ def train_trial(searched: dict[str, Any], base: dict[str, Any]) -> None:
             resume_from = next((scratch / "restored").glob("step_*.pt"))
             shutil.copy(scratch / "restored" / METRICS_FILE, run_dir / METRICS_FILE)
 
-        trainer = Trainer(config, run_dir, resume_from=resume_from, checkpoint_dir=scratch / CHECKPOINT_DIR, progress=False)
+        trainer = make_trainer(config, run_dir, resume_from=resume_from, checkpoint_dir=scratch / CHECKPOINT_DIR, progress=False)
 
         def report(row: dict[str, Any], checkpoint_path: Path) -> None:
             staged = Path(tempfile.mkdtemp(dir=scratch, prefix="report-"))

@@ -1,5 +1,6 @@
-"""Shared fixtures: the ../shared material (skipping where absent), tiny configs, a stand-in
-feature extractor for FID plumbing tests."""
+"""Shared fixtures and helpers: the ../shared material (skipping where absent), tiny configs
+and spec files, a stand-in feature extractor for FID plumbing tests, and trainer factories that
+hand the Trainer parts of the test's choosing."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from diffusion_lib.config import RunConfig, from_dict
+from diffusion_lib.build import create_model_and_diffusion
+from diffusion_lib.config import RunConfig
+from diffusion_lib.data import load_dataset
+from diffusion_lib.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SWEEP_SHARED_DIR", REPO.parent / "shared"))
@@ -44,7 +49,30 @@ def tiny_config(**sections) -> RunConfig:
     raw = {name: dict(values) for name, values in TINY_RUN.items()}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
-    return from_dict(raw)
+    return RunConfig.from_dict(raw)
+
+
+def write_spec(tmp_path: Path, **fields) -> Path:
+    """A sweep spec over TINY_RUN, stored under tmp_path/runs, with `fields` set."""
+    spec = {"base": TINY_RUN, "metric": "train/loss", "storage": str(tmp_path / "runs"), "name": "tiny", **fields}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def trainer_with_parts(config: RunConfig, run_dir: Path, *, trainer_class: type = Trainer, loss_class: type | None = None, **kwargs) -> Trainer:
+    """A CPU Trainer built the way `create_trainer` builds one, with a Trainer subclass or a loss
+    class of the test's choosing; FID is handed the stand-in feature extractor."""
+    torch.manual_seed(config.train.seed)
+    data = load_dataset(config.data)
+    model, diffusion, default_loss = create_model_and_diffusion(config, torch.device("cpu"))
+    if config.fid.num_samples or config.fid.final_num_samples:
+        from diffusion_lib.metrics.fid import reference_stats
+
+        kwargs.setdefault("features", StandInFeatures())
+        kwargs.setdefault("fid_reference", reference_stats(data, kwargs["features"], config.fid.ref_num_images, config.fid.cache_dir))
+    loss = loss_class(diffusion, config.loss.weighting, config.loss.minsnr_gamma) if loss_class else default_loss
+    return trainer_class(config, run_dir, model=model, diffusion=diffusion, loss=loss, data=data, **kwargs)
 
 
 class StandInFeatures:

@@ -18,22 +18,18 @@ from typer.testing import CliRunner
 import conftest
 from analysis.grids import sample_grid
 from analysis.report import analyze_experiment
+from diffusion_lib.build import create_trainer
 from sweeps.cli import app
 from sweeps.runner import run_sweep
 from sweeps.spec import load_spec
-from conftest import TINY_RUN, StandInFeatures
-from test_sweeps import write_spec
+from conftest import TINY_RUN, StandInFeatures, write_spec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def trial_with_standin_fid(searched, base):
-    """The product trainable, with the stand-in feature extractor in place of Inception."""
-    import diffusion_lib.trainer
-    from sweeps.trainable import train_trial
-
-    diffusion_lib.trainer.InceptionFeatures = lambda *args, **kwargs: StandInFeatures()
-    train_trial(searched, base)
+def trainer_with_standin_fid(config, run_dir, **kwargs):
+    """The product's trainer, handed the stand-in feature extractor in place of Inception."""
+    return create_trainer(config, run_dir, features=StandInFeatures(), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +42,7 @@ def experiment(tmp_path_factory) -> Path:
     try:
         for module in (sys.modules[__name__], conftest):
             ray.cloudpickle.register_pickle_by_value(module)  # workers cannot import tests
-        results = run_sweep(spec, trainable=trial_with_standin_fid)
+        results = run_sweep(spec, make_trainer=trainer_with_standin_fid)
     finally:
         ray.shutdown()
     assert not results.errors
@@ -118,6 +114,7 @@ def test_damaged_files_are_reported_and_the_rest_still_written(experiment, tmp_p
     for checkpoint in broken.glob("checkpoint_*"):
         shutil.rmtree(checkpoint)
     (broken / "error.txt").write_text("")  # a trial that died before Ray could write its error
+    (damaged / "experiment_summary.json").unlink()  # ... in a sweep killed before its end
     warnings = analyze_experiment(damaged)
     assert any("metrics.jsonl:3: truncated or corrupt line" in w for w in warnings)
     assert any(broken.name in w and "no checkpoint" in w for w in warnings)

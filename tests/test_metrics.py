@@ -16,7 +16,7 @@ from diffusion_lib.data import ImageDataset, float_to_uint8, load_dataset, uint8
 from diffusion_lib.config import DataConfig
 from diffusion_lib.metrics.curvature import hutchinson_trace
 from diffusion_lib.metrics.fid import FeatureStats, InceptionFeatures, frechet_distance, reference_stats
-from diffusion_lib.trainer import Trainer
+from diffusion_lib.build import create_trainer
 from sweeps.cli import app
 from conftest import CIFAR_ROOT, FID_WEIGHTS, needs_cifar, needs_fid_weights, tiny_config
 
@@ -163,7 +163,7 @@ def test_tensorboard_reader_finds_fid_and_hparams(tmp_path, standin_features):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     config = tiny_config(fid={"num_samples": 8, "final_num_samples": 8, "cache_dir": str(tmp_path / "cache")}, curvature={"probes": 2})
-    Trainer(config, tmp_path / "run", features=standin_features, progress=False).fit()
+    create_trainer(config, tmp_path / "run", features=standin_features, progress=False).fit()
     events = EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     events.Reload()
     scalars = events.Tags()["scalars"]

@@ -5,7 +5,7 @@ import torch
 
 from diffusion_lib.diffusion import GaussianDiffusion
 from diffusion_lib.losses import DiffusionLoss
-from diffusion_lib.models import UNetCifar32
+from diffusion_lib.models.unet import UNetCifar32
 from diffusion_lib.samplers import reverse_step
 from diffusion_lib.schedules import make_schedule
 

@@ -13,10 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN
-from test_sweeps import write_spec
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, TINY_RUN, write_spec
 
 
 def clean_env() -> dict[str, str]:

@@ -9,24 +9,18 @@ from pathlib import Path
 
 import pytest
 import ray
-import yaml
+import torch
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN
+import conftest
+from conftest import TINY_RUN, trainer_with_parts, write_spec
+from diffusion_lib.losses import DiffusionLoss
+from diffusion_lib.trainer import Trainer
 from sweeps.cli import app
 from sweeps.spec import load_spec
 from sweeps.runner import run_sweep
 
-REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-
-
-
-def write_spec(tmp_path: Path, **fields) -> Path:
-    spec = {"base": TINY_RUN, "metric": "train/loss", "storage": str(tmp_path / "runs"), "name": "tiny", **fields}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -72,23 +66,26 @@ def test_optuna_with_asha_stops_the_clearly_worse_arm_early(tmp_path, local_ray)
     assert max(final_steps[3e-3]) == 60
 
 
-def nan_on_tiny_lr(searched, base):
-    """Wraps the product trainable; the trial with lr 1e-5 gets a loss that turns NaN."""
-    import torch
+def pickle_tests_by_value() -> None:
+    """Ray workers cannot import the test modules: ship their functions by value."""
+    for module in (sys.modules[__name__], conftest):
+        ray.cloudpickle.register_pickle_by_value(module)
 
-    from diffusion_lib.losses import DiffusionLoss
-    from sweeps.trainable import train_trial
 
-    if searched["optim.lr"] == 1e-5:
-        original = DiffusionLoss.per_sample
-        DiffusionLoss.per_sample = lambda self, *a: original(self, *a) * torch.tensor(float("nan"))
-    train_trial(searched, base)
+class NaNLoss(DiffusionLoss):
+    def per_sample(self, *args):
+        return super().per_sample(*args) * torch.tensor(float("nan"))
+
+
+def nan_on_tiny_lr(config, run_dir, **kwargs):
+    """The trial with lr 1e-5 is handed a loss that is NaN."""
+    return trainer_with_parts(config, run_dir, loss_class=NaNLoss if config.optim.lr == 1e-5 else None, **kwargs)
 
 
 def test_a_nan_trial_errors_with_its_reason_while_siblings_finish(tmp_path, local_ray):
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+    pickle_tests_by_value()
     spec = load_spec(write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4, 1e-5, 1e-3]}}))
-    results = run_sweep(spec, trainable=nan_on_tiny_lr)
+    results = run_sweep(spec, make_trainer=nan_on_tiny_lr)
     errored = [r for r in results if r.error]
     assert len(errored) == 1 and "non-finite training loss" in str(errored[0].error)
     assert errored[0].config["optim.lr"] == 1e-5
@@ -97,31 +94,26 @@ def test_a_nan_trial_errors_with_its_reason_while_siblings_finish(tmp_path, loca
     assert sum(t["status"] == "ERROR" for t in summary["trials"].values()) == 1
 
 
-def crash_once_after_first_milestone(searched, base, marker):
-    """The product trainable, made to crash once, right after its first checkpoint."""
-    import diffusion_lib.trainer
-    from sweeps.trainable import train_trial
+class CrashOnceAtStep20(Trainer):
+    """Crashes once, right after writing its step-20 checkpoint (the marker file says it did)."""
 
-    if not Path(marker).exists():
-        original = diffusion_lib.trainer.Trainer._save_checkpoint
+    marker: Path
 
-        def save_then_crash(self):
-            path = original(self)
-            if self.step == 20:
-                Path(marker).write_text((self.run_dir / "metrics.jsonl").read_text())
-                raise RuntimeError("simulated node failure")
-            return path
-
-        diffusion_lib.trainer.Trainer._save_checkpoint = save_then_crash
-    train_trial(searched, base)
+    def save_checkpoint(self):
+        path = super().save_checkpoint()
+        if self.step == 20 and not self.marker.exists():
+            self.marker.write_text((self.run_dir / "metrics.jsonl").read_text())
+            raise RuntimeError("simulated node failure")
+        return path
 
 
 def test_max_failures_retries_a_crashed_trial_from_its_last_checkpoint(tmp_path, local_ray):
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+    pickle_tests_by_value()
     spec = load_spec(write_spec(tmp_path, base={**TINY_RUN, "train": {"total_steps": 40, "batch_size": 8}},
                                 search={"optim.lr": {"grid": [1e-4]}}, max_failures=1))
     marker = tmp_path / "crashed"
-    results = run_sweep(spec, trainable=lambda searched, base: crash_once_after_first_milestone(searched, base, str(marker)))
+    CrashOnceAtStep20.marker = marker
+    results = run_sweep(spec, make_trainer=lambda config, run_dir, **kw: trainer_with_parts(config, run_dir, trainer_class=CrashOnceAtStep20, **kw))
     assert marker.exists() and not results.errors
     rows = [json.loads(line) for line in (Path(results[0].path) / "metrics.jsonl").read_text().splitlines()]
     before_crash = [json.loads(line) for line in marker.read_text().splitlines()]

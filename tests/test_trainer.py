@@ -1,16 +1,18 @@
 """The trainer: exact resume, milestone outputs, atomic checkpoints."""
 
 import json
+import math
 import warnings
 
 import pytest
 import torch
 
+from diffusion_lib.build import create_model_and_diffusion, create_trainer
 from diffusion_lib.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
 from diffusion_lib.config import ConfigError
-from diffusion_lib.data import uint8_to_float
+from diffusion_lib.data import load_dataset, uint8_to_float
 from diffusion_lib.trainer import Trainer
-from conftest import tiny_config
+from conftest import tiny_config, trainer_with_parts
 
 
 def params(trainer: Trainer) -> list[torch.Tensor]:
@@ -19,12 +21,12 @@ def params(trainer: Trainer) -> list[torch.Tensor]:
 
 def test_resume_is_bit_exact(tmp_path):
     n = 10
-    straight = Trainer(tiny_config(train={"total_steps": 2 * n}, eval={"every": n}), tmp_path / "straight", progress=False)
+    straight = create_trainer(tiny_config(train={"total_steps": 2 * n}, eval={"every": n}), tmp_path / "straight", progress=False)
     straight.fit()
 
-    first = Trainer(tiny_config(train={"total_steps": n}, eval={"every": n}), tmp_path / "resumed", progress=False)
+    first = create_trainer(tiny_config(train={"total_steps": n}, eval={"every": n}), tmp_path / "resumed", progress=False)
     first.fit()
-    resumed = Trainer(tiny_config(train={"total_steps": 2 * n}, eval={"every": n}), tmp_path / "resumed", progress=False)
+    resumed = create_trainer(tiny_config(train={"total_steps": 2 * n}, eval={"every": n}), tmp_path / "resumed", progress=False)
     assert resumed.step == n
     resumed.fit()
 
@@ -37,7 +39,7 @@ def test_resume_is_bit_exact(tmp_path):
 
 def test_milestones_write_metrics_grids_and_checkpoints(tmp_path):
     config = tiny_config(train={"total_steps": 25}, eval={"every": 10}, curvature={"probes": 2})
-    Trainer(config, tmp_path, progress=False).fit()
+    create_trainer(config, tmp_path, progress=False).fit()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20, 25]
     for row in rows:
@@ -61,8 +63,8 @@ def test_a_killed_run_loses_only_the_steps_since_its_last_checkpoint(tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        Trainer(config, tmp_path, progress=False).fit(on_milestone=kill_at_20)
-    resumed = Trainer(config, tmp_path, progress=False)
+        create_trainer(config, tmp_path, progress=False).fit(on_milestone=kill_at_20)
+    resumed = create_trainer(config, tmp_path, progress=False)
     assert resumed.step == 20
     resumed.fit()
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -70,22 +72,22 @@ def test_a_killed_run_loses_only_the_steps_since_its_last_checkpoint(tmp_path):
 
 
 def test_resume_refuses_a_changed_trajectory_key(tmp_path):
-    Trainer(tiny_config(), tmp_path, progress=False).fit()
+    create_trainer(tiny_config(), tmp_path, progress=False).fit()
     with pytest.raises(ConfigError, match="optim.lr"):
-        Trainer(tiny_config(optim={"lr": 3e-4}), tmp_path, progress=False)
+        create_trainer(tiny_config(optim={"lr": 3e-4}), tmp_path, progress=False)
 
 
 def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
-    Trainer(tiny_config(), tmp_path, progress=False).fit()
+    create_trainer(tiny_config(), tmp_path, progress=False).fit()
     path = list_checkpoints(tmp_path / CHECKPOINT_DIR)[20]
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ConfigError, match="not a readable checkpoint"):
-        Trainer(tiny_config(train={"total_steps": 30}), tmp_path, progress=False)
+        create_trainer(tiny_config(train={"total_steps": 30}), tmp_path, progress=False)
 
 
 def test_fid_milestones_use_their_sample_counts_and_keep_the_best_checkpoint(tmp_path, standin_features):
     config = tiny_config(train={"total_steps": 30}, fid={"num_samples": 8, "final_num_samples": 16, "cache_dir": str(tmp_path / "cache")})
-    trainer = Trainer(config, tmp_path / "run", features=standin_features, progress=False)
+    trainer = create_trainer(config, tmp_path / "run", features=standin_features, progress=False)
     summary = trainer.fit()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["val/fid_num_samples"] for r in rows] == [8, 8, 16]
@@ -97,23 +99,23 @@ def test_fid_milestones_use_their_sample_counts_and_keep_the_best_checkpoint(tmp
 
 def test_an_ema_too_slow_for_the_run_length_is_flagged(tmp_path):
     with pytest.warns(UserWarning, match="leaves 82% of the random initialisation"):
-        Trainer(tiny_config(ema={"decay": 0.99}), tmp_path / "short", progress=False)  # 0.99^20 ≈ 0.82
+        create_trainer(tiny_config(ema={"decay": 0.99}), tmp_path / "short", progress=False)  # 0.99^20 ≈ 0.82
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Trainer(tiny_config(ema={"decay": 0.5}), tmp_path / "fine", progress=False)
+        create_trainer(tiny_config(ema={"decay": 0.5}), tmp_path / "fine", progress=False)
     assert not [w for w in caught if "ema.decay" in str(w.message)]
 
 
 def test_compiled_training_matches_eager(tmp_path):
     config = lambda compile: tiny_config(model={"dropout": 0.0}, train={"compile": compile})  # noqa: E731
-    eager = Trainer(config(False), tmp_path / "eager", progress=False)
-    compiled = Trainer(config(True), tmp_path / "compiled", progress=False)
+    eager = create_trainer(config(False), tmp_path / "eager", progress=False)
+    compiled = create_trainer(config(True), tmp_path / "compiled", progress=False)
     x0 = uint8_to_float(eager.data.images[:8])
     t = torch.arange(0, 100, 13)[:8]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="train.compile")  # no silent fallback to eager
-        torch.testing.assert_close(compiled._forward_backward(x0, t, noise), eager._forward_backward(x0, t, noise))
+        torch.testing.assert_close(compiled.forward_backward(x0, t, noise), eager.forward_backward(x0, t, noise))
         for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-6)
         for _ in range(3):
@@ -125,17 +127,16 @@ def test_compiled_training_matches_eager(tmp_path):
     assert compiled.model.state_dict().keys() == eager.model.state_dict().keys()
 
 
-def test_a_failing_compile_falls_back_to_eager(tmp_path, monkeypatch):
+def test_a_failing_compile_falls_back_to_eager(tmp_path):
     class Broken(torch.nn.Module):
         def forward(self, *args):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
 
-    monkeypatch.setattr("diffusion_lib.trainer.compile_network", lambda model, device: Broken())
     # One trainer after the other: both seed the global RNG that dropout draws from.
-    eager = Trainer(tiny_config(), tmp_path / "eager", progress=False)
+    eager = trainer_with_parts(tiny_config(), tmp_path / "eager", progress=False)
     for _ in range(2):
         eager.train_step()
-    fallback = Trainer(tiny_config(train={"compile": True}), tmp_path / "fallback", progress=False)
+    fallback = trainer_with_parts(tiny_config(train={"compile": True}), tmp_path / "fallback", train_model=Broken(), progress=False)
     with pytest.warns(UserWarning, match=r"train.compile: torch.compile failed \(RuntimeError: InvalidCxxCompiler: No working C\+\+ compiler found\); training eagerly"):
         fallback.train_step()
     fallback.train_step()
@@ -144,14 +145,38 @@ def test_a_failing_compile_falls_back_to_eager(tmp_path, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_curvature_runs_with_tf32_convolutions_off(tmp_path, monkeypatch):
-    seen = []
+def test_curvature_runs_with_tf32_convolutions_off(tmp_path):
+    class RecordingNetwork(torch.nn.Module):
+        """The tiny UNet, recording cuDNN's TF32 switch each time it runs in training mode."""
 
-    def recording_trace(loss_fn, params, num_probes, generator):
-        seen.append(torch.backends.cudnn.allow_tf32)
-        return 1.0, 0.1
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.seen = inner, []
 
-    monkeypatch.setattr("diffusion_lib.trainer.hutchinson_trace", recording_trace)
-    trainer = Trainer(tiny_config(curvature={"probes": 2}), tmp_path, progress=False)
-    assert trainer.curvature() == (1.0, 0.1)
-    assert seen == [False] and torch.backends.cudnn.allow_tf32
+        def forward(self, x, t):
+            if torch.is_grad_enabled():
+                self.seen.append(torch.backends.cudnn.allow_tf32)
+            return self.inner(x, t)
+
+    config = tiny_config(curvature={"probes": 2})
+    model, diffusion, loss = create_model_and_diffusion(config, torch.device("cpu"))
+    network = RecordingNetwork(model)
+    trainer = Trainer(config, tmp_path, model=network, diffusion=diffusion, loss=loss, data=load_dataset(config.data), progress=False)
+    trainer.train_step()
+    mean, stderr = trainer.curvature()
+    assert math.isfinite(mean) and stderr >= 0
+    assert network.seen == [True, False]  # the training step in TF32's default, curvature in full fp32
+    assert torch.backends.cudnn.allow_tf32
+
+
+def test_minsnr_and_constant_runs_measure_the_same_curvature_on_the_same_weights(tmp_path):
+    constant = create_trainer(tiny_config(curvature={"probes": 4}), tmp_path / "c", progress=False)
+    minsnr = create_trainer(tiny_config(curvature={"probes": 4}, loss={"weighting": "min_snr", "minsnr_gamma": 1}), tmp_path / "m", progress=False)
+    constant.train_step()
+    minsnr.model.load_state_dict(constant.model.state_dict())
+    x0 = uint8_to_float(constant.data.images[:4])
+    t = torch.tensor([1, 30, 60, 99])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the training losses differ (Min-SNR weights), so the check can tell
+        assert not torch.allclose(constant.loss.per_sample(constant.model.eval(), x0, t, noise), minsnr.loss.per_sample(minsnr.model.eval(), x0, t, noise))
+    assert constant.curvature() == minsnr.curvature()

@@ -22,10 +22,9 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 
 from . import full_fp32
 from ..atomic import atomic_path
-from ..config import ConfigError
+from ..config import WEIGHTS_ENV, ConfigError
 from ..data import IMAGE_SUFFIXES, ImageDataset
 
-WEIGHTS_ENV = "SWEEP_FID_WEIGHTS"
 FEATURE_DIMS = 2048
 
 # uint8 images (N, 3, H, W) on any device -> float64 features (N, D)

@@ -1,0 +1,154 @@
+"""A newcomer's first run: the README's main job as printed, paths meaning what was typed, a
+failed sweep failing with one readable line per trial, and --resume telling the truth."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+from typer.testing import CliRunner
+
+import conftest
+from analysis.report import analyze_experiment
+from conftest import FID_WEIGHTS, REPO, SHARED, TINY_RUN, needs_fid_weights, trainer_with_parts, write_spec
+from sweeps.cli import app, report_results
+from sweeps.runner import run_sweep
+from sweeps.spec import load_spec
+
+runner = CliRunner()
+ANSI = re.compile(r"\x1b\[")
+
+
+def readme_block(heading: str) -> list[str]:
+    """The command lines of the first ```bash block after `heading` in the README."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index(heading):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def user_env() -> dict[str, str]:
+    """The environment of a fresh shell: no cluster address or FID weights left by a test."""
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SWEEP_FID_WEIGHTS")}
+
+
+@needs_fid_weights
+def test_the_readme_main_job_runs_as_printed(tmp_path):
+    """The README's lines, verbatim, in a fresh clone with ../shared beside it; the smoke spec is
+    swapped for one of the same shape at a tenth of the size so the test stays short."""
+    lines = readme_block("## The main job")
+    assert lines[-1] == "sweep run search_spaces/smoke.yaml"
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO / "search_spaces", clone / "search_spaces")
+    shutil.copytree(REPO / "configs", clone / "configs")
+    (tmp_path / "shared").symlink_to(SHARED)  # ../shared, as the README's relative path expects
+    smoke = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
+    smoke["base"].update({
+        "data": {"name": "shapes", "num_images": 64},
+        "model": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1},
+        "train": {"total_steps": 20, "batch_size": 8},
+        "ema": {"decay": 0.8},
+        "eval": {"every": 10, "nfe": 5, "grid_size": 4, "batch_size": 16},
+        "fid": {"num_samples": 8, "final_num_samples": 8, "ref_num_images": 32},
+        "curvature": {"probes": 2, "batch_size": 4},
+    })
+    smoke["scheduler"]["grace_period"] = 10
+    (clone / "search_spaces" / "smoke.yaml").write_text(yaml.safe_dump(smoke))
+
+    done = subprocess.run(["bash", "-ec", "\n".join(lines)], cwd=clone, env=user_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = clone / "runs" / "smoke" / "analysis" / "report.md"
+    assert f"report: {report}" in done.stdout and report.is_file()
+    statuses = pq.read_table(report.parent / "trials.parquet").column("status").to_pylist()
+    assert len(statuses) == 4 and set(statuses) <= {"TERMINATED", "STOPPED"}
+    assert "LinAlgWarning" not in done.stderr and "Token authentication" not in done.stderr
+
+
+def test_relative_paths_mean_what_the_user_typed(tmp_path):
+    """A relative data.root resolves against the launch directory, not a Ray worker's."""
+    from PIL import Image
+
+    launch = tmp_path / "launch"
+    (launch / "images").mkdir(parents=True)
+    for i in range(8):
+        Image.new("RGB", (32, 32), (30 * i, 100, 200)).save(launch / "images" / f"{i}.png")
+    spec = write_spec(launch, base={**TINY_RUN, "data": {"name": "folder", "root": "images"}}, storage="runs",
+                      search={"optim.lr": {"grid": [1e-4]}})
+    done = subprocess.run([sys.executable, "-m", "sweeps", "run", spec.name, "--no-analyze"], cwd=launch, env=user_env(),
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (trial,) = (launch / "runs" / "tiny").glob("*/trial.json")
+    assert json.loads(trial.read_text())["config"]["data.root"] == str(launch / "images")
+
+
+def test_a_missing_weights_file_is_exit_2_naming_the_key_before_any_trial(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SWEEP_FID_WEIGHTS", "nowhere/pt_inception.pth")
+    spec = write_spec(tmp_path, base={**TINY_RUN, "fid": {"num_samples": 8, "final_num_samples": 8}}, search={"optim.lr": {"grid": [1e-4]}})
+    result = runner.invoke(app, ["run", str(spec)])
+    assert result.exit_code == 2, result.output
+    assert f"$SWEEP_FID_WEIGHTS: no such file {tmp_path / 'nowhere' / 'pt_inception.pth'}" in result.output
+    assert not (tmp_path / "runs").exists() and not ray.is_initialized()
+
+
+def fail_until_fixed(config, run_dir, **kwargs):
+    """Every trial fails (with a colour-coded message, as Ray's tracebacks are) until the marker exists."""
+    if not FIXED.exists():
+        raise RuntimeError("\x1b[31mdisk on fire\x1b[0m at trial start")
+    return trainer_with_parts(config, run_dir, **kwargs)
+
+
+FIXED = Path("/nonexistent")
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for module in (sys.modules[__name__], conftest):
+        ray.cloudpickle.register_pickle_by_value(module)  # workers cannot import tests
+    yield
+    ray.shutdown()
+
+
+def test_a_failed_sweep_fails_and_resume_tells_the_truth(tmp_path, local_ray, capsys):
+    global FIXED
+    FIXED = tmp_path / "fixed"
+    spec = load_spec(write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4, 1e-3]}}))
+
+    results = run_sweep(spec, make_trainer=fail_until_fixed)
+    assert report_results(spec, results, analyze=True) == 1
+    out = capsys.readouterr()
+    assert re.search(r"2 of 2 trials errored; full tracebacks in \S+/error.txt, \S+/error.txt", out.err)
+    experiment = Path(spec.experiment_path)
+    report = (experiment / "analysis" / "report.md").read_text()
+    error_lines = [line for line in report.splitlines() if line.startswith("- `") and "disk on fire" in line]
+    assert len(error_lines) == 2 and not ANSI.search(report)
+    assert all(line.endswith("RuntimeError: disk on fire at trial start") for line in error_lines)
+    assert pq.read_table(experiment / "analysis" / "trials.parquet").column("status").to_pylist() == ["ERROR", "ERROR"]
+    assert f"report: {experiment / 'analysis' / 'report.md'}" in out.out and f"tensorboard --logdir {experiment}" in out.out
+
+    FIXED.write_text("")
+    resumed = run_sweep(spec, resume=True, make_trainer=fail_until_fixed)
+    assert report_results(spec, resumed, analyze=True) == 0
+    assert pq.read_table(experiment / "analysis" / "trials.parquet").column("status").to_pylist() == ["TERMINATED", "TERMINATED"]
+    assert "disk on fire" not in (experiment / "analysis" / "report.md").read_text()
+
+    relaxed = load_spec(write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4]}}, fail_on_trial_error=False))
+    assert report_results(relaxed, results, analyze=False) == 0  # errors expected: the spec opted out
+
+
+def test_dry_run_warns_of_a_gpu_request_on_a_machine_without_one(tmp_path):
+    import torch
+
+    if torch.cuda.device_count():
+        pytest.skip("this machine has a GPU")
+    result = runner.invoke(app, ["run", str(REPO / "search_spaces" / "min_snr_gamma.yaml"), "--dry-run"])
+    assert result.exit_code == 0 and "warning: resources.gpu" in result.output
