@@ -24,7 +24,7 @@ from .experiment import Experiment
 
 
 def arrow_type(metric: Metric) -> pa.DataType:
-    return pa.int64() if metric.kind is int else pa.float64()
+    return {int: pa.int64(), float: pa.float64(), str: pa.string()}[metric.kind]
 
 
 MILESTONES_SCHEMA = pa.schema([("trial_id", pa.string()), *[(m.name, arrow_type(m)) for m in MILESTONE_METRICS]])

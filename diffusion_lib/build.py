@@ -16,7 +16,7 @@ from .config import ConfigError, DiffusionConfig, LossConfig, ModelConfig, RunCo
 from .data import load_dataset
 from .diffusion import GaussianDiffusion
 from .losses import DiffusionLoss
-from .metrics.fid import FeatureExtractor, FeatureStats, InceptionFeatures, reference_stats
+from .metrics.fid import FeatureExtractor, FidReference, InceptionFeatures, reference_statistics
 from .models.unet import UNetCifar32
 from .schedules import make_schedule
 from .trainer import Trainer
@@ -56,20 +56,25 @@ def create_trainer(
     run_dir: str | Path,
     *,
     features: Optional[FeatureExtractor] = None,
-    fid_reference: Optional[FeatureStats] = None,
+    fid_reference: Optional[FidReference] = None,
     checkpoint_dir: Optional[Path] = None,
     resume_from: Optional[Path] = None,
     progress: bool = True,
 ) -> Trainer:
     """A Trainer with every part built from `config`: data on the device, the FID feature
-    extractor and reference statistics (unless handed in), network, diffusion and loss."""
+    extractor and reference statistics (unless handed in: `fid.reference` names a file a sweep
+    computed once for all its trials; else the per-machine cache), network, diffusion and loss."""
     device = resolve_device(config.train.device)
     torch.manual_seed(config.train.seed)  # model initialisation and dropout
     data = load_dataset(config.data).to(device)
     # FID is set up before any training step: missing weights fail now, not at step 2,000.
     if config.fid.num_samples or config.fid.final_num_samples:
         features = features or InceptionFeatures(config.fid.weights, device, config.fid.batch_size)
-        fid_reference = fid_reference or reference_stats(data, features, config.fid.ref_num_images, config.fid.cache_dir)
+        if fid_reference is None:
+            fid_reference = (
+                FidReference.load(config.fid.reference) if config.fid.reference
+                else reference_statistics(data, features, config.fid.ref_num_images, config.fid.cache_dir)
+            )
     model, diffusion, loss = create_model_and_diffusion(config, device)
     return Trainer(
         config, run_dir, model=model, diffusion=diffusion, loss=loss, data=data, features=features, fid_reference=fid_reference,

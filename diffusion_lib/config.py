@@ -119,6 +119,7 @@ class FidConfig:
     final_num_samples: int = opt(10_000, OFF_OR_AT_LEAST_2)  # samples for the FID after the last step
     weights: Optional[str] = None  # local pytorch-fid Inception weights; env SWEEP_FID_WEIGHTS
     ref_num_images: Optional[int] = opt(None, Check(lambda v: v is None or v >= 2, "an integer >= 2 or null"))  # None: all
+    reference: Optional[str] = None  # reference statistics (.npz) computed beforehand, e.g. once per sweep
     cache_dir: Optional[str] = None  # reference-statistics cache; default ~/.cache/diffusion_sweeps/fid
     batch_size: int = opt(200, AT_LEAST_1)  # Inception batch
 
@@ -307,6 +308,7 @@ def resolve_paths(config: RunConfig) -> RunConfig:
 
     config.data.root = absolute(config.data.root)
     config.fid.cache_dir = absolute(config.fid.cache_dir)
+    config.fid.reference = absolute(config.fid.reference)
     source = "fid.weights"
     if config.fid.weights is None and os.environ.get(WEIGHTS_ENV):
         config.fid.weights, source = os.environ[WEIGHTS_ENV], f"${WEIGHTS_ENV}"
@@ -314,4 +316,6 @@ def resolve_paths(config: RunConfig) -> RunConfig:
     fid_on = config.fid.num_samples or config.fid.final_num_samples
     if fid_on and config.fid.weights is not None and not Path(config.fid.weights).is_file():
         raise ConfigError(f"{source}: no such file {config.fid.weights}; point it at pt_inception-2015-12-05-6726825d.pth")
+    if fid_on and config.fid.reference is not None and "://" not in config.fid.reference and not Path(config.fid.reference).is_file():
+        raise ConfigError(f"fid.reference: no such file {config.fid.reference}")
     return config

@@ -1,6 +1,10 @@
 """What a run writes for people and tools: `metrics.jsonl` (one JSON object per milestone),
 TensorBoard scalars, sample grids and hparams, and PNG sample grids."""
 
+# TensorBoard's HParams view: a run's hyperparameters are written when it starts (not when it
+# ends, which a trial stopped by ASHA never reaches), and the view's metric columns read the
+# latest value of each declared scalar tag, so running, stopped and errored runs all show.
+
 from __future__ import annotations
 
 import json
@@ -10,10 +14,11 @@ from typing import Any, Optional
 
 import torch
 import torchvision.utils
+from tensorboard.plugins.hparams import summary_v2 as hparams_api
 from torch.utils.tensorboard import SummaryWriter
 
 from .atomic import atomic_path, atomic_write_text
-from .milestone import STEP
+from .milestone import HPARAMS_METRICS, STEP
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
@@ -36,15 +41,27 @@ def _jsonable(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def hparams_value(value: Any) -> Any:
+    """A config value as the HParams plugin takes it (numbers, strings, bools; lists as text)."""
+    return value if isinstance(value, (int, float, str, bool)) else str(value)
+
+
 class RunLog:
-    def __init__(self, run_dir: Path, resume_step: int):
+    def __init__(self, run_dir: Path, resume_step: int, hparams: dict[str, Any]):
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / METRICS_FILE
         # Milestones after the checkpoint we resume from will be recomputed: drop their rows.
         kept = [r for r in read_metrics(self.metrics_path) if r.get(STEP.name, 0) <= resume_step]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if resume_step == 0:  # a fresh start: events of an attempt that never checkpointed are stale
+            for stale in self.run_dir.glob("events.out.tfevents.*"):
+                stale.unlink()
         # purge_step hides TensorBoard events past the checkpoint written before a crash.
         self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=resume_step + 1 if resume_step else None)
+        if resume_step == 0:  # a resumed run keeps the session it started with: one per run
+            session = hparams_api.hparams_pb({k: hparams_value(v) for k, v in hparams.items()}, trial_id=self.run_dir.name)
+            self.writer.file_writer.add_summary(session)
+            self.writer.flush()
 
     def milestone(self, row: dict[str, Any], grid: Optional[torch.Tensor]) -> None:
         """Append one milestone: a metrics.jsonl line, TensorBoard scalars and the sample grid."""
@@ -57,13 +74,6 @@ class RunLog:
         if grid is not None:
             self.writer.add_image("samples", grid, step)
             save_png(grid, self.run_dir / SAMPLES_DIR / f"step_{step:07d}.png")
-        self.writer.flush()
-
-    def hparams(self, flat_config: dict[str, Any], metrics: dict[str, float]) -> None:
-        """The run's hyperparameters and summary metrics in TensorBoard's HParams view."""
-        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_config.items()}
-        metrics = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
-        self.writer.add_hparams(hparams, metrics, run_name=".")
         self.writer.flush()
 
     def close(self) -> None:
@@ -80,3 +90,15 @@ def save_png(grid: torch.Tensor, path: Path) -> None:
     """A (3, H, W) image in [0, 1] as a PNG, written atomically."""
     with atomic_path(path) as tmp:
         torchvision.utils.save_image(grid, tmp, format="png")
+
+
+def write_hparams_config(log_dir: Path, hparam_names: list[str]) -> None:
+    """The HParams view's experiment: which hyperparameters are columns and which scalar tags are
+    its metrics (`milestone.HPARAMS_METRICS`). Written once, where TensorBoard's logdir starts:
+    a sweep's directory for all its trials, or a single run's own directory."""
+    config = hparams_api.hparams_config_pb(
+        hparams=[hparams_api.HParam(name) for name in hparam_names],
+        metrics=[hparams_api.Metric(metric.name) for metric in HPARAMS_METRICS],
+    )
+    with SummaryWriter(log_dir=str(log_dir), filename_suffix=".hparams") as writer:
+        writer.file_writer.add_summary(config)

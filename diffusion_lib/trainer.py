@@ -25,9 +25,11 @@ from .ema import EMA
 from .losses import DiffusionLoss, eps_mse
 from .metrics import full_fp32
 from .metrics.curvature import hutchinson_trace
-from .metrics.fid import FeatureExtractor, FeatureStats, frechet_distance
+from .metrics.fid import CIFAR10_TRAIN_IMAGES, FEATURE_DIMS, FeatureExtractor, FidReference, evaluate_features
 from .milestone import (
-    CURVATURE, CURVATURE_STDERR, FID, FID_NUM_SAMPLES, IMAGES_SEEN, NUM_T_BUCKETS, STEP, T_BUCKETS, TRAIN_LOSS, WALL_TIME, t_bucket,
+    BEST_FID, CURVATURE, CURVATURE_STDERR, FID, FID_NUM_SAMPLES, FID_REF_NUM_IMAGES, FID_REFERENCE, FID_STDERR, FINAL_FID,
+    FINAL_FID_NUM_SAMPLES, FINAL_FID_STDERR, FINAL_KID, FINAL_KID_STDERR, IMAGES_SEEN, KID, KID_STDERR, NUM_T_BUCKETS, STEP,
+    T_BUCKETS, TRAIN_LOSS, WALL_TIME, t_bucket,
 )
 from .run_log import RunLog, make_grid
 from .samplers import sample_images
@@ -65,7 +67,7 @@ class Trainer:
         loss: DiffusionLoss,
         data: ImageDataset,
         features: Optional[FeatureExtractor] = None,
-        fid_reference: Optional[FeatureStats] = None,
+        fid_reference: Optional[FidReference] = None,
         train_model: Optional[torch.nn.Module] = None,
         checkpoint_dir: Optional[Path] = None,
         resume_from: Optional[Path] = None,
@@ -82,6 +84,8 @@ class Trainer:
         if fid_on and (features is None or fid_reference is None):
             raise ValueError("FID is on (fid.num_samples or fid.final_num_samples > 0): hand in features and fid_reference")
         self.features, self.fid_reference = features, fid_reference
+        if fid_on:
+            self._warn_about_fid_comparability()
 
         self.ema = EMA(self.model, config.ema.decay)
         # Only the training step runs compiled; curvature needs double backward, which compiled
@@ -104,12 +108,29 @@ class Trainer:
             self.progress = restore_checkpoint(
                 Path(checkpoint), model=self.model, ema=self.ema, optimizer=self.optimizer, generator=self.generator, config=config
             )
-        self.log = RunLog(self.run_dir, self.progress.step)
+        self.log = RunLog(self.run_dir, self.progress.step, hparams=config.flat())
         self._reset_accumulators()
 
     @property
     def step(self) -> int:
         return self.progress.step
+
+    def _warn_about_fid_comparability(self) -> None:
+        """Say once per run what limits the FIDs' comparability (every FID row records both)."""
+        fid = self.config.fid
+        smallest = min(n for n in (fid.num_samples, fid.final_num_samples) if n)
+        if smallest < FEATURE_DIMS:
+            warnings.warn(
+                f"FID from {smallest} samples, fewer than the {FEATURE_DIMS} Inception features: the sample covariance is "
+                "singular and FID is biased upward, so FIDs are comparable only at equal sample counts (KID is unbiased)",
+                stacklevel=3,
+            )
+        if self.fid_reference.num_images < CIFAR10_TRAIN_IMAGES:
+            warnings.warn(
+                f"the FID reference holds {self.fid_reference.num_images} {self.data.name} images, not the {CIFAR10_TRAIN_IMAGES:,} "
+                "CIFAR-10 training images published FIDs use: compare these FIDs only with FIDs against the same reference",
+                stacklevel=3,
+            )
 
     # ---- training -------------------------------------------------------------------------
 
@@ -185,9 +206,7 @@ class Trainer:
                     if on_milestone is not None:
                         on_milestone(row, path)
             bar.update(progress.step - bar.n)
-            summary = self.summary()
-            self.log.hparams(self.config.flat(), {"val/best_fid": summary["best_fid"], "val/final_fid": summary["final_fid"]})
-            return summary
+            return self.summary()
         finally:
             bar.close()
             self.log.close()
@@ -204,8 +223,13 @@ class Trainer:
     # ---- milestones -----------------------------------------------------------------------
 
     def milestone(self, final: bool) -> tuple[dict[str, Any], torch.Tensor]:
-        """The milestone's metrics (see `milestone.MILESTONE_METRICS`) and its sample grid; FID
-        uses the final count after the last step."""
+        """The milestone's metrics (see `milestone.MILESTONE_METRICS`) and its sample grid.
+
+        `val/fid` is always measured on `fid.num_samples` samples, so every milestone's FID (and
+        the best of them) compares like with like; after the last step the larger final count is
+        reported separately as `val/final_fid`. Both come from one Inception pass: the samples
+        start from the same seeded noise at every milestone, the smaller count being a prefix.
+        """
         cfg = self.config
         row: dict[str, Any] = {
             STEP.name: self.step,
@@ -215,16 +239,24 @@ class Trainer:
         bucket_mean = (self._bucket_sum / self._bucket_count).tolist()  # NaN where no sample fell
         row.update({metric.name: value for metric, value in zip(T_BUCKETS, bucket_mean)})
 
-        num_fid = cfg.fid.final_num_samples if final else cfg.fid.num_samples
-        samples = self.generate(max(cfg.eval.grid_size, num_fid))
+        num_milestone, num_final = cfg.fid.num_samples, cfg.fid.final_num_samples if final else 0
+        samples = self.generate(max(cfg.eval.grid_size, num_milestone, num_final))
         grid = make_grid(samples[: cfg.eval.grid_size].cpu())
-        if num_fid:
-            fid = frechet_distance(FeatureStats.from_features(self.features(samples[:num_fid])), self.fid_reference)
-            row[FID.name], row[FID_NUM_SAMPLES.name] = fid, num_fid
-            if self.progress.best is None or fid < self.progress.best[0]:
-                self.progress.best = (fid, self.step)
-            if final:
-                self.progress.final_fid = fid
+        if num_milestone or num_final:
+            features = self.features(samples[: max(num_milestone, num_final)])
+            row[FID_REFERENCE.name], row[FID_REF_NUM_IMAGES.name] = self.fid_reference.name, self.fid_reference.num_images
+        if num_milestone:
+            result = evaluate_features(features[:num_milestone], self.fid_reference)
+            row.update({FID.name: result.fid, FID_STDERR.name: result.fid_stderr, FID_NUM_SAMPLES.name: num_milestone,
+                        KID.name: result.kid, KID_STDERR.name: result.kid_stderr})
+            if self.progress.best is None or result.fid < self.progress.best[0]:
+                self.progress.best = (result.fid, self.step)
+            row[BEST_FID.name] = self.progress.best[0]
+        if num_final:
+            result = evaluate_features(features[:num_final], self.fid_reference)
+            row.update({FINAL_FID.name: result.fid, FINAL_FID_STDERR.name: result.fid_stderr, FINAL_FID_NUM_SAMPLES.name: num_final,
+                        FINAL_KID.name: result.kid, FINAL_KID_STDERR.name: result.kid_stderr})
+            self.progress.final_fid = result.fid
         if cfg.curvature.probes:
             row[CURVATURE.name], row[CURVATURE_STDERR.name] = self.curvature()
         return row, grid

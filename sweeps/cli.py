@@ -45,11 +45,14 @@ def train(
     """Train one model: TensorBoard events, metrics.jsonl, sample grids and checkpoints in OUT."""
     from diffusion_lib.build import create_trainer
     from diffusion_lib.config import load_config
+    from diffusion_lib.run_log import write_hparams_config
 
     run_config = load_config(config, set_)
     trainer = create_trainer(run_config, out, progress=progress and sys.stderr.isatty())
     if trainer.step:
         typer.echo(f"resuming {out} from step {trainer.step}", err=True)
+    else:
+        write_hparams_config(out, list(run_config.flat()))
     summary = trainer.fit()
     typer.echo(json.dumps(summary))
 
@@ -73,14 +76,17 @@ def fid(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch_size: int = typer.Option(200, help="Inception batch size."),
 ):
-    """Print the FID between two sources, like `python -m pytorch_fid A B`."""
-    from diffusion_lib.metrics.fid import frechet_distance, stats_of_source
+    """Print the FID between two sources, like `python -m pytorch_fid A B` (the same number, by
+    the exact symmetric-eigenvalue route instead of scipy's general matrix square root)."""
+    from diffusion_lib.metrics.fid import stats_of_source
+    from diffusion_lib.metrics.frechet import FrechetReference
 
     for source in (source_a, source_b):
         if not source.exists():
             raise ConfigError(f"{source}: no such folder or file")
     features = _features(weights, device, batch_size)
-    typer.echo(f"FID: {frechet_distance(stats_of_source(source_a, features), stats_of_source(source_b, features))}")
+    a, b = stats_of_source(source_a, features), stats_of_source(source_b, features)
+    typer.echo(f"FID: {FrechetReference.from_stats(a.mu, a.sigma).fid_from_stats(b.mu, b.sigma)}")
 
 
 @app.command("fid-stats")
@@ -125,8 +131,16 @@ def describe(spec) -> str:
         n = 0
         for point in spec.grid_points():
             for _ in range(spec.num_samples):
-                n += 1
-                lines.append(f"  {n:>3}  {short_params(point) or '(base config)'}" + ("  + sampled" if sampled else ""))
+                for seed in spec.seeds if spec.repeats > 1 else [None]:
+                    n += 1
+                    label = short_params({**point, **({"train.seed": seed} if seed is not None else {})}) or "(base config)"
+                    lines.append(f"  {n:>3}  {label}" + ("  + sampled" if sampled else ""))
+    costs = [("without early stopping", spec.cost())]
+    if asha.type == "asha":
+        costs.append((f"with ASHA's nominal cuts (1/{asha.reduction_factor:g} promoted at each rung)", spec.asha_cost()))
+    for what, cost in costs:
+        lines.append(f"cost {what}: {cost['steps']:,} training steps ({cost['images']:,} images), "
+                     f"{cost['fid_samples']:,} FID samples, {cost['inception_images']:,} images through Inception (reference included)")
     lines.append(f"{spec.num_trials} trials")
     return "\n".join(lines)
 
@@ -149,6 +163,8 @@ def run(
 
     spec = load_spec(spec_path, set_, name=name, storage=storage)
     typer.echo(describe(spec))
+    for warning in spec.warnings():
+        typer.echo(f"warning: {warning}", err=True)
     if dry_run:
         for warning in dry_run_warnings(spec, address or os.environ.get("RAY_ADDRESS")):
             typer.echo(f"warning: {warning}", err=True)
@@ -205,3 +221,23 @@ def analyze(
     for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"wrote {(out or experiment_dir / 'analysis') / 'report.md'}")
+
+
+@app.command()
+@exits_2_on_bad_input
+def status(
+    experiment_dir: Path = typer.Argument(..., help="An experiment directory (storage/name)."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh every --interval seconds until Ctrl-C."),
+    interval: float = typer.Option(10.0, "--interval", min=0.1, help="Seconds between refreshes with --watch."),
+):
+    """Each trial's status, step, latest and best FID and wall time, read from files only (no Ray):
+    works while the sweep runs, after it ended or was killed, from any machine seeing the storage."""
+    from .status import refresh, watch as watch_status
+
+    def warn(line: str) -> None:
+        typer.echo(line, err=True)
+
+    if watch:
+        watch_status(experiment_dir, interval, typer.echo, warn, clear=sys.stdout.isatty())
+    else:
+        refresh(experiment_dir, typer.echo, warn, clear=False)

@@ -4,6 +4,8 @@ trainable); `analysis` and `sweep status` read these names from here. No Ray imp
     <storage>/<name>/
         sweep.json                  the spec's metric, mode and searched keys (sweep run)
         experiment_summary.json     each trial's final status and error (sweep run, at the end)
+        fid_reference/*.npz         the FID reference statistics every trial uses (sweep run, at the start)
+        events.out.tfevents.*.hparams   TensorBoard's HParams columns for all trials (sweep run)
         <trial_id>_<label>/         one folder per trial (Ray Tune), with
             trial.json              searched values, full config, node (the trainable)
             metrics.jsonl, events…, samples/   (diffusion_lib.run_log)
@@ -20,6 +22,7 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|W
 
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILE = "experiment_summary.json"
+REFERENCE_DIR = "fid_reference"
 TRIAL_FILE = "trial.json"  # the trial's searched values, full config and node (params.json is Ray's)
 RAY_CHECKPOINT_GLOB = "checkpoint_*"
 RAY_ERROR_FILE = "error.txt"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -9,10 +10,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from diffusion_lib.atomic import atomic_write_text
-from diffusion_lib.build import create_trainer
+from diffusion_lib.build import create_trainer, resolve_device
 from diffusion_lib.config import ConfigError
+from diffusion_lib.data import ImageDataset, load_dataset
+from diffusion_lib.metrics.fid import FeatureExtractor, InceptionFeatures, reference_statistics
+from diffusion_lib.run_log import write_hparams_config
 
-from .layout import RAY_ERROR_FILE, SUMMARY_FILE, SWEEP_FILE, one_line_error
+from .layout import RAY_ERROR_FILE, REFERENCE_DIR, SUMMARY_FILE, SWEEP_FILE, one_line_error
 from .spec import SweepSpec, short_params
 from .trainable import TrainerFactory, train_trial
 from diffusion_lib.milestone import STEP, TRAIN_LOSS
@@ -94,8 +98,11 @@ def run_sweep(
     address: Optional[str] = None,
     resume: bool = False,
     make_trainer: TrainerFactory = create_trainer,
+    features: Optional[FeatureExtractor] = None,
 ):
-    """Run the sweep to completion (or resume it) and return Ray Tune's ResultGrid."""
+    """Run the sweep to completion (or resume it) and return Ray Tune's ResultGrid.
+
+    `features` computes the sweep's FID reference (default: pytorch-fid's Inception)."""
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # loggers are chosen in make_tuner_parts
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the CLIReporter table with our columns
     # Every milestone report carries a checkpoint by design; Ray's warning about that is noise here.
@@ -110,21 +117,56 @@ def run_sweep(
     if not resume and exists:
         raise ConfigError(f"{path} already holds experiment {spec.name!r}; pass --resume to finish it or --name to start another")
 
+    data = load_dataset(spec.run_config.data)  # bad data is exit 2 before Ray starts
     if not ray.is_initialized():
         start_ray(address or os.environ.get("RAY_ADDRESS"))
     check_resources(spec, ray.cluster_resources())
+    spec = with_shared_fid_reference(spec, data, features)
     wrapped, tune_config, run_config = make_tuner_parts(spec, make_trainer)
     if resume:
         tuner = tune.Tuner.restore(path, trainable=wrapped, resume_unfinished=True, resume_errored=True)
     else:
         param_space = {key: dist.tune_domain() for key, dist in spec.search.items()}
+        if spec.repeats > 1:
+            param_space["train.seed"] = tune.grid_search(spec.seeds)
         tuner = tune.Tuner(wrapped, param_space=param_space, tune_config=tune_config, run_config=run_config)
     if "://" not in path:  # what analysis needs to read the experiment from files alone
+        if not resume:
+            write_hparams_config(Path(path), searched_hparams(spec))
         atomic_write_text(Path(path) / SWEEP_FILE, json.dumps({"metric": spec.metric, "mode": spec.mode, "search": {k: {d.kind: list(d.args)} for k, d in spec.search.items()}}, indent=1))
     results = tuner.fit()
     if "://" not in path:
         write_summary(results, Path(path))
     return results
+
+
+def with_shared_fid_reference(spec: SweepSpec, data: ImageDataset, features: Optional[FeatureExtractor]) -> SweepSpec:
+    """The spec with `fid.reference` set to reference statistics computed once, here, for all
+    trials, and stored with the experiment (it also records which reference every FID of the
+    sweep was measured against). Otherwise each concurrent trial on a machine with an empty
+    cache would run the same Inception pass. Left to the trials when the searched keys change
+    the reference (data, fid.ref_num_images), FID is off, or the storage is a URI."""
+    config = spec.run_config
+    fid_on = config.fid.num_samples or config.fid.final_num_samples or "fid.num_samples" in spec.search
+    per_trial = any(key in ("data", "fid.ref_num_images") or key.startswith("data.") for key in spec.search)
+    if not fid_on or per_trial or config.fid.reference or "://" in spec.experiment_path:
+        return spec
+    folder = Path(spec.experiment_path) / REFERENCE_DIR
+    features = features or InceptionFeatures(config.fid.weights, resolve_device(config.train.device), config.fid.batch_size)
+    reference = reference_statistics(data, features, config.fid.ref_num_images, folder)
+    return dataclasses.replace(spec, run_config=config.with_overrides({"fid.reference": str(folder / reference.name)}))
+
+
+def searched_hparams(spec: SweepSpec) -> list[str]:
+    """The searched keys as dotted config keys: the HParams view's columns (a searched section
+    shows each key its variants set)."""
+    names = []
+    for key, dist in spec.search.items():
+        if dist.is_listed and all(isinstance(v, dict) for v in dist.args):
+            names += [f"{key}.{k}" for v in dist.args for k in v if f"{key}.{k}" not in names]
+        else:
+            names.append(key)
+    return names
 
 
 def start_ray(address: Optional[str]) -> None:

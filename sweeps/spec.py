@@ -125,6 +125,7 @@ class SweepSpec:
     seed: int = 0
     resources: Resources = field(default_factory=Resources)
     fail_on_trial_error: bool = True  # `sweep run` exits 1 when a trial errors (after its retries)
+    repeats: int = opt(1, AT_LEAST_1)  # runs of each grid configuration, each with its own train.seed
 
     def __post_init__(self) -> None:
         """Checks that span several fields."""
@@ -143,8 +144,82 @@ class SweepSpec:
             raise ConfigError("metric: val/fid needs fid.num_samples > 0 in the run config")
         if self.metric == CURVATURE.name and self.run_config.curvature.probes == 0:
             raise ConfigError("metric: curvature/hutch_trace_mean needs curvature.probes > 0 in the run config")
-        if self.scheduler.type == "asha" and self.scheduler.grace_period is None:
-            self.scheduler.grace_period = self.run_config.eval.every
+        if self.repeats > 1 and (self.algorithm != "grid" or "train.seed" in self.search):
+            raise ConfigError("repeats: seed repeats need algorithm grid and train.seed not searched (repeats set the seeds)")
+        if self.scheduler.type == "asha":
+            if self.scheduler.grace_period is None:
+                self.scheduler.grace_period = self.run_config.eval.every
+            for every in self.candidates("eval.every"):
+                off = [rung for rung in self.asha_rungs() if rung % every]
+                if off:
+                    raise ConfigError(
+                        f"scheduler.grace_period: ASHA would compare trials at step {off[0]}, which is not a milestone "
+                        f"(eval.every = {every}); use a grace period that is a multiple of eval.every (and a whole reduction_factor)"
+                    )
+
+    def candidates(self, key: str) -> list[Any]:
+        """The values a run-config key takes across the sweep (its searched values, or the base's)."""
+        if key in self.search:
+            return self.search[key].candidates()
+        section, name = key.split(".")
+        if section in self.search:
+            return [v.get(name, getattr(getattr(self.run_config, section), name)) for v in self.search[section].args]
+        return [self.run_config.flat()[key]]
+
+    def asha_rungs(self) -> list[int]:
+        """The steps at which ASHA compares trials: grace_period · reduction_factor^k below max_t."""
+        rungs, rung, max_t = [], float(self.scheduler.grace_period), self.max_total_steps()
+        while rung < max_t:
+            rungs.append(round(rung, 6))
+            rung *= self.scheduler.reduction_factor
+        return [int(r) if float(r).is_integer() else r for r in rungs]
+
+    def cost(self, stop_at: Optional[int] = None) -> dict[str, int]:
+        """What the sweep costs if every trial stops at `stop_at` steps (its own total when None
+        or larger): training steps and images, generated FID samples, and images through
+        Inception (the reference once, then every FID sample). Exact for grids; a sampled key
+        counts at its largest value, so Optuna and random searches get an upper bound."""
+        def largest(dist: Distribution) -> Any:
+            numbers = [v for v in dist.candidates() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            return max(numbers) if numbers else dist.candidates()[0]
+
+        sampled = {k: largest(d) for k, d in self.search.items() if not d.is_grid}
+        per_point = self.num_trials // max(len(self.grid_points()), 1)
+        totals = dict.fromkeys(("steps", "images", "fid_samples"), 0)
+        for point in self.grid_points() or [{}]:
+            config = self.trial_config({**sampled, **point})
+            steps = min(stop_at or config.train.total_steps, config.train.total_steps)
+            milestones = -(-steps // config.eval.every)  # ceil: the last step is a milestone too
+            finished = steps == config.train.total_steps
+            totals["steps"] += per_point * steps
+            totals["images"] += per_point * steps * config.train.batch_size
+            totals["fid_samples"] += per_point * (milestones * config.fid.num_samples + (config.fid.final_num_samples if finished else 0))
+        fid, data = self.run_config.fid, self.run_config.data
+        reference = (fid.ref_num_images or data.num_images or 50_000) if totals["fid_samples"] else 0  # 50,000: CIFAR-10's
+        return {"trials": self.num_trials, **totals, "inception_images": reference + totals["fid_samples"]}
+
+    def asha_cost(self) -> dict[str, int]:
+        """`cost()` if ASHA promoted exactly 1/reduction_factor of the trials at each rung (its
+        nominal schedule; asynchronous promotion can let more through early on)."""
+        rungs = [int(r) for r in self.asha_rungs()] + [self.max_total_steps()]
+        shares = [self.scheduler.reduction_factor ** -k for k in range(len(rungs))]
+        stopping = [a - b for a, b in zip(shares, shares[1:] + [0.0])]  # trials that stop at each rung
+        totals = [self.cost(stop_at=r) for r in rungs]
+        return {key: round(sum(s * t[key] for s, t in zip(stopping, totals))) if key != "trials" else totals[0][key] for key in totals[0]}
+
+    def warnings(self) -> list[str]:
+        """What makes a search measure something else than it claims, short of an error."""
+        found = []
+        if self.scheduler.type == "asha":
+            grace = self.scheduler.grace_period
+            for decay in self.candidates("ema.decay"):
+                if decay**grace > 0.05:
+                    found.append(
+                        f"ema.decay={decay}: at ASHA's first rung (step {grace}) {decay**grace:.0%} of the EMA weights that FID "
+                        "is measured on are still the random initialisation, so the rung compares EMA lag, not models; "
+                        "lower ema.decay or raise scheduler.grace_period"
+                    )
+        return found
 
     @property
     def grid_keys(self) -> list[str]:
@@ -158,7 +233,12 @@ class SweepSpec:
     def num_trials(self) -> int:
         if self.algorithm == "optuna":
             return self.num_samples
-        return len(self.grid_points()) * self.num_samples
+        return len(self.grid_points()) * self.num_samples * self.repeats
+
+    @property
+    def seeds(self) -> list[int]:
+        """The training seeds of each configuration's repeats."""
+        return [self.run_config.train.seed + i for i in range(self.repeats)]
 
     def max_total_steps(self) -> int:
         """The longest trial's `train.total_steps` (ASHA's max_t)."""

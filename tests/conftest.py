@@ -67,10 +67,10 @@ def trainer_with_parts(config: RunConfig, run_dir: Path, *, trainer_class: type 
     data = load_dataset(config.data)
     model, diffusion, default_loss = create_model_and_diffusion(config, torch.device("cpu"))
     if config.fid.num_samples or config.fid.final_num_samples:
-        from diffusion_lib.metrics.fid import reference_stats
+        from diffusion_lib.metrics.fid import reference_statistics
 
         kwargs.setdefault("features", StandInFeatures())
-        kwargs.setdefault("fid_reference", reference_stats(data, kwargs["features"], config.fid.ref_num_images, config.fid.cache_dir))
+        kwargs.setdefault("fid_reference", reference_statistics(data, kwargs["features"], config.fid.ref_num_images, config.fid.cache_dir))
     loss = loss_class(diffusion, config.loss.weighting, config.loss.minsnr_gamma) if loss_class else default_loss
     return trainer_class(config, run_dir, model=model, diffusion=diffusion, loss=loss, data=data, **kwargs)
 

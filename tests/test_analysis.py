@@ -42,10 +42,13 @@ def experiment(tmp_path_factory) -> Path:
     try:
         for module in (sys.modules[__name__], conftest):
             ray.cloudpickle.register_pickle_by_value(module)  # workers cannot import tests
-        results = run_sweep(spec, make_trainer=trainer_with_standin_fid)
+        driver_features = StandInFeatures()
+        results = run_sweep(spec, make_trainer=trainer_with_standin_fid, features=driver_features)
     finally:
         ray.shutdown()
     assert not results.errors
+    assert driver_features.calls == 1  # the sweep's one reference pass
+    assert not (tmp / "fid_cache").exists()  # no trial computed a reference of its own
     return Path(results.experiment_path)
 
 
@@ -80,6 +83,14 @@ def test_tables_have_one_row_per_trial_and_milestone_with_documented_dtypes(anal
         f"(select trial_id, min(\"val/fid\") as best from '{analysed / 'milestones.parquet'}' group by trial_id) m using (trial_id)"
     ).fetchall()
     assert all(a == pytest.approx(b) for a, b in joined)
+
+
+def test_every_fid_row_names_the_one_reference_stored_with_the_experiment(experiment, analysed):
+    milestones = pq.read_table(analysed / "milestones.parquet").to_pylist()
+    names = {row["val/fid_reference"] for row in milestones}
+    assert len(names) == 1 and (experiment / "fid_reference" / names.pop()).is_file()
+    assert {row["val/fid_num_samples"] for row in milestones} == {8}  # one count at every milestone, the last too
+    assert {row["val/final_fid_num_samples"] for row in milestones if row["val/final_fid"] is not None} == {16}
 
 
 def test_best_grid_comes_from_the_lowest_fid_checkpoint_and_is_reproducible(analysed, tmp_path):

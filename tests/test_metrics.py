@@ -15,8 +15,11 @@ import torchvision.utils
 from diffusion_lib.data import ImageDataset, float_to_uint8, load_dataset, uint8_to_float
 from diffusion_lib.config import DataConfig
 from diffusion_lib.metrics.curvature import hutchinson_trace
-from diffusion_lib.metrics.fid import FeatureStats, InceptionFeatures, frechet_distance, reference_stats
+from diffusion_lib.metrics.fid import FeatureStats, InceptionFeatures, reference_statistics
+from diffusion_lib.metrics.frechet import FrechetReference
 from diffusion_lib.build import create_trainer
+from diffusion_lib.milestone import HPARAMS_METRICS
+from diffusion_lib.run_log import write_hparams_config
 from sweeps.cli import app
 from conftest import CIFAR_ROOT, FID_WEIGHTS, needs_cifar, needs_fid_weights, tiny_config
 
@@ -35,24 +38,26 @@ def test_fid_of_features_equals_the_closed_form_frechet_distance():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(4000, 6)) @ rng.normal(size=(6, 6))
     b = rng.normal(loc=0.5, size=(3000, 6)) @ rng.normal(size=(6, 6))
-    ours = frechet_distance(FeatureStats.from_features(a), FeatureStats.from_features(b))
+    ours = FrechetReference.from_features(b).fid(a)
     expected = closed_form_frechet(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     assert ours == pytest.approx(expected, rel=1e-6)
-    assert frechet_distance(FeatureStats.from_features(a), FeatureStats.from_features(a)) == pytest.approx(0, abs=1e-6)
+    assert FrechetReference.from_features(a).fid(a) == pytest.approx(0, abs=1e-6)
 
 
 def test_reference_statistics_are_cached_and_invalidated_by_new_data(tmp_path, standin_features):
     data = load_dataset(DataConfig(name="shapes", num_images=50))
-    first = reference_stats(data, standin_features, None, str(tmp_path))
+    first = reference_statistics(data, standin_features, None, str(tmp_path))
     assert standin_features.calls == 1
-    second = reference_stats(data, standin_features, None, str(tmp_path))
+    second = reference_statistics(data, standin_features, None, str(tmp_path))
     assert standin_features.calls == 1  # a hit: no feature pass
-    np.testing.assert_array_equal(first.mu, second.mu)
+    np.testing.assert_array_equal(first.frechet.sqrt_sigma, second.frechet.sqrt_sigma)
+    np.testing.assert_array_equal(first.kid_features, second.kid_features)
+    assert first.name == second.name and first.num_images == 50
     changed = ImageDataset("shapes", data.images.clone())
     changed.images[0, 0, 0, 0] ^= 1
-    reference_stats(changed, standin_features, None, str(tmp_path))
+    reference_statistics(changed, standin_features, None, str(tmp_path))
     assert standin_features.calls == 2
-    reference_stats(data, standin_features, 20, str(tmp_path))  # another count is another entry
+    reference_statistics(data, standin_features, 20, str(tmp_path))  # another count is another entry
     assert standin_features.calls == 3
 
 
@@ -158,21 +163,31 @@ def test_a_missing_weights_file_is_named(tmp_path):
         InceptionFeatures(str(tmp_path / "nowhere.pth"))
 
 
-def test_tensorboard_reader_finds_fid_and_hparams(tmp_path, standin_features):
+def test_tensorboard_reader_finds_fid_and_hparams_from_the_first_moment(tmp_path, standin_features):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
+    class Stopped(Exception):
+        pass
+
+    def stop_at_first_milestone(row, path):  # as ASHA ends a trial: fit() never returns
+        raise Stopped
+
     config = tiny_config(fid={"num_samples": 8, "final_num_samples": 8, "cache_dir": str(tmp_path / "cache")}, curvature={"probes": 2})
-    create_trainer(config, tmp_path / "run", features=standin_features, progress=False).fit()
+    with pytest.raises(Stopped):
+        create_trainer(config, tmp_path / "run", features=standin_features, progress=False).fit(on_milestone=stop_at_first_milestone)
+    write_hparams_config(tmp_path / "run", ["loss.weighting", "train.batch_size"])
     events = EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     events.Reload()
     scalars = events.Tags()["scalars"]
-    assert {"val/fid", "val/fid_num_samples", "train/loss", "curvature/hutch_trace_mean", "loss/t_bucket_0"} <= set(scalars)
-    assert [e.step for e in events.Scalars("val/fid")] == [10, 20]
+    assert {"val/fid", "val/fid_stderr", "val/kid", "val/best_fid", "train/loss", "curvature/hutch_trace_mean", "loss/t_bucket_0"} <= set(scalars)
+    assert [e.step for e in events.Scalars("val/fid")] == [10]
     assert "samples" in events.Tags()["images"]
     hparams = events.PluginTagToContent("hparams")
     session = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
     assert session.hparams["loss.weighting"].string_value == "constant"
     assert session.hparams["train.batch_size"].number_value == 8
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
-    assert {m.name.tag for m in experiment.metric_infos} == {"val/best_fid", "val/final_fid"}
+    assert [m.name.tag for m in experiment.metric_infos] == [m.name for m in HPARAMS_METRICS]
+    assert [h.name for h in experiment.hparam_infos] == ["loss.weighting", "train.batch_size"]
+    assert set(m.name for m in HPARAMS_METRICS) <= set(scalars) | {"val/final_fid"}  # every declared column is logged

@@ -21,7 +21,7 @@ def test_every_shipped_spec_passes_dry_run(spec):
     trial_lines = [line for line in lines if re.match(r"^\s+\d+\s+\S", line)]
     expected = load_spec(spec).num_trials
     assert [int(line.split()[0]) for line in trial_lines] == list(range(1, expected + 1))
-    assert lines[-1] == f"{expected} trials"
+    assert f"{expected} trials" in lines
 
 
 def test_min_snr_spec_is_the_gamma_grid_plus_the_baseline():
@@ -44,6 +44,8 @@ BAD_SPECS = [
     ({"search": {"loss": {"grid": [{"weighting": "min_snr", "minsnr_gamma": -1}]}}}, "loss.minsnr_gamma"),
     ({"search": {"loss": {"choice": [{"weighting": "constant"}]}}, "algorithm": "optuna"}, "Optuna cannot search a whole section"),
     ({"search": {"loss": {"uniform": [1, 2]}}}, "a whole section is searched with grid or choice"),
+    ({"search": {"optim.lr": {"grid": [1e-4]}}, "scheduler": {"type": "asha", "grace_period": 15}}, "step 15, which is not a milestone"),
+    ({"search": {"optim.lr": {"grid": [1e-4]}}, "algorithm": "random", "repeats": 2}, "repeats"),
 ]
 
 

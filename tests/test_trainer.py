@@ -85,15 +85,22 @@ def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
         create_trainer(tiny_config(train={"total_steps": 30}), tmp_path, progress=False)
 
 
-def test_fid_milestones_use_their_sample_counts_and_keep_the_best_checkpoint(tmp_path, standin_features):
-    config = tiny_config(train={"total_steps": 30}, fid={"num_samples": 8, "final_num_samples": 16, "cache_dir": str(tmp_path / "cache")})
-    trainer = create_trainer(config, tmp_path / "run", features=standin_features, progress=False)
+def test_every_milestone_fid_shares_one_sample_count_and_the_final_count_is_reported_apart(tmp_path, standin_features):
+    """FID falls as the sample count grows, so a best taken across counts favours the final,
+    larger evaluation by bias alone: `val/fid` (and so the best and the kept checkpoint) uses
+    fid.num_samples at every milestone, the last one too; the final count is `val/final_fid`."""
+    config = tiny_config(train={"total_steps": 30}, fid={"num_samples": 8, "final_num_samples": 64, "cache_dir": str(tmp_path / "cache")})
+    with pytest.warns(UserWarning, match="fewer than the 2048 Inception features"):
+        trainer = create_trainer(config, tmp_path / "run", features=standin_features, progress=False)
     summary = trainer.fit()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["val/fid_num_samples"] for r in rows] == [8, 8, 16]
+    assert [r["val/fid_num_samples"] for r in rows] == [8, 8, 8]
+    assert [r.get("val/final_fid_num_samples") for r in rows] == [None, None, 64]
     best = min(rows, key=lambda r: r["val/fid"])
     assert summary["best_fid"] == best["val/fid"] and summary["best_step"] == best["step"]
-    assert summary["final_fid"] == rows[-1]["val/fid"]
+    assert [r["val/best_fid"] for r in rows] == [min(r["val/fid"] for r in rows[: i + 1]) for i in range(3)]
+    assert summary["final_fid"] == rows[-1]["val/final_fid"] != rows[-1]["val/fid"]
+    assert all(r["val/fid_stderr"] > 0 and r["val/kid_stderr"] > 0 for r in rows)
     assert set(list_checkpoints(tmp_path / "run" / CHECKPOINT_DIR)) == {30, best["step"]}
 
 

@@ -1,13 +1,16 @@
-"""Fréchet Inception Distance (Heusel et al. 2017) with pytorch-fid's Inception network.
+"""FID (Heusel et al. 2017) and KID (Bińkowski et al. 2018) with pytorch-fid's Inception network.
 
 Images travel as uint8 tensors, in memory: generated samples are quantised exactly as a PNG
 would store them (`data.float_to_uint8`), then fed to pytorch-fid's `InceptionV3` as
 uint8/255, the same values its CLI gets from `ToTensor()` on the PNG. So a milestone FID
-equals `python -m pytorch_fid` on the same images written to disk, without the disk.
+equals `python -m pytorch_fid` on the same images written to disk, without the disk; the
+Fréchet distance itself is computed exactly by `frechet.FrechetReference` (tested against
+pytorch-fid's `calculate_frechet_distance`), with a standard error, and KID from the same features.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +21,18 @@ import numpy as np
 import torch
 from PIL import Image
 from pytorch_fid import inception as pytorch_fid_inception
-from pytorch_fid.fid_score import calculate_frechet_distance
 
 from . import full_fp32
 from ..atomic import atomic_path
 from ..config import WEIGHTS_ENV, ConfigError
 from ..data import IMAGE_SUFFIXES, ImageDataset
+from .frechet import FrechetReference, fid_standard_error
+from .kid import kernel_inception_distance
 
 FEATURE_DIMS = 2048
+CIFAR10_TRAIN_IMAGES = 50_000  # the reference every published CIFAR-10 FID uses
+FID_JACKKNIFE_GROUPS = 25  # fewer with fewer samples; see frechet.fid_standard_error
+KID_REFERENCE_IMAGES = 10_000  # reference features kept for KID (its subsets draw 1,000 at a time)
 
 # uint8 images (N, 3, H, W) on any device -> float64 features (N, D)
 FeatureExtractor = Callable[[torch.Tensor], np.ndarray]
@@ -115,27 +122,73 @@ class FeatureStats:
             raise ConfigError(f"{path}: not a FID statistics file with 'mu' and 'sigma' ({err})") from None
 
 
-def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
-    """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½), by pytorch-fid's own implementation."""
-    return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+@dataclass(frozen=True)
+class FidReference:
+    """What every FID and KID of a run is measured against: the real images' Fréchet statistics
+    (with Σ^½ computed once) and up to KID_REFERENCE_IMAGES of their features for KID. Saved as
+    an .npz that pytorch-fid's CLI also reads (`mu`, `sigma`)."""
+
+    frechet: FrechetReference
+    kid_features: np.ndarray  # (≤ KID_REFERENCE_IMAGES, D) float32
+    name: str  # the statistics file's name: which reference an FID row was measured against
+
+    @property
+    def num_images(self) -> int:
+        return self.frechet.num_images
+
+    @classmethod
+    def from_features(cls, features: np.ndarray, name: str) -> "FidReference":
+        return cls(FrechetReference.from_features(features), features[:KID_REFERENCE_IMAGES].astype(np.float32), name)
+
+    def save(self, path: str | os.PathLike) -> None:
+        f = self.frechet
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as out:
+                np.savez(out, mu=f.mu, sigma=f.sigma, sqrt_sigma=f.sqrt_sigma, num_images=f.num_images, kid_features=self.kid_features)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FidReference":
+        try:
+            with np.load(path) as f:
+                frechet = FrechetReference(f["mu"], f["sigma"], f["sqrt_sigma"], int(f["num_images"]))
+                return cls(frechet, f["kid_features"], Path(path).name)
+        except (OSError, KeyError, ValueError) as err:
+            raise ConfigError(f"{path}: not a reference statistics file written by this product ({err})") from None
 
 
-def reference_stats(
-    data: ImageDataset, features: FeatureExtractor, num_images: Optional[int], cache_dir: Optional[str]
-) -> FeatureStats:
-    """Statistics of the first `num_images` training images (all when None), cached on disk.
+@dataclass(frozen=True)
+class FidResult:
+    fid: float
+    fid_stderr: float
+    kid: float
+    kid_stderr: float
 
-    The cache key is the data set's name, a fingerprint of the images' bytes and the count, so
+
+def evaluate_features(features: np.ndarray, reference: FidReference) -> FidResult:
+    """FID and KID of generated features, each with its standard error, from one Inception pass
+    (standard errors are NaN below 4 samples, where a jackknife has nothing to delete)."""
+    n = features.shape[0]
+    kid, kid_stderr = kernel_inception_distance(features, reference.kid_features) if n >= 4 else (math.nan, math.nan)
+    fid_stderr = fid_standard_error(reference.frechet, features, num_groups=min(FID_JACKKNIFE_GROUPS, n - 2)) if n >= 4 else math.nan
+    return FidResult(reference.frechet.fid(features), fid_stderr, kid, kid_stderr)
+
+
+def reference_statistics(
+    data: ImageDataset, features: FeatureExtractor, num_images: Optional[int], cache_dir: Optional[str | os.PathLike]
+) -> FidReference:
+    """The reference of the first `num_images` training images (all when None), cached on disk.
+
+    The file name is the data set's name, a fingerprint of the images' bytes and the count, so
     a hit costs no Inception pass and changed data never reuse stale statistics.
     """
     images = data.images if num_images is None else data.images[:num_images]
     subset = ImageDataset(data.name, images)
     path = Path(cache_dir or Path.home() / ".cache" / "diffusion_sweeps" / "fid") / f"{data.name}-{subset.fingerprint}-{len(subset)}.npz"
     if path.is_file():
-        return FeatureStats.load(path)
-    stats = FeatureStats.from_features(features(subset.images))
-    stats.save(path)
-    return stats
+        return FidReference.load(path)
+    reference = FidReference.from_features(features(subset.images), path.name)
+    reference.save(path)
+    return reference
 
 
 def load_image_folder(folder: str | os.PathLike) -> list[torch.Tensor]:

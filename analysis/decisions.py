@@ -1,0 +1,175 @@
+"""Comparisons that respect the noise: configurations (seed repeats grouped), effects of each
+searched key called effects only beyond two standard errors, and whether ASHA's early cuts can be
+trusted here (rank agreement between an early milestone and the end).
+
+The rule, used in every sentence: two numbers differ when their gap exceeds twice its standard
+error, √(se_a² + se_b²). A configuration's standard error is the seed spread, sd/√K, when it ran
+with K ≥ 2 seeds (that spread holds the sampling noise too), else the FID's own jackknife
+standard error at its best milestone (sampling noise only: training noise is then unmeasured).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from scipy import stats
+
+from diffusion_lib.milestone import FID, FID_NUM_SAMPLES, FID_REF_NUM_IMAGES, FID_REFERENCE, FID_STDERR, STEP
+
+from .experiment import Experiment, Trial, is_finite_number
+
+SEED_KEY = "train.seed"
+NOISE_MULTIPLE = 2.0  # an effect is a gap beyond this many standard errors
+
+
+@dataclass
+class Configuration:
+    """The trials that share every searched value but the seed."""
+
+    searched: dict[str, Any]
+    trials: list[Trial] = field(default_factory=list)
+    best_fids: list[float] = field(default_factory=list)  # same-count best FID of each finished seed
+    stderrs: list[float] = field(default_factory=list)  # the FID's own standard error at that best
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.best_fids) if self.best_fids else math.nan
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.best_fids) if len(self.best_fids) >= 2 else math.nan
+
+    @property
+    def stderr(self) -> float:
+        if len(self.best_fids) >= 2:
+            return self.sd / math.sqrt(len(self.best_fids))
+        return self.stderrs[0] if self.stderrs else math.nan
+
+
+def fid_basis(row: dict[str, Any]) -> tuple:
+    """What an FID was measured with: its sample count and its reference. FIDs are compared only
+    when these agree (FID is biased by the count, and each reference is its own yardstick)."""
+    return row.get(FID_NUM_SAMPLES.name), row.get(FID_REFERENCE.name) or row.get(FID_REF_NUM_IMAGES.name)
+
+
+def comparable_basis(experiment: Experiment) -> tuple[Optional[tuple], list[str]]:
+    """The FID basis most trials share, and a warning naming the trials measured otherwise."""
+    bases: dict[tuple, list[str]] = {}
+    for trial in experiment.trials:
+        for row in trial.milestones:
+            if is_finite_number(row.get(FID.name)):
+                bases.setdefault(fid_basis(row), [])
+                if trial.trial_id not in bases[fid_basis(row)]:
+                    bases[fid_basis(row)].append(trial.trial_id)
+    if not bases:
+        return None, []
+    common = max(bases, key=lambda b: len(bases[b]))
+    others = sorted({t for b, ts in bases.items() if b != common for t in ts})
+    warnings = []
+    if others:
+        warnings.append(
+            f"FIDs measured at another sample count or against another reference than {common[0]} samples / "
+            f"reference {common[1]} are not ranked with the others: {', '.join(others)}"
+        )
+    return common, warnings
+
+
+def best_comparable(trial: Trial, basis: Optional[tuple]) -> Optional[dict[str, Any]]:
+    """The trial's lowest-FID milestone among those measured on `basis`."""
+    rows = [r for r in trial.milestones if is_finite_number(r.get(FID.name)) and fid_basis(r) == basis]
+    return min(rows, key=lambda r: r[FID.name]) if rows else None
+
+
+def configurations(experiment: Experiment, basis: Optional[tuple]) -> list[Configuration]:
+    """Trials grouped by their searched values without the seed, best mean FID first."""
+    groups: dict[str, Configuration] = {}
+    for trial in experiment.trials:
+        searched = {k: v for k, v in trial.searched.items() if k != SEED_KEY}
+        group = groups.setdefault(repr(sorted(searched.items())), Configuration(searched))
+        group.trials.append(trial)
+        best = best_comparable(trial, basis)
+        if best is not None:
+            group.best_fids.append(best[FID.name])
+            group.stderrs.append(best.get(FID_STDERR.name) if is_finite_number(best.get(FID_STDERR.name)) else math.nan)
+    return sorted(groups.values(), key=lambda c: (not c.best_fids, c.mean if c.best_fids else 0.0))
+
+
+def difference(a: Configuration, b: Configuration) -> tuple[float, float, bool]:
+    """(b − a, its standard error, whether it exceeds the noise)."""
+    gap = b.mean - a.mean
+    stderr = math.hypot(a.stderr, b.stderr)
+    return gap, stderr, math.isfinite(stderr) and abs(gap) > NOISE_MULTIPLE * stderr
+
+
+def fmt(value: float, stderr: float) -> str:
+    return f"{value:.4g} ± {stderr:.2g}" if math.isfinite(stderr) else f"{value:.4g} (± unknown)"
+
+
+def effect_sentences(configs: list[Configuration], keys: list[str]) -> list[str]:
+    """One sentence per searched key: the best configuration at each of its values, compared
+    with the best at the key's best value — an effect, or within noise."""
+    sentences = []
+    for key in keys:
+        if key == SEED_KEY:
+            continue
+        best_at: dict[str, Configuration] = {}
+        for config in configs:  # configs are sorted best first
+            if config.best_fids and key in config.searched:
+                best_at.setdefault(repr(config.searched[key]), config)
+        if len(best_at) < 2:
+            continue
+        name = key.split(".")[-1]
+        ranked = list(best_at.values())
+        winner = ranked[0]
+        parts = []
+        for other in ranked[1:]:
+            gap, stderr, real = difference(winner, other)
+            verdict = "an effect" if real else "within noise"
+            parts.append(f"{name} = {other.searched[key]}: {fmt(other.mean, other.stderr)} ({verdict}: {gap:+.3g} ± {stderr:.2g})")
+        sentences.append(
+            f"Best {FID.name} is at {name} = {winner.searched[key]} ({fmt(winner.mean, winner.stderr)}); " + "; ".join(parts) + "."
+        )
+    return sentences
+
+
+@dataclass
+class RankAgreement:
+    step: int
+    num_trials: int
+    tau: float
+    p_value: float
+
+    @property
+    def sentence(self) -> str:
+        base = (f"Early stopping: FID at step {self.step} and at the end agree in rank with Kendall's τ = {self.tau:.2f} "
+                f"over {self.num_trials} trials (p = {self.p_value:.2g})")
+        if self.num_trials >= 4 and self.tau >= 0.6 and self.p_value < 0.05:
+            return base + ": strong agreement, so cuts at this step keep the trials that end best."
+        return base + ": too weak to trust ASHA's cuts at this step."
+
+
+def rank_agreement(experiment: Experiment, basis: Optional[tuple]) -> list[RankAgreement]:
+    """For each earlier milestone step, Kendall's τ (scipy) between the same-count FID there and
+    at the end, over the trials that ran to the end (the sweep's last step); needs ≥ 3 of them."""
+    finals, at_step = {}, {}
+    for trial in experiment.trials:
+        rows = [r for r in trial.milestones if is_finite_number(r.get(FID.name)) and fid_basis(r) == basis]
+        if len(rows) < 2:
+            continue
+        finals[trial.trial_id] = rows[-1]
+        for row in rows[:-1]:
+            at_step.setdefault(row[STEP.name], {})[trial.trial_id] = row[FID.name]
+    if not finals:
+        return []
+    end = max(row[STEP.name] for row in finals.values())
+    agreements = []
+    for step, fids in sorted(at_step.items()):
+        ids = [t for t in fids if finals[t][STEP.name] == end]
+        if len(ids) < 3:
+            continue
+        tau, p_value = stats.kendalltau([fids[t] for t in ids], [finals[t][FID.name] for t in ids])
+        agreements.append(RankAgreement(step, len(ids), float(tau), float(p_value)))
+    return agreements
