@@ -1,19 +1,28 @@
-"""`sweep analyze`: tables, grids, plots and report.md for an experiment, from its files alone."""
+"""`sweep analyze`: tables, grids, plots, report.md and report.html for an experiment, from its files alone."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from optuna import load_study
 
 from diffusion_lib.atomic import atomic_write_text
 from diffusion_lib.config import ConfigError
 
 from . import plots
-from .experiment import Experiment, Trial, load_experiment
+from .blocks import Block, BulletList, Code, Heading, Image, Paragraph, Table, to_html, to_markdown
+from .decisions import (
+    NOISE_MULTIPLE, SEED_KEY, Configuration, RankAgreement, best_comparable, comparable_basis, configurations, effect_sentences,
+    rank_agreement,
+)
+from .experiment import Experiment, Trial, is_finite_number, load_experiment
 from .grids import denoising_diagnostic, sample_grid
-from .tables import milestones_table, trials_table, write_table
-from diffusion_lib.milestone import CURVATURE, FID, FID_NUM_SAMPLES, STEP, TRAIN_LOSS, WALL_TIME
+from .study import STUDY_FILE, param_importances, parallel_coordinates, write_optuna_study
+from .tables import configurations_table, milestones_table, trials_table, write_table
+from diffusion_lib.milestone import CURVATURE, FID, FID_NUM_SAMPLES, FID_STDERR, STEP, TRAIN_LOSS, WALL_TIME
 
 TOP_K = 3
 
@@ -26,42 +35,20 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def effect_sentences(experiment: Experiment) -> list[str]:
-    """One sentence per searched key: how the best metric moves with it, computed from the table."""
-    metric, better = experiment.metric, (min if experiment.mode == "min" else max)
-    sentences = []
-    for key in experiment.searched_keys:
-        by_value: dict[Any, float] = {}
-        for trial in experiment.trials:
-            best = trial.best_milestone(metric, experiment.mode)
-            if best is not None and key in trial.searched:
-                value = trial.searched[key]
-                by_value[value] = better(by_value.get(value, best[metric]), best[metric])
-        if len(by_value) < 2:
-            continue
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in by_value)
-        values = sorted(by_value, key=lambda v: v if numeric else str(v))
-        name = key.split(".")[-1]
-        if len(values) == 2:
-            a, b = by_value[values[0]], by_value[values[1]]
-            verb = "falls" if b < a else "rises" if b > a else "stays"
-            sentences.append(f"Best {metric} {verb} from {_fmt(a)} to {_fmt(b)} as {name} goes {_fmt(values[0])} → {_fmt(values[1])}.")
-        else:
-            listing = ", ".join(f"{_fmt(v)}: {_fmt(by_value[v])}" for v in values)
-            winner = better(values, key=lambda v: by_value[v])
-            sentences.append(f"Best {metric} by {name}: {listing}; the best is at {name} = {_fmt(winner)}.")
-    return sentences
-
-
-def _ranked(experiment: Experiment) -> list[tuple[Trial, Optional[dict]]]:
+def _ranked(experiment: Experiment, basis: Optional[tuple]) -> list[tuple[Trial, Optional[dict]]]:
+    """Every trial with its best milestone, best first. FIDs are ranked only on the common basis
+    (sample count and reference): a trial measured otherwise has no rank."""
     metric, mode = experiment.metric, experiment.mode
-    scored = [(t, t.best_milestone(metric, mode)) for t in experiment.trials]
+    if metric == FID.name:
+        scored = [(t, best_comparable(t, basis)) for t in experiment.trials]
+    else:
+        scored = [(t, t.best_milestone(metric, mode)) for t in experiment.trials]
     sign = 1 if mode == "min" else -1
     return sorted(scored, key=lambda tb: (tb[1] is None, sign * tb[1][metric] if tb[1] else 0.0))
 
 
 def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = TOP_K) -> list[str]:
-    """Write trials/milestones tables, grids, plots and report.md; return the warnings met."""
+    """Write trials/milestones tables, grids, plots, report.md and report.html; return the warnings met."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{path}: no such experiment directory")
@@ -73,11 +60,17 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
     warnings = experiment.warnings
     metric = experiment.metric
 
+    basis, basis_warnings = comparable_basis(experiment)
+    warnings += basis_warnings
+    configs = configurations(experiment, basis)
     write_table(trials_table(experiment), out, "trials", arrow_too=True)
     write_table(milestones_table(experiment), out, "milestones")
+    write_table(configurations_table(configs), out, "configurations")
+    study = load_study(study_name=path.name, storage=f"sqlite:///{write_optuna_study(experiment, out / STUDY_FILE)}")
+    importances, importance_trials = param_importances(study)
 
     images: list[tuple[str, Path]] = []
-    ranked = _ranked(experiment)
+    ranked = _ranked(experiment, basis)
     with_checkpoint = [(t, t.best_milestone(metric, experiment.mode, checkpointed=True)) for t, _ in ranked]
     with_checkpoint = [(t, m) for t, m in with_checkpoint if m is not None]
     for trial, best in ranked:
@@ -103,41 +96,120 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
         plots.overlay(experiment, STEP.name, CURVATURE.name, "training step", "Hutchinson tr(H)", "Curvature vs step", out / "curvature_vs_step.png"),
         plots.overlay(experiment, WALL_TIME.name, FID.name, "wall time (s)", "FID", "FID vs wall time", out / "fid_vs_wall_time.png", count=FID_NUM_SAMPLES.name),
         *[plots.best_by_key(experiment, key, out / f"best_by_{key.replace('/', '_')}.png") for key in experiment.searched_keys],
+        parallel_coordinates(study, out / "parallel_coordinates.png"),
     ]
     plot_images = [(p.stem.replace("_", " "), p) for p in figures if p is not None]
 
-    atomic_write_text(out / "report.md", render_report(experiment, ranked, plot_images + images, warnings, out))
+    write_report(ReportData(experiment, ranked, plot_images + images, warnings, configs, importances, importance_trials,
+                            rank_agreement(experiment, basis)), out)
     return warnings
 
 
-def render_report(experiment, ranked, images, warnings, out: Path) -> str:
-    metric, keys = experiment.metric, experiment.searched_keys
-    lines = [
-        f"# Sweep report: {experiment.path.name}",
-        "",
-        f"{len(experiment.trials)} trials; metric `{metric}` ({experiment.mode}). "
-        "Tables: `trials.parquet` / `trials.arrow`, `milestones.parquet`.",
-        "",
-        "## Trials, best first",
-        "",
-        "| trial | status | " + " | ".join(k.split(".")[-1] for k in keys) + f" | best {metric} | at step | final train/loss | wall time (s) |",
-        "|" + "---|" * (len(keys) + 6),
+# --- The report: a list of sections, each a function returning blocks ------------------------
+# report.md and report.html are both rendered from the one block list (analysis/blocks.py). To
+# add a section, write `def _my_section(report: ReportData) -> list[Block]` and put it in SECTIONS
+# (add a field to ReportData if it needs something computed in analyze_experiment).
+
+
+@dataclass
+class ReportData:
+    """What the report's sections are built from."""
+
+    experiment: Experiment
+    ranked: list[tuple[Trial, Optional[dict]]]  # every trial with its best milestone, best first
+    images: list[tuple[str, Path]]  # (caption, file): plots, then sample grids and diagnostics
+    warnings: list[str]
+    configurations: list[Configuration]  # seed repeats grouped, best mean first
+    importances: dict[str, float]  # Optuna's importance of each searched key
+    importance_trials: int  # finished trials the importances rest on
+    rank_agreements: list[RankAgreement]
+
+
+def _summary_section(report: ReportData) -> list[Block]:
+    experiment = report.experiment
+    return [
+        Heading(f"Sweep report: {experiment.path.name}", level=1),
+        Paragraph((f"{len(experiment.trials)} trials; metric ", Code(experiment.metric), f" ({experiment.mode}). Tables: ",
+                   Code("trials.parquet"), " / ", Code("trials.arrow"), ", ", Code("milestones.parquet"), ".")),
     ]
-    for trial, best in ranked:
+
+
+def _trials_section(report: ReportData) -> list[Block]:
+    experiment = report.experiment
+    metric, keys = experiment.metric, experiment.searched_keys
+    header = ["trial", "status", *(k.split(".")[-1] for k in keys), f"best {metric}", "at step", "final train/loss", "wall time (s)"]
+    rows = []
+    for trial, best in report.ranked:
         last = trial.milestones[-1] if trial.milestones else {}
-        cells = [trial.trial_id, trial.status, *(_fmt(trial.searched.get(k)) for k in keys),
-                 _fmt(best[metric] if best else None), _fmt(best[STEP.name] if best else None),
-                 _fmt(last.get(TRAIN_LOSS.name)), _fmt(last.get(WALL_TIME.name))]
-        lines.append("| " + " | ".join(cells) + " |")
+        value = _fmt(best[metric] if best else None)
+        if best is not None and metric == FID.name and is_finite_number(best.get(FID_STDERR.name)):
+            value = f"{value} ± {best[FID_STDERR.name]:.2g}"
+        rows.append([trial.trial_id, trial.status, *(_fmt(trial.searched.get(k)) for k in keys),
+                     value, _fmt(best[STEP.name] if best else None),
+                     _fmt(last.get(TRAIN_LOSS.name)), _fmt(last.get(WALL_TIME.name))])
+    blocks: list[Block] = [Heading("Trials, best first"), Table(header, rows, id="trials")]
     errors = [t for t in experiment.trials if t.error]
     if errors:
-        lines += ["", "Errors (full tracebacks in each trial's error.txt):", *[f"- `{t.trial_id}`: {t.error}" for t in errors]]
-    lines += ["", "## Effects", ""]
-    lines += [f"- {s}" for s in effect_sentences(experiment)] or ["- Too few finished trials to compare."]
-    lines += ["", "## Figures", ""]
-    for caption, path in images:
-        if path.is_file():
-            lines += [f"### {caption}", "", f"![{caption}]({path.relative_to(out).as_posix()})", ""]
-    if warnings:
-        lines += ["## Problems met while analysing", "", *[f"- {w}" for w in warnings]]
-    return "\n".join(lines) + "\n"
+        blocks.append(BulletList([(Code(t.trial_id), f": {t.error}") for t in errors],
+                                 intro="Errors (full tracebacks in each trial's error.txt):"))
+    return blocks
+
+
+def _configurations_section(report: ReportData) -> list[Block]:
+    """Seed repeats grouped: mean ± sd of the same-count best FID across seeds."""
+    configs = [c for c in report.configurations if c.best_fids]
+    if not any(len(c.trials) > 1 for c in configs):
+        return []
+    keys = [k for k in report.experiment.searched_keys if k != SEED_KEY]
+    rows = [[*(_fmt(c.searched.get(k)) for k in keys), str(len(c.best_fids)), _fmt(c.mean), _fmt(c.sd), _fmt(c.stderr)] for c in configs]
+    return [Heading("Configurations over seeds, best first"),
+            Table([*(k.split(".")[-1] for k in keys), "seeds", f"mean best {FID.name}", "sd", "standard error"], rows, id="configurations")]
+
+
+def _effects_section(report: ReportData) -> list[Block]:
+    sentences = effect_sentences(report.configurations, report.experiment.searched_keys)
+    rule = (f"A difference is called an effect when it exceeds {NOISE_MULTIPLE:g} standard errors of the gap "
+            "(seed spread with repeats, else the FID's jackknife standard error); otherwise it is within noise.")
+    return [Heading("Effects"), Paragraph(rule), BulletList(sentences or ["Too few finished trials to compare."])]
+
+
+def _importance_section(report: ReportData) -> list[Block]:
+    if not report.importances:
+        return []
+    ranked = ", ".join(f"{key} {share:.2f}" for key, share in report.importances.items())
+    return [Heading("Which knob matters"),
+            Paragraph(f"Optuna's PED-ANOVA importance of each searched key for {report.experiment.metric}, over "
+                      f"{report.importance_trials} finished trials (a ranking, not a test: with few trials it is a hint): {ranked}.")]
+
+
+def _early_stopping_section(report: ReportData) -> list[Block]:
+    if not report.rank_agreements:
+        return []
+    return [Heading("Is early stopping safe here?"), BulletList([a.sentence for a in report.rank_agreements])]
+
+
+def _figures_section(report: ReportData) -> list[Block]:
+    return [Heading("Figures"), *[Image(caption, path) for caption, path in report.images]]
+
+
+def _problems_section(report: ReportData) -> list[Block]:
+    return [Heading("Problems met while analysing"), BulletList(report.warnings)] if report.warnings else []
+
+
+SECTIONS: list[Callable[[ReportData], list[Block]]] = [
+    _summary_section, _trials_section, _configurations_section, _effects_section, _importance_section,
+    _early_stopping_section, _figures_section, _problems_section,
+]
+
+
+def report_blocks(report: ReportData) -> list[Block]:
+    """The sections' blocks, less any image whose file is missing (a plot with nothing to draw)."""
+    blocks = [block for section in SECTIONS for block in section(report)]
+    return [b for b in blocks if not (isinstance(b, Image) and not b.path.is_file())]
+
+
+def write_report(report: ReportData, out: Path) -> None:
+    """report.md (images linked, relative to `out`) and report.html (self-contained), both in `out`."""
+    blocks = report_blocks(report)
+    atomic_write_text(out / "report.md", to_markdown(blocks, out))
+    atomic_write_text(out / "report.html", to_html(blocks))

@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 
 from diffusion_lib.atomic import atomic_path
 from diffusion_lib.milestone import (
-    CURVATURE, FID, FID_NUM_SAMPLES, IMAGES_SEEN, MILESTONE_METRICS, STEP, TRAIN_LOSS, WALL_TIME, Metric,
+    CURVATURE, FID, FID_NUM_SAMPLES, FID_REF_NUM_IMAGES, FID_STDERR, FINAL_FID, FINAL_FID_NUM_SAMPLES, FINAL_FID_STDERR, IMAGES_SEEN, MILESTONE_METRICS, STEP, TRAIN_LOSS, WALL_TIME, Metric,
 )
 
+from .decisions import Configuration
 from .experiment import Experiment
 
 
@@ -28,7 +29,7 @@ def arrow_type(metric: Metric) -> pa.DataType:
 
 
 MILESTONES_SCHEMA = pa.schema([("trial_id", pa.string()), *[(m.name, arrow_type(m)) for m in MILESTONE_METRICS]])
-FINAL_METRICS = [TRAIN_LOSS, FID, FID_NUM_SAMPLES, CURVATURE]
+FINAL_METRICS = [TRAIN_LOSS, FID, FID_NUM_SAMPLES, CURVATURE, FINAL_FID, FINAL_FID_STDERR, FINAL_FID_NUM_SAMPLES, FID_REF_NUM_IMAGES]
 TRIAL_COLUMNS = pa.schema(
     [
         ("trial_id", pa.string()),
@@ -38,6 +39,7 @@ TRIAL_COLUMNS = pa.schema(
         ("best.value", pa.float64()),
         ("best.step", pa.int64()),
         ("best.val/fid", pa.float64()),
+        ("best.val/fid_stderr", pa.float64()),
         ("best.val/fid_step", pa.int64()),
         ("final.step", pa.int64()),
         *[(f"final.{m.name}", arrow_type(m)) for m in FINAL_METRICS],
@@ -90,6 +92,7 @@ def trials_table(experiment: Experiment) -> pa.Table:
             "best.value": best[metric] if best else None,
             "best.step": best[STEP.name] if best else None,
             "best.val/fid": best_fid[FID.name] if best_fid else None,
+            "best.val/fid_stderr": best_fid.get(FID_STDERR.name) if best_fid else None,
             "best.val/fid_step": best_fid[STEP.name] if best_fid else None,
             "final.step": last.get(STEP.name),
             **{f"final.{m.name}": last.get(m.name) for m in FINAL_METRICS},
@@ -113,3 +116,15 @@ def write_table(table: pa.Table, out_dir: Path, stem: str, arrow_too: bool = Fal
     if arrow_too:
         with atomic_path(out_dir / f"{stem}.arrow") as tmp:
             feather.write_feather(table, tmp, compression="uncompressed")
+
+
+def configurations_table(configs: list[Configuration]) -> pa.Table:
+    """One row per configuration (trials sharing every searched value but the seed): its searched
+    values as JSON, the seeds behind it, and mean, sd and standard error of the best FID."""
+    rows = [{"searched": json.dumps(c.searched, sort_keys=True), "trials": ",".join(t.trial_id for t in c.trials),
+             "seeds": len(c.best_fids), "mean_best_fid": c.mean, "sd_best_fid": c.sd, "stderr_best_fid": c.stderr} for c in configs]
+    return pa.Table.from_pylist(rows, schema=CONFIGURATIONS_SCHEMA)
+
+
+CONFIGURATIONS_SCHEMA = pa.schema([("searched", pa.string()), ("trials", pa.string()), ("seeds", pa.int64()),
+                                   ("mean_best_fid", pa.float64()), ("sd_best_fid", pa.float64()), ("stderr_best_fid", pa.float64())])

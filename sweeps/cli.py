@@ -17,6 +17,9 @@ import typer
 
 from diffusion_lib.config import ConfigError
 
+from .console import one_line_warnings
+
+one_line_warnings()
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
 SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set train.batch_size=128 (repeatable).")
@@ -180,7 +183,9 @@ def report_results(spec, results, *, analyze: bool) -> int:
 
     try:
         best = results.get_best_result(metric=spec.metric, mode=spec.mode, scope="all")
-        typer.echo(f"best {spec.metric}: {best.metrics.get(spec.metric)} in {Path(best.path).name}")
+        history = best.metrics_dataframe[spec.metric]  # the Result's own metrics are its last report
+        value = history.min() if spec.mode == "min" else history.max()
+        typer.echo(f"best {spec.metric}: {value:.6g} in {Path(best.path).name}")
     except RuntimeError:
         typer.echo(f"no trial reported {spec.metric}")
     errored = [r for r in results if r.error]

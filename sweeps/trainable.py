@@ -26,6 +26,7 @@ from diffusion_lib.config import RunConfig, flatten
 from diffusion_lib.run_log import METRICS_FILE
 from diffusion_lib.trainer import Trainer
 
+from .console import one_line_warnings
 from .layout import TRIAL_FILE
 
 # (config, run_dir, *, checkpoint_dir, resume_from, progress) -> Trainer; tests hand in their own.
@@ -35,6 +36,7 @@ TrainerFactory = Callable[..., Trainer]
 def train_trial(searched: dict[str, Any], *, base: RunConfig, make_trainer: TrainerFactory = create_trainer) -> None:
     """Ray Tune function trainable; `searched` is the trial's point in the search space."""
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint otherwise
+    one_line_warnings()
     config = base.with_overrides(searched)
     run_dir = Path.cwd()
     params = {"searched": flatten(searched), "config": config.flat(), "node_id": ray.get_runtime_context().get_node_id()}

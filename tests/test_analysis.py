@@ -93,6 +93,18 @@ def test_every_fid_row_names_the_one_reference_stored_with_the_experiment(experi
     assert {row["val/final_fid_num_samples"] for row in milestones if row["val/final_fid"] is not None} == {16}
 
 
+def test_the_sweep_is_an_optuna_study_that_optunas_tools_read(experiment, analysed):
+    import optuna
+
+    study = optuna.load_study(study_name=experiment.name, storage=f"sqlite:///{analysed / 'study.db'}")
+    milestones = pd.read_parquet(analysed / "milestones.parquet")
+    assert len(study.trials) == 2 and sorted(t.params["optim.lr"] for t in study.trials) == [1e-4, 2e-3]
+    for t in study.trials:
+        rows = milestones[milestones["trial_id"] == t.user_attrs["trial_id"]]
+        assert t.intermediate_values == dict(zip(rows["step"], rows["val/fid"]))
+    assert set(optuna.importance.get_param_importances(study)) == {"optim.lr"}
+
+
 def test_best_grid_comes_from_the_lowest_fid_checkpoint_and_is_reproducible(analysed, tmp_path):
     milestones = pd.read_parquet(analysed / "milestones.parquet")
     best = milestones.loc[milestones["val/fid"].idxmin()]
@@ -107,13 +119,15 @@ def test_best_grid_comes_from_the_lowest_fid_checkpoint_and_is_reproducible(anal
 
 
 def test_plots_are_valid_pngs_and_the_report_links_only_existing_files(analysed):
-    for name in ["fid_vs_step", "loss_vs_step", "curvature_vs_step", "fid_vs_wall_time", "best_by_optim.lr", "best_grid", "grid_rank2", "denoise"]:
+    for name in ["fid_vs_step", "loss_vs_step", "curvature_vs_step", "fid_vs_wall_time", "best_by_optim.lr", "best_grid", "grid_rank2", "denoise",
+                 "parallel_coordinates"]:
         data = (analysed / f"{name}.png").read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 2000, name
     report = (analysed / "report.md").read_text()
     links = [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
     assert len(links) >= 7 and all((analysed / link).is_file() for link in links)
-    assert "Best val/fid" in report and "as lr goes 0.0001 → 0.002" in report
+    assert "Best val/fid is at lr = " in report and ("(an effect:" in report or "(within noise:" in report)
+    assert "Which knob matters" in report and "over 2 finished trials" in report
 
 
 def test_damaged_files_are_reported_and_the_rest_still_written(experiment, tmp_path):
