@@ -39,7 +39,7 @@ FINAL_FID_STDERR = Metric("val/final_fid_stderr", float, "standard error of `val
 FINAL_FID_NUM_SAMPLES = Metric("val/final_fid_num_samples", int, "generated images behind `val/final_fid` and `val/final_kid`")
 FINAL_KID = Metric("val/final_kid", float, "after the last step only: KID of the final samples")
 FINAL_KID_STDERR = Metric("val/final_kid_stderr", float, "standard error of `val/final_kid`")
-CURVATURE = Metric("curvature/hutch_trace_mean", float, "Hutchinson estimate of the loss Hessian's trace on the fixed probe batch", rankable=True)
+CURVATURE = Metric("curvature/hutch_trace_mean", float, "Hutchinson estimate of the Hessian trace of the unweighted ε-space MSE on the fixed probe batch", rankable=True)
 CURVATURE_STDERR = Metric("curvature/hutch_trace_stderr", float, "standard error of `curvature/hutch_trace_mean` over the probes")
 
 MILESTONE_METRICS: tuple[Metric, ...] = (

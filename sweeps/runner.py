@@ -163,10 +163,10 @@ def searched_hparams(spec: SweepSpec) -> list[str]:
     names = []
     for key, dist in spec.search.items():
         if dist.is_listed and all(isinstance(v, dict) for v in dist.args):
-            names += [f"{key}.{k}" for v in dist.args for k in v if f"{key}.{k}" not in names]
+            names += [f"{key}.{k}" for v in dist.args for k in v]
         else:
             names.append(key)
-    return names
+    return list(dict.fromkeys(names))
 
 
 def start_ray(address: Optional[str]) -> None:

@@ -40,13 +40,20 @@ def test_kill_minus_9_then_resume_finishes_without_recomputing(tmp_path):
             found[path.parent.name] = rows
         return found
 
-    # Wait for one finished trial and one with a checkpointed milestone, then kill everything.
+    def recorded_by_ray(trial: str) -> bool:
+        """Ray saves its experiment state (which names each trial's latest checkpoint) every few
+        seconds; a checkpoint written after the last save is, rightly, not resumed from."""
+        states = list(experiment.glob("experiment_state-*.json"))
+        newest_checkpoint = max(p.stat().st_mtime for p in (experiment / trial).glob("checkpoint_*"))
+        return bool(states) and max(p.stat().st_mtime for p in states) > newest_checkpoint + 0.5
+
+    # Wait for one finished trial and one with a checkpoint Ray has recorded, then kill everything.
     deadline = time.time() + 240
     while time.time() < deadline:
         found = metrics_by_trial()
         done = [t for t, rows in found.items() if rows and rows[-1]["step"] == 200]
         started = [t for t, rows in found.items() if rows and rows[-1]["step"] < 200 and list((experiment / t).glob("checkpoint_*"))]
-        if done and started:
+        if done and started and recorded_by_ray(started[0]):
             break
         time.sleep(0.2)
     else:

@@ -64,6 +64,25 @@ def test_optuna_with_asha_stops_the_clearly_worse_arm_early(tmp_path, local_ray)
     assert set(final_steps) == {3e-3, 1e-8}  # both arms explored
     assert any(step < 60 for step in final_steps[1e-8])  # ASHA stopped the bad arm early
     assert max(final_steps[3e-3]) == 60
+    # TensorBoard's HParams view knows every trial, the ones ASHA stopped too, by its own reader.
+    for result in results:
+        (session,) = hparams_sessions(Path(result.path))
+        assert session.hparams["optim.lr"].number_value == result.config["optim.lr"]
+
+
+def hparams_sessions(run_dir: Path) -> list:
+    """Every HParams session-start record in a run's TensorBoard events, read by TensorBoard."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    sessions = []
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(events)).Load():
+            for value in event.summary.value:
+                if value.tag == "_hparams_/session_start_info":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    sessions.append(data.session_start_info)
+    return sessions
 
 
 def pickle_tests_by_value() -> None:
@@ -121,6 +140,7 @@ def test_max_failures_retries_a_crashed_trial_from_its_last_checkpoint(tmp_path,
     assert [r["step"] for r in rows] == [10, 20, 30, 40]
     # Resumed from the step-10 checkpoint: that milestone (wall time included) was not recomputed.
     assert rows[0] == before_crash[0]
+    assert len(hparams_sessions(Path(results[0].path))) == 1  # the resumed trial is one HParams session
 
 
 def test_a_gpu_spec_on_a_cpu_only_cluster_is_refused_before_any_trial(tmp_path, local_ray):

@@ -90,9 +90,13 @@ def test_every_milestone_fid_shares_one_sample_count_and_the_final_count_is_repo
     larger evaluation by bias alone: `val/fid` (and so the best and the kept checkpoint) uses
     fid.num_samples at every milestone, the last one too; the final count is `val/final_fid`."""
     config = tiny_config(train={"total_steps": 30}, fid={"num_samples": 8, "final_num_samples": 64, "cache_dir": str(tmp_path / "cache")})
-    with pytest.warns(UserWarning, match="fewer than the 2048 Inception features"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer = create_trainer(config, tmp_path / "run", features=standin_features, progress=False)
-    summary = trainer.fit()
+        summary = trainer.fit()
+    said = [str(w.message) for w in caught]
+    assert sum("fewer than the 2048 Inception features" in m for m in said) == 1  # once per run, not per milestone
+    assert sum("the FID reference holds 64 shapes images, not the 50,000" in m for m in said) == 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["val/fid_num_samples"] for r in rows] == [8, 8, 8]
     assert [r.get("val/final_fid_num_samples") for r in rows] == [None, None, 64]

@@ -1,0 +1,184 @@
+"""FID and KID as statistics: the fast FID against pytorch-fid and closed forms, KID against the
+unbiased MMD² written out and a closed-form population value, and both standard errors against
+the spread actually observed over independent sets of generated samples."""
+
+from math import comb
+
+import numpy as np
+import pytest
+
+from conftest import SHARED
+from diffusion_lib.metrics.frechet import FrechetReference, fid_standard_error
+from diffusion_lib.metrics.kid import kernel_inception_distance
+
+POOL3 = SHARED / "data" / "inception_pool3_train_subset.npy"
+needs_pool3 = pytest.mark.skipif(
+    not POOL3.is_file(), reason=f"the real Inception pool3 features are not at {POOL3} (../shared is absent)"
+)
+
+
+@pytest.fixture(scope="module")
+def pool3() -> np.ndarray:
+    """5,085 × 2,048 float64 Inception pool3 features of CIFAR-10 training images."""
+    return np.load(POOL3).astype(np.float64)
+
+
+def sqrt_psd(matrix: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(matrix)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+# --- FID -------------------------------------------------------------------------------------
+
+
+@needs_pool3
+def test_fid_equals_pytorch_fid_with_fewer_and_with_more_samples_than_dimensions(pool3):
+    """1,500 generated samples take the N×N Gram route, 2,500 the D×D one (D = 2,048)."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    real = pool3[:2585]
+    reference = FrechetReference.from_features(real)
+    for n in (1500, 2500):
+        generated = pool3[2585 : 2585 + n]
+        theirs = calculate_frechet_distance(
+            generated.mean(0), np.cov(generated, rowvar=False), real.mean(0), np.cov(real, rowvar=False)
+        )
+        assert reference.fid(generated) == pytest.approx(theirs, rel=1e-6)
+
+    # pytorch-fid's sqrtm adds √(round-off) for each of Σ_g's 549 zero eigenvalues (≈ 5e-7
+    # relative); the sum of singular values of (X − μ) Σ_r^½ / √(N−1), which equal the square
+    # roots of the nonzero eigenvalues of Σ_r^½ Σ_g Σ_r^½, has no such term.
+    generated = pool3[2585:4085]
+    centered = generated - generated.mean(0)
+    sqrt_sigma_r = sqrt_psd(np.cov(real, rowvar=False))
+    trace_sqrt = np.linalg.svd(centered @ sqrt_sigma_r, compute_uv=False).sum() / np.sqrt(len(generated) - 1)
+    exact = (
+        np.sum((real.mean(0) - generated.mean(0)) ** 2)
+        + np.trace(np.cov(real, rowvar=False))
+        + np.sum(centered**2) / (len(generated) - 1)
+        - 2 * trace_sqrt
+    )
+    assert reference.fid(generated) == pytest.approx(exact, rel=1e-10)
+
+
+@needs_pool3
+def test_fid_from_stats_agrees_with_fid_of_features_for_a_rank_deficient_reference(pool3):
+    real = pool3[:1085]  # fewer images than dimensions: Σ_r has 964 zero eigenvalues
+    reference = FrechetReference.from_features(real)
+    again = FrechetReference.from_stats(real.mean(0), np.cov(real, rowvar=False), len(real))
+    for generated in (pool3[1085:1335], pool3[1085:3585]):
+        from_stats = again.fid_from_stats(generated.mean(0), np.cov(generated, rowvar=False))
+        assert reference.fid(generated) == pytest.approx(from_stats, rel=1e-9)
+    assert reference.fid(real) == pytest.approx(0, abs=1e-6)
+
+
+def test_fid_from_stats_equals_the_closed_form_for_commuting_covariances():
+    """Diagonal covariances: FID = ‖μ₁ − μ₂‖² + Σ (√a_i − √b_i)², zero variances included."""
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(0, 3, size=50), rng.uniform(0, 3, size=50)
+    a[:10] = 0
+    b[5:20] = 0
+    mu1, mu2 = rng.normal(size=50), rng.normal(size=50)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    rotation = np.linalg.qr(rng.normal(size=(50, 50)))[0]  # a shared basis keeps them commuting
+    fid = FrechetReference.from_stats(mu1, rotation @ np.diag(a) @ rotation.T).fid_from_stats(mu2, rotation @ np.diag(b) @ rotation.T)
+    assert fid == pytest.approx(expected, rel=1e-9)
+
+
+@needs_pool3
+def test_fid_standard_error_matches_the_spread_over_disjoint_sample_sets(pool3):
+    """Reference fixed (1,085 images); 16 disjoint sets of 250 generated samples."""
+    reference = FrechetReference.from_features(pool3[:1085])
+    sets = pool3[1085 : 1085 + 16 * 250].reshape(16, 250, -1)
+    observed = np.std([reference.fid(x) for x in sets], ddof=1)
+    reported = np.array([fid_standard_error(reference, x) for x in sets])
+    assert 1 / 1.5 < reported.mean() / observed < 1.5
+    assert np.all((reported > observed / 2) & (reported < observed * 2))  # each set on its own
+
+
+@pytest.mark.parametrize("dims, n", [(16, 100), (64, 40)], ids=["N>D", "N<D"])
+def test_fid_standard_error_matches_the_spread_over_200_synthetic_sample_sets(dims, n):
+    rng = np.random.default_rng(dims)
+    reference = FrechetReference.from_features(rng.normal(size=(5000, dims)))
+    mixing = rng.normal(size=(dims, dims)) / np.sqrt(dims)
+    sets = [rng.normal(size=(n, dims)) @ mixing + 0.3 for _ in range(200)]
+    observed = np.std([reference.fid(x) for x in sets], ddof=1)
+    reported = np.mean([fid_standard_error(reference, x) for x in sets])
+    assert 0.8 < reported / observed < 1.25
+
+
+# --- KID -------------------------------------------------------------------------------------
+
+
+def unbiased_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Gretton et al. (2012) MMD²_u with the KID kernel, pair by pair."""
+    def k(a, b):
+        return (a @ b / len(a) + 1) ** 3
+
+    n, m = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_on_the_full_sets_is_the_unbiased_mmd2_and_its_stderr_the_delete_one_jackknife():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 8)), rng.normal(0.3, 1.2, size=(50, 8))
+    kid, stderr = kernel_inception_distance(x, y, num_subsets=1, subset_size=50)
+    assert kid == pytest.approx(unbiased_mmd2(x, y), rel=1e-10)
+    replicates = np.array([unbiased_mmd2(np.delete(x, i, axis=0), y) for i in range(len(x))])
+    jackknife = np.sqrt((len(x) - 1) / len(x) * np.sum((replicates - replicates.mean()) ** 2))
+    assert stderr == pytest.approx(jackknife, rel=1e-8)
+
+
+def test_kid_over_many_small_subsets_averages_to_the_full_set_value_and_adds_their_noise():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(40, 8)), rng.normal(0.3, 1.2, size=(50, 8))
+    full, full_stderr = kernel_inception_distance(x, y, num_subsets=1, subset_size=50)
+    kid, stderr = kernel_inception_distance(x, y, num_subsets=4000, subset_size=10)
+    subset_noise = np.sqrt(stderr**2 - full_stderr**2)
+    assert subset_noise > 0
+    assert abs(kid - full) < 4 * subset_noise
+
+
+def gaussian_moments(mu: np.ndarray, cov: np.ndarray) -> list[np.ndarray]:
+    """E[x], E[x⊗x], E[x⊗x⊗x] of x ~ N(mu, cov)."""
+    third = np.einsum("a,b,c->abc", mu, mu, mu)
+    third += np.einsum("a,bc->abc", mu, cov) + np.einsum("b,ac->abc", mu, cov) + np.einsum("c,ab->abc", mu, cov)
+    return [mu, np.outer(mu, mu) + cov, third]
+
+
+def population_kid(mu_p, cov_p, mu_q, cov_q) -> float:
+    """MMD² for k(x, y) = Σ_r C(3, r) (xᵀy/d)^r: (xᵀy)^r = ⟨x^⊗r, y^⊗r⟩, so the mean embeddings
+    differ by the moment tensors, MMD² = Σ_r C(3, r) d^−r ‖E_p x^⊗r − E_q x^⊗r‖²."""
+    d = len(mu_p)
+    pairs = zip(gaussian_moments(mu_p, cov_p), gaussian_moments(mu_q, cov_q))
+    return sum(comb(3, r) * d**-r * np.sum((a - b) ** 2) for r, (a, b) in enumerate(pairs, start=1))
+
+
+def test_kid_is_near_zero_for_identical_distributions_and_finds_the_closed_form_for_a_shift():
+    """The reference is large, so its own noise (left out of the stderr) hardly counts."""
+    rng = np.random.default_rng(2)
+    d = 4
+    reference = rng.normal(size=(3000, d))
+    same, same_stderr = kernel_inception_distance(rng.normal(size=(400, d)), reference)
+    assert abs(same) < 4 * same_stderr
+
+    shift = np.full(d, 0.5)
+    expected = population_kid(np.zeros(d), np.eye(d), shift, np.eye(d))
+    shifted, shifted_stderr = kernel_inception_distance(rng.normal(size=(400, d)) + shift, reference)
+    assert shifted > 4 * shifted_stderr  # clearly positive ...
+    assert abs(shifted - expected) < 4 * shifted_stderr  # ... and the right value
+
+
+def test_kid_standard_error_matches_the_spread_over_100_sample_sets():
+    """Reference fixed; subsets smaller than the sets, so both parts of the variance count."""
+    rng = np.random.default_rng(3)
+    d = 4
+    reference = rng.normal(size=(400, d))
+    results = np.array([
+        kernel_inception_distance(rng.normal(size=(200, d)) + 0.5, reference, num_subsets=10, subset_size=100, seed=s)
+        for s in range(100)
+    ])
+    assert 0.75 < results[:, 1].mean() / results[:, 0].std(ddof=1) < 1.33
