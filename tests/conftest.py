@@ -7,10 +7,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-import yaml
+# One BLAS thread per process: tests run beside Ray workers and subprocesses on 2 cores, where
+# OpenBLAS's default of a thread per core, oversubscribed, slows the FID linear algebra 10×.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from diffusion_lib.build import create_model_and_diffusion
 from diffusion_lib.config import RunConfig

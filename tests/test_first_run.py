@@ -18,8 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 import conftest
-from analysis.report import analyze_experiment
-from conftest import FID_WEIGHTS, REPO, SHARED, TINY_RUN, needs_fid_weights, trainer_with_parts, write_spec
+from conftest import REPO, SHARED, TINY_RUN, needs_fid_weights, trainer_with_parts, write_spec
 from sweeps.cli import app, report_results
 from sweeps.runner import run_sweep
 from sweeps.spec import load_spec

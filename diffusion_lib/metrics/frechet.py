@@ -4,10 +4,11 @@ exact and fast, with a jackknife standard error over the generated samples.
     FID = ‖μ_r − μ_g‖² + tr Σ_r + tr Σ_g − 2 tr (Σ_r^½ Σ_g Σ_r^½)^½
 
 is pytorch-fid's formula with tr (Σ_r Σ_g)^½ rewritten as the trace of the square root of a
-symmetric PSD matrix (Σ_r Σ_g is similar to Σ_r^½ Σ_g Σ_r^½), i.e. the sum of the square roots of
-its eigenvalues: no general matrix square root, no complex round-off. Σ_r^½ is computed once per
-reference; each FID is then one symmetric eigenvalue problem, of size min(N, D).
-Everything runs in float64, whatever the features arrive as.
+symmetric PSD matrix (Σ_r Σ_g = Σ_r^½ (Σ_r^½ Σ_g) has the eigenvalues of (Σ_r^½ Σ_g) Σ_r^½), i.e.
+the sum of the square roots of its eigenvalues: no general matrix square root, no complex
+round-off. Σ_r^½ is computed once per reference; each FID is then one symmetric eigenvalue
+problem, of size min(N, D) for N generated samples. Everything runs in float64, whatever the
+features arrive as.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ def _sqrt_of_eigenvalues(eigenvalues: np.ndarray) -> np.ndarray:
     """√λ of a PSD matrix's computed eigenvalues, those within round-off of 0 taken as exactly 0.
 
     A covariance of N < D samples has D − N + 1 zero eigenvalues, computed as ±ε‖Σ‖; their
-    square roots, ~√(ε‖Σ‖) each, would add up to a spurious ~1e-6 of the FID. The threshold is
-    numpy.linalg.matrix_rank's: λ_max · size · ε.
+    square roots, ~√(ε‖Σ‖) each, would add up to a spurious ≈ 1e-6 of the FID (pytorch-fid's
+    sqrtm carries it). The threshold is numpy.linalg.matrix_rank's: λ_max · size · ε.
     """
     threshold = eigenvalues.max(initial=0.0) * eigenvalues.size * np.finfo(np.float64).eps
     return np.sqrt(np.where(eigenvalues > threshold, eigenvalues, 0.0))
@@ -34,10 +35,10 @@ def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
     return (eigenvectors * _sqrt_of_eigenvalues(eigenvalues)) @ eigenvectors.T
 
 
-def _as_features(features: np.ndarray) -> np.ndarray:
+def _as_features(features: np.ndarray, dims: int | None = None) -> np.ndarray:
     features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or features.shape[0] < 2:
-        raise ValueError(f"expected features of shape (N ≥ 2, D), got {features.shape}")
+    if features.ndim != 2 or features.shape[0] < 2 or features.shape[1] != (dims or features.shape[1]):
+        raise ValueError(f"expected features of shape (N ≥ 2, {dims or 'D'}), got {features.shape}")
     return features
 
 
@@ -66,7 +67,7 @@ class FrechetReference:
         return cls.from_stats(features.mean(axis=0), np.cov(features, rowvar=False), features.shape[0])
 
     def fid_from_stats(self, mu: np.ndarray, sigma: np.ndarray) -> float:
-        """FID of a Gaussian N(mu, sigma) to the reference (Heusel et al. 2017, eq. 6)."""
+        """FID of a Gaussian N(mu, sigma) to the reference (Heusel et al. 2017)."""
         mu = np.asarray(mu, dtype=np.float64)
         sigma = np.asarray(sigma, dtype=np.float64)
         eigenvalues = np.linalg.eigvalsh(self.sqrt_sigma @ sigma @ self.sqrt_sigma)
@@ -75,7 +76,7 @@ class FrechetReference:
     def fid(self, features: np.ndarray) -> float:
         """FID of generated features (N, D) to the reference: equals `fid_from_stats` of their
         mean and unbiased covariance, without forming the covariance."""
-        features = _as_features(features)
+        features = _as_features(features, self.mu.size)
         return self._fid_of_rows(features, features @ self.sqrt_sigma)
 
     def _fid_of_rows(self, features: np.ndarray, transformed: np.ndarray) -> float:
@@ -102,11 +103,12 @@ def fid_standard_error(reference: FrechetReference, features: np.ndarray, num_gr
     reference held fixed: the delete-d jackknife (Shao & Wu 1989, Ann. Statist. 17:1176), its
     deletions being `num_groups` disjoint random groups of d = N // num_groups samples,
 
-        SE² = (N − d) / (d · G) · Σ_g (FID₍₋g₎ − mean FID₍₋·₎)²,
+        SE² = (N − d) / (d · G) · Σ_g (F_g − F̄)²,
 
-    where FID₍₋g₎ is the FID of the samples outside group g. All replicates have the same size
-    N − d because the FID's bias (≈ c/N, large when N < D) would otherwise add spread of its
-    own; the N mod G samples outside every group are kept in every replicate.
+    where F_g is the FID of the samples outside group g and F̄ the mean of the G of them. All
+    replicates have the same size N − d because the FID's bias (≈ c/N, large when N < D) would
+    otherwise add spread of its own; the N mod G samples outside every group are kept in every
+    replicate.
 
     Why a jackknife: resampling with replacement (bootstrap) duplicates samples, which shrinks
     the covariance's rank and shifts the FID itself; the delta method needs the derivative of
@@ -114,9 +116,10 @@ def fid_standard_error(reference: FrechetReference, features: np.ndarray, num_gr
     Inception features (N = 250, D = 2048) the SE averages within 10% of the observed spread
     of FIDs across disjoint sample sets; more groups make it steadier from sample to sample
     (coefficient of variation ≈ 0.19 with 10 groups, 0.14 with 25, 0.10 with 125) at a cost
-    of one eigenvalue problem of size min(N − d, D) per group.
+    of one FID of N − d samples per group: ≈ 0.8 s each at N = 2,000, D = 2,048 on one core,
+    ≈ 0.03 s at N = 250.
     """
-    features = _as_features(features)
+    features = _as_features(features, reference.mu.size)
     n = features.shape[0]
     if not 2 <= num_groups <= n - 2:
         raise ValueError(f"num_groups must be in [2, N − 2] = [2, {n - 2}], got {num_groups}")
