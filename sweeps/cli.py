@@ -161,7 +161,7 @@ def run(
     analyze_after: bool = typer.Option(True, "--analyze/--no-analyze", help="Write tables, plots and report.md at the end."),
 ):
     """Run a grid, random or Optuna search with Ray Tune; resume it with --resume."""
-    from .runner import run_sweep
+    from .runner import SweepInterrupted, run_sweep
     from .spec import load_spec
 
     spec = load_spec(spec_path, set_, name=name, storage=storage)
@@ -172,7 +172,11 @@ def run(
         for warning in dry_run_warnings(spec, address or os.environ.get("RAY_ADDRESS")):
             typer.echo(f"warning: {warning}", err=True)
         return
-    results = run_sweep(spec, address=address, resume=resume)
+    try:
+        results = run_sweep(spec, address=address, resume=resume)
+    except SweepInterrupted as interrupted:
+        typer.echo(f"{interrupted}", err=True)
+        raise typer.Exit(code=130)
     raise typer.Exit(code=report_results(spec, results, analyze=analyze_after))
 
 
@@ -190,11 +194,11 @@ def report_results(spec, results, *, analyze: bool) -> int:
         typer.echo(f"no trial reported {spec.metric}")
     errored = [r for r in results if r.error]
     typer.echo(f"{len(results)} trials, {len(errored)} errored; experiment at {spec.experiment_path}")
-    if analyze and "://" not in spec.storage:
-        from analysis.report import analyze_experiment
+    if analyze:
+        from . import storage
 
-        analyze_experiment(Path(spec.experiment_path))
-        typer.echo(f"report: {Path(spec.experiment_path) / 'analysis' / 'report.md'}")
+        report, _ = storage.analyze_location(spec.experiment_path)
+        typer.echo(f"report: {report} (and report.html beside it)")
     typer.echo(f"TensorBoard: tensorboard --logdir {spec.experiment_path}")
     if not errored:
         return 0
@@ -216,33 +220,67 @@ def dry_run_warnings(spec, address: Optional[str]) -> list[str]:
 @app.command()
 @exits_2_on_bad_input
 def analyze(
-    experiment_dir: Path = typer.Argument(..., help="An experiment directory (storage/name)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: EXPERIMENT_DIR/analysis)."),
+    experiment_dir: str = typer.Argument(..., metavar="EXPERIMENT", help="An experiment directory (storage/name), or its URI (s3://bucket/prefix/name)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: EXPERIMENT/analysis, uploaded there for a URI)."),
 ):
-    """Tables (Parquet/Arrow), sample grids, plots and report.md from an experiment's files."""
-    from analysis.report import analyze_experiment
+    """Tables (Parquet/Arrow), sample grids, plots and report.md from an experiment's files.
 
-    warnings = analyze_experiment(experiment_dir, out)
+    For a URI the files analysis reads (and each trial's best checkpoint, for the sample grids)
+    are copied to a temporary local mirror first."""
+    from .storage import analyze_location
+
+    report, warnings = analyze_location(experiment_dir, out)
     for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
-    typer.echo(f"wrote {(out or experiment_dir / 'analysis') / 'report.md'}")
+    typer.echo(f"wrote {report}")
 
 
 @app.command()
 @exits_2_on_bad_input
 def status(
-    experiment_dir: Path = typer.Argument(..., help="An experiment directory (storage/name)."),
+    experiment_dir: str = typer.Argument(..., metavar="EXPERIMENT", help="An experiment directory (storage/name), or its URI (s3://bucket/prefix/name)."),
     watch: bool = typer.Option(False, "--watch", help="Refresh every --interval seconds until Ctrl-C."),
     interval: float = typer.Option(10.0, "--interval", min=0.1, help="Seconds between refreshes with --watch."),
 ):
     """Each trial's status, step, latest and best FID and wall time, read from files only (no Ray):
-    works while the sweep runs, after it ended or was killed, from any machine seeing the storage."""
+    works while the sweep runs, after it ended or was killed, from any machine seeing the storage.
+
+    For a URI the small files status reads (no checkpoints) are mirrored locally, each with its
+    object's time, and brought up to date before every refresh."""
+    import contextlib
+    import tempfile
+    import time
+
+    from . import storage
     from .status import refresh, watch as watch_status
 
-    def warn(line: str) -> None:
-        typer.echo(line, err=True)
+    with contextlib.ExitStack() as stack:
+        path, shown, sync = Path(experiment_dir), None, None
+        if storage.is_uri(experiment_dir):
+            storage.validate_storage(experiment_dir, "EXPERIMENT")
+            path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sweep-status-"))) / storage.name_of(experiment_dir)
+            shown = (str(path), experiment_dir)
+            sync = functools.partial(storage.mirror_experiment, experiment_dir, path)  # again before each refresh
+            sync()
 
-    if watch:
-        watch_status(experiment_dir, interval, typer.echo, warn, clear=sys.stdout.isatty())
-    else:
-        refresh(experiment_dir, typer.echo, warn, clear=False)
+        def show(line: str) -> str:
+            return line.replace(*shown) if shown else line
+
+        def echo(line: str) -> None:
+            typer.echo(show(line))
+
+        def warn(line: str) -> None:
+            typer.echo(show(line), err=True)
+
+        def sleep(seconds: float) -> None:
+            time.sleep(seconds)
+            if sync is not None:
+                try:
+                    sync()
+                except (ConfigError, OSError) as err:  # shown; the mirror stays as it was, retried next refresh
+                    warn(f"warning: {err}")
+
+        if watch:
+            watch_status(path, interval, echo, warn, clear=sys.stdout.isatty(), sleep=sleep)
+        else:
+            refresh(path, echo, warn, clear=False)

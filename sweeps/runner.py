@@ -6,16 +6,17 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from diffusion_lib.atomic import atomic_write_text
 from diffusion_lib.build import create_trainer, resolve_device
 from diffusion_lib.config import ConfigError
 from diffusion_lib.data import ImageDataset, load_dataset
 from diffusion_lib.metrics.fid import FeatureExtractor, InceptionFeatures, reference_statistics
 from diffusion_lib.run_log import write_hparams_config
 
+from . import storage
 from .layout import RAY_ERROR_FILE, REFERENCE_DIR, SUMMARY_FILE, SWEEP_FILE, one_line_error
 from .spec import SweepSpec, short_params
 from .trainable import TrainerFactory, train_trial
@@ -25,6 +26,16 @@ from diffusion_lib.milestone import STEP, TRAIN_LOSS
 def trial_dirname(trial) -> str:
     """A readable, unique folder (and TensorBoard run) name per trial."""
     return f"{trial.trial_id}_{short_params(trial.config)}"[:120].replace("/", "_")
+
+
+class SweepInterrupted(Exception):
+    """The sweep was stopped before every trial ended (no summary is written: it would be stale)."""
+
+
+def storage_root(spec: SweepSpec) -> str:
+    """Where the experiment's folder is made (Ray Tune's storage_path): the spec's storage, a
+    local path made absolute."""
+    return spec.storage if storage.is_uri(spec.storage) else str(Path(spec.experiment_path).parent)
 
 
 def parameter_columns(spec: SweepSpec) -> list[str]:
@@ -73,7 +84,7 @@ def make_tuner_parts(spec: SweepSpec, make_trainer: TrainerFactory) -> tuple[Any
     )
     run_config = tune.RunConfig(
         name=spec.name,
-        storage_path=spec.experiment_path.rsplit("/", 1)[0],
+        storage_path=storage_root(spec),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         # The newest checkpoint is always kept (for resume) plus the best by the metric (for analysis).
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=spec.metric, checkpoint_score_order=spec.mode),
@@ -111,6 +122,7 @@ def run_sweep(
     from ray import tune
 
     path = spec.experiment_path
+    storage.validate_storage(spec.storage)  # a bad URI or unreachable endpoint: exit 2 before anything starts
     exists = tune.Tuner.can_restore(path)
     if resume and not exists:
         raise ConfigError(f"--resume: no experiment to resume at {path}")
@@ -130,14 +142,27 @@ def run_sweep(
         if spec.repeats > 1:
             param_space["train.seed"] = tune.grid_search(spec.seeds)
         tuner = tune.Tuner(wrapped, param_space=param_space, tune_config=tune_config, run_config=run_config)
-    if "://" not in path:  # what analysis needs to read the experiment from files alone
-        if not resume:
-            write_hparams_config(Path(path), searched_hparams(spec))
-        atomic_write_text(Path(path) / SWEEP_FILE, json.dumps({"metric": spec.metric, "mode": spec.mode, "search": {k: {d.kind: list(d.args)} for k, d in spec.search.items()}}, indent=1))
+    # What analysis and `sweep status` need to read the experiment from files alone, on any storage.
+    if not resume:
+        write_hparams(path, searched_hparams(spec))
+    storage.write_text(storage.join(path, SWEEP_FILE), json.dumps({"metric": spec.metric, "mode": spec.mode, "search": {k: {d.kind: list(d.args)} for k, d in spec.search.items()}}, indent=1))
     results = tuner.fit()
-    if "://" not in path:
-        write_summary(results, Path(path))
+    finished = results.num_terminated + results.num_errors  # ASHA's stopped trials count as terminated
+    if finished < spec.num_trials:  # Ctrl-C: Ray saved its state and returned early
+        raise SweepInterrupted(f"interrupted with {spec.num_trials - finished} of {spec.num_trials} trials unfinished; "
+                               f"the state is saved: `sweep run SPEC --resume` finishes it")
+    write_summary(results, path)
     return results
+
+
+def write_hparams(experiment: str, hparam_names: list[str]) -> None:
+    """TensorBoard's HParams config (a local events file) into the experiment, uploaded for a URI."""
+    if not storage.is_uri(experiment):
+        write_hparams_config(Path(experiment), hparam_names)
+        return
+    with tempfile.TemporaryDirectory(prefix="sweep-hparams-") as scratch:
+        write_hparams_config(Path(scratch), hparam_names)
+        storage.upload_tree(scratch, experiment)
 
 
 def with_shared_fid_reference(spec: SweepSpec, data: ImageDataset, features: Optional[FeatureExtractor]) -> SweepSpec:
@@ -145,16 +170,30 @@ def with_shared_fid_reference(spec: SweepSpec, data: ImageDataset, features: Opt
     trials, and stored with the experiment (it also records which reference every FID of the
     sweep was measured against). Otherwise each concurrent trial on a machine with an empty
     cache would run the same Inception pass. Left to the trials when the searched keys change
-    the reference (data, fid.ref_num_images), FID is off, or the storage is a URI."""
+    the reference (data, fid.ref_num_images) or FID is off.
+
+    On a URI storage the statistics are computed in a local folder (seeded with the references
+    already stored, so a resumed sweep reuses its own), uploaded to `<experiment>/fid_reference/`,
+    and `fid.reference` is that URI: each trial downloads it (sweeps/trainable.py)."""
     config = spec.run_config
     fid_on = config.fid.num_samples or config.fid.final_num_samples or "fid.num_samples" in spec.search
     per_trial = any(key in ("data", "fid.ref_num_images") or key.startswith("data.") for key in spec.search)
-    if not fid_on or per_trial or config.fid.reference or "://" in spec.experiment_path:
+    if not fid_on or per_trial or config.fid.reference:
         return spec
-    folder = Path(spec.experiment_path) / REFERENCE_DIR
     features = features or InceptionFeatures(config.fid.weights, resolve_device(config.train.device), config.fid.batch_size)
-    reference = reference_statistics(data, features, config.fid.ref_num_images, folder)
-    return dataclasses.replace(spec, run_config=config.with_overrides({"fid.reference": str(folder / reference.name)}))
+    experiment = spec.experiment_path
+    if not storage.is_uri(experiment):
+        folder = Path(experiment) / REFERENCE_DIR
+        reference = reference_statistics(data, features, config.fid.ref_num_images, folder)
+        return dataclasses.replace(spec, run_config=config.with_overrides({"fid.reference": str(folder / reference.name)}))
+    stored = storage.join(experiment, REFERENCE_DIR)
+    with tempfile.TemporaryDirectory(prefix="sweep-fid-reference-") as scratch:
+        storage.download_tree(stored, scratch)
+        reference = reference_statistics(data, features, config.fid.ref_num_images, scratch)
+        target = storage.join(stored, reference.name)
+        if not storage.exists(target):
+            storage.upload(Path(scratch) / reference.name, target)
+    return dataclasses.replace(spec, run_config=config.with_overrides({"fid.reference": target}))
 
 
 def searched_hparams(spec: SweepSpec) -> list[str]:
@@ -192,15 +231,15 @@ def check_resources(spec: SweepSpec, cluster: dict[str, float]) -> None:
             )
 
 
-def write_summary(results, experiment_dir: Path) -> None:
+def write_summary(results, experiment: str) -> None:
     """Each trial's final status, and for an errored trial its error in one line and where its
     full traceback is, for analysis and `sweep status`, which read files only."""
     trials = {}
     for result in results:
-        trial_dir = Path(result.path)
-        trials[trial_dir.name] = {
+        name = Path(result.path).name  # a local path, or the trial's path on the storage's filesystem
+        trials[name] = {
             "status": "ERROR" if result.error else "TERMINATED",
             "error": one_line_error(str(result.error)) if result.error else None,
-            "traceback": str(trial_dir / RAY_ERROR_FILE) if result.error else None,
+            "traceback": storage.join(experiment, name, RAY_ERROR_FILE) if result.error else None,
         }
-    atomic_write_text(experiment_dir / SUMMARY_FILE, json.dumps({"trials": trials}, indent=1))
+    storage.write_text(storage.join(experiment, SUMMARY_FILE), json.dumps({"trials": trials}, indent=1))

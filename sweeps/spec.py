@@ -30,6 +30,7 @@ from diffusion_lib.config import (
 )
 from diffusion_lib.milestone import CURVATURE, FID, RANKABLE
 
+from . import storage
 from .layout import trial_label
 
 # Each distribution and the arguments it takes.
@@ -253,9 +254,11 @@ class SweepSpec:
 
     @property
     def experiment_path(self) -> str:
-        """storage/name; a local storage path is made absolute, a URI (s3://, gs://, …) kept as is."""
-        storage = self.storage if "://" in self.storage else str(Path(self.storage).expanduser().resolve())
-        return f"{storage.rstrip('/')}/{self.name}"
+        """storage/name: a local storage path made absolute, or a URI (s3://…, its ?query of
+        pyarrow options kept at the end)."""
+        if storage.is_uri(self.storage):
+            return storage.join(self.storage, self.name)
+        return str(Path(self.storage).expanduser().resolve() / self.name)
 
 
 def short_params(searched: dict[str, Any]) -> str:

@@ -4,6 +4,8 @@ The trial writes its TensorBoard events, metrics.jsonl, trial.json and sample gr
 working directory, which Ray syncs to the experiment's storage (`sync_artifacts`). At every
 milestone it reports the milestone's metrics with a Ray checkpoint holding the trainer
 checkpoint and metrics.jsonl so far, so a restarted trial resumes from it, on any node.
+A `fid.reference` that is a URI (the sweep's shared reference on cloud storage) is downloaded
+into the trial's scratch folder and the trainer is handed that local file.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from diffusion_lib.config import RunConfig, flatten
 from diffusion_lib.run_log import METRICS_FILE
 from diffusion_lib.trainer import Trainer
 
+from . import storage
 from .console import one_line_warnings
 from .layout import TRIAL_FILE
 
@@ -50,7 +53,9 @@ def train_trial(searched: dict[str, Any], *, base: RunConfig, make_trainer: Trai
             resume_from = next((scratch / "restored").glob("step_*.pt"))
             shutil.copy(scratch / "restored" / METRICS_FILE, run_dir / METRICS_FILE)
 
-        trainer = make_trainer(config, run_dir, resume_from=resume_from, checkpoint_dir=scratch / CHECKPOINT_DIR, progress=False)
+        trainer = make_trainer(
+            with_local_fid_reference(config, scratch), run_dir, resume_from=resume_from, checkpoint_dir=scratch / CHECKPOINT_DIR, progress=False,
+        )
 
         def report(row: dict[str, Any], checkpoint_path: Path) -> None:
             staged = Path(tempfile.mkdtemp(dir=scratch, prefix="report-"))
@@ -60,3 +65,13 @@ def train_trial(searched: dict[str, Any], *, base: RunConfig, make_trainer: Trai
             shutil.rmtree(staged, ignore_errors=True)
 
         trainer.fit(on_milestone=report)
+
+
+def with_local_fid_reference(config: RunConfig, scratch: Path) -> RunConfig:
+    """The config with a URI `fid.reference` downloaded into `scratch` and named by its local
+    path (the trainer loads a local file); any other config as it is. trial.json keeps the URI."""
+    reference = config.fid.reference
+    if not reference or not storage.is_uri(reference):
+        return config
+    local = storage.download(reference, scratch / "fid_reference" / storage.name_of(reference))
+    return config.with_overrides({"fid.reference": str(local)})

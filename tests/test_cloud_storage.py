@@ -1,0 +1,273 @@
+"""Sweeps on cloud storage, against a real S3 API on 127.0.0.1 (moto's standalone server, in its
+own process): run, kill -9 and resume, `sweep status` and `sweep analyze` on an s3:// experiment;
+the shared FID reference uploaded once and downloaded by the trials; bad storage refused with
+exit 2 before Ray starts. Nothing of this project is mocked: every byte goes through pyarrow's
+S3 filesystem (the project's and Ray Tune's) over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import ray
+from typer.testing import CliRunner
+
+import conftest
+from conftest import TINY_RUN, StandInFeatures, write_spec
+from diffusion_lib.build import create_trainer
+from sweeps import storage
+from sweeps.cli import app
+from sweeps.runner import run_sweep
+from sweeps.spec import load_spec
+
+BUCKET = "sweeps-test"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+# Settings from the developer's shell that would send requests elsewhere or change how they are signed.
+FOREIGN = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
+           "AWS_SHARED_CREDENTIALS_FILE", "AWS_REGION", "RAY_ADDRESS")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    def __init__(self, port: int):
+        self.port = port
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.fs = pafs.S3FileSystem(
+            access_key=CREDENTIALS["AWS_ACCESS_KEY_ID"], secret_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region="us-east-1",
+            endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True,
+        )
+
+    def files(self, prefix: str) -> list[str]:
+        """Object keys under `BUCKET/prefix`, relative to it."""
+        root = f"{BUCKET}/{prefix}".rstrip("/")
+        infos = self.fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        return sorted(i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+    def read(self, key: str) -> str:
+        with self.fs.open_input_stream(f"{BUCKET}/{key}") as f:
+            return f.read().decode()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on a free port, with an empty bucket; skipped only if it cannot start."""
+    if tuple(int(p) for p in version("moto").split(".")[:3]) < (5, 2, 2):
+        pytest.fail(f"moto {version('moto')}: its server answers CompleteMultipartUpload with a root element pyarrow "
+                    "rejects (getmoto/moto#10055, fixed in 5.2.2); install the test extra: pip install -e '.[test]'")
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            if server.poll() is not None:
+                pytest.skip(f"the local S3 server (moto) exited at start: {log.read_text()[-500:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.skip("the local S3 server (moto) did not listen within 60 s")
+                time.sleep(0.2)
+        s3 = S3Server(port)
+        s3.fs.create_dir(BUCKET)
+        yield s3
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def aws_env(s3, monkeypatch) -> S3Server:
+    """The usual AWS variables pointing at the local server (AWS_ENDPOINT_URL is what pyarrow,
+    hence this project and Ray Tune, reads for a non-AWS endpoint); removed after the test."""
+    for name in FOREIGN:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    return s3
+
+
+def rows(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def newest_ray_state(s3: S3Server, prefix: str) -> list[tuple[str, dict]]:
+    """(trial folder, last result) per trial in Ray's newest experiment_state-*.json in the bucket."""
+    states = [k for k in s3.files(prefix) if k.startswith("experiment_state-") and "/" not in k]
+    if not states:
+        return []
+    try:
+        data = json.loads(s3.read(f"{prefix}/{max(states)}"))
+        trials = []
+        for trial_json, metadata_json in data["trial_data"]:
+            trial, metadata = json.loads(trial_json), json.loads(metadata_json)
+            trials.append((trial.get("relative_logdir") or trial["trial_id"], metadata.get("last_result") or {}))
+        return trials
+    except (OSError, ValueError, KeyError, TypeError):  # caught mid-upload
+        return []
+
+
+@pytest.mark.parametrize("case", ["unknown scheme", "malformed", "unreachable endpoint", "missing bucket"])
+def test_bad_storage_is_exit_2_before_ray_starts(aws_env, tmp_path, monkeypatch, case):
+    storage_uri, expected = {
+        "unknown scheme": ("nosuchscheme://x/runs", "storage: nosuchscheme://x/runs is not a location pyarrow"),
+        "malformed": ("s3:///runs", "storage: s3:///runs is not a location pyarrow"),
+        "unreachable endpoint": (f"s3://{BUCKET}/runs", f"storage: cannot reach s3://{BUCKET}/runs"),
+        "missing bucket": ("s3://no-such-bucket/runs", "storage: s3://no-such-bucket/runs: bucket 'no-such-bucket' does not exist"),
+    }[case]
+    if case == "unreachable endpoint":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    assert not ray.is_initialized()
+    spec = write_spec(tmp_path, storage=storage_uri, search={"optim.lr": {"grid": [1e-4]}})
+    result = CliRunner().invoke(app, ["run", str(spec)])
+    assert result.exit_code == 2, result.output
+    assert f"error: {expected}" in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
+    assert not ray.is_initialized()  # refused before Ray started, so before any trial
+    assert aws_env.files("") == []  # and nothing was written to the bucket
+    if case != "unreachable endpoint":  # the same check (each try there waits out pyarrow's retries)
+        for command in ("status", "analyze"):
+            result = CliRunner().invoke(app, [command, storage_uri.replace("/runs", "/runs/tiny")])
+            assert result.exit_code == 2 and f"error: {expected.replace('storage: ', 'EXPERIMENT: ').replace('/runs', '/runs/tiny')}" in result.output, result.output
+
+
+def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
+    s3 = aws_env
+    total = 60
+    spec = write_spec(
+        tmp_path,
+        base={**TINY_RUN, "train": {"total_steps": total, "batch_size": 8}, "eval": {**TINY_RUN["eval"], "every": 20}},
+        search={"optim.lr": {"grid": [1e-4, 2e-4]}},
+        max_concurrent=1,
+        storage=f"s3://{BUCKET}/sweeps",
+    )
+    prefix, uri = "sweeps/tiny", f"s3://{BUCKET}/sweeps/tiny"
+    cmd = [sys.executable, "-m", "sweeps", "run", str(spec), "--no-analyze"]
+    env = dict(os.environ)
+    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    # Kill once Ray's state in the bucket records a checkpoint of an unfinished trial (then --resume
+    # must restore that trial from it, or from a later one), i.e. mid-sweep with a checkpoint stored.
+    deadline = time.time() + 150
+    try:
+        while True:
+            known = [(t, r) for t, r in newest_ray_state(s3, prefix) if r.get("checkpoint_dir_name") and r.get("step", total) < total]
+            if known:
+                interrupted, last = known[0]
+                try:  # the milestones that checkpoint holds
+                    before = rows(s3.read(f"{prefix}/{interrupted}/{last['checkpoint_dir_name']}/metrics.jsonl"))
+                    break
+                except OSError:  # already replaced by a newer checkpoint: look again
+                    pass
+            if driver.poll() is not None or time.time() > deadline:
+                pytest.fail(f"the sweep did not reach the kill point (exit code {driver.poll()}); in the bucket: {s3.files(prefix)}")
+            time.sleep(0.3)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    # Just killed: Ray's state in the bucket is seconds old, so status (reading the mirror's times,
+    # which are the objects') still calls the sweep running; after 5 minutes it would say killed.
+    status = CliRunner().invoke(app, ["status", uri])
+    assert status.exit_code == 0 and f"{uri}: sweep running (Ray's driver wrote its state" in status.output, status.output
+    assert before and before[-1]["step"] == last["step"]
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    files = s3.files(prefix)
+    trials = sorted({key.split("/")[0] for key in files if key.endswith("/trial.json")})
+    assert len(trials) == 2 and interrupted in trials
+    for trial in trials:
+        assert [r["step"] for r in rows(s3.read(f"{prefix}/{trial}/metrics.jsonl"))] == list(range(20, total + 1, 20)), trial
+    after = rows(s3.read(f"{prefix}/{interrupted}/metrics.jsonl"))
+    assert after[: len(before)] == before  # resumed from its checkpoint (same rows, same wall times), not from step 0
+    assert {"sweep.json", "experiment_summary.json"} <= set(files)
+    assert any(key.startswith("events.out.tfevents.") and key.endswith(".hparams") for key in files)
+    summary = json.loads(s3.read(f"{prefix}/experiment_summary.json"))
+    assert {t["status"] for t in summary["trials"].values()} == {"TERMINATED"} and sorted(summary["trials"]) == trials
+
+    # sweep analyze to a local folder
+    out = tmp_path / "analysis"
+    analysed = CliRunner().invoke(app, ["analyze", uri, "--out", str(out)])
+    assert analysed.exit_code == 0, analysed.output
+    for name in ("report.md", "report.html", "trials.parquet", "milestones.parquet", "best_grid.png", "loss_vs_step.png"):
+        assert (out / name).is_file(), name
+    assert pq.read_table(out / "trials.parquet").num_rows == 2
+    assert pq.read_table(out / "milestones.parquet").num_rows == 2 * total // 20
+    assert not any(key.startswith("analysis/") for key in s3.files(prefix))
+
+    # sweep status, from the bucket through a local mirror whose file times are the objects' (the
+    # summary was uploaded before the analysis above ran, not just now)
+    status = CliRunner().invoke(app, ["status", uri])
+    assert status.exit_code == 0, status.output
+    assert f"{uri}: sweep ended" in status.output and "2 finished" in status.output
+    assert not re.search(r"written [0-4] s ago", status.output), status.output
+    assert "sweep-status-" not in status.output  # the mirror's path is not shown
+
+    # sweep analyze into the bucket
+    analysed = CliRunner().invoke(app, ["analyze", uri])
+    assert analysed.exit_code == 0, analysed.output
+    assert f"wrote {uri}/analysis/report.md" in analysed.output
+    uploaded = {key.removeprefix("analysis/") for key in s3.files(prefix) if key.startswith("analysis/")}
+    assert {"report.md", "report.html", "trials.parquet", "milestones.parquet", "best_grid.png"} <= uploaded
+    assert "best_grid.png" in s3.read(f"{prefix}/analysis/report.md")
+
+
+def trainer_with_standin_fid(config, run_dir, **kwargs):
+    """The product's trainer with the stand-in feature extractor in place of Inception."""
+    return create_trainer(config, run_dir, features=StandInFeatures(), **kwargs)
+
+
+def test_fid_reference_is_computed_once_uploaded_and_downloaded_by_the_trials(aws_env, tmp_path, monkeypatch):
+    """The endpoint in the URI's query this time (pyarrow's options, which Ray Tune passes on too),
+    not in the environment."""
+    s3 = aws_env
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    query = f"endpoint_override=127.0.0.1:{s3.port}&scheme=http"
+    base = {**TINY_RUN, "fid": {"num_samples": 8, "final_num_samples": 16, "cache_dir": str(tmp_path / "fid_cache")}}
+    spec = load_spec(write_spec(tmp_path, base=base, metric="val/fid", search={"optim.lr": {"grid": [1e-4, 2e-4]}},
+                                storage=f"s3://{BUCKET}/fid?{query}"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for module in (sys.modules[__name__], conftest):
+            ray.cloudpickle.register_pickle_by_value(module)  # workers cannot import tests
+        driver_features = StandInFeatures()
+        results = run_sweep(spec, make_trainer=trainer_with_standin_fid, features=driver_features)
+    finally:
+        ray.shutdown()
+    assert not results.errors
+    assert driver_features.calls == 1  # the sweep's one reference pass, in the launching process
+    assert not (tmp_path / "fid_cache").exists()  # no trial computed a reference of its own
+
+    files = s3.files("fid/tiny")
+    references = [key for key in files if key.startswith("fid_reference/")]
+    assert len(references) == 1 and references[0].endswith(".npz")
+    name = references[0].split("/")[1]
+    reference_uri = storage.join(f"s3://{BUCKET}/fid/tiny?{query}", "fid_reference", name)
+    trial_files = [key for key in files if key.endswith("/trial.json")]
+    assert len(trial_files) == 2
+    for key in trial_files:
+        assert json.loads(s3.read(f"fid/tiny/{key}"))["config"]["fid.reference"] == reference_uri  # the URI is recorded
+        milestones = rows(s3.read(f"fid/tiny/{key.split('/')[0]}/metrics.jsonl"))
+        fids = [r for r in milestones if r.get("val/fid") is not None]
+        assert fids and all(r["val/fid_reference"] == name for r in fids)
+    assert {"sweep.json", "experiment_summary.json"} <= set(files)
