@@ -5,6 +5,7 @@ hand the Trainer parts of the test's choosing."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 # One BLAS thread per process: tests run beside Ray workers and subprocesses on 2 cores, where
@@ -91,6 +92,33 @@ class StandInFeatures:
         self.calls += 1
         pooled = torch.nn.functional.adaptive_avg_pool2d(images.cpu().double() / 255, 8).flatten(1)
         return (pooled @ self.projection).numpy()
+
+
+def trainer_with_standin_fid(config: RunConfig, run_dir: Path, **kwargs) -> Trainer:
+    """The product's trainer, handed the stand-in feature extractor in place of Inception."""
+    from diffusion_lib.build import create_trainer
+
+    return create_trainer(config, run_dir, features=StandInFeatures(), **kwargs)
+
+
+def run_sweep_with_standin_fid(spec, *test_modules):
+    """A real Ray sweep in this process with the stand-in extractor in the launcher (the sweep's one
+    reference pass: asserted) and in every trial; `test_modules` ship to the workers by value."""
+    import ray
+
+    from sweeps.runner import run_sweep
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for module in (sys.modules[__name__], *test_modules):
+            ray.cloudpickle.register_pickle_by_value(module)  # workers cannot import tests
+        driver_features = StandInFeatures()
+        results = run_sweep(spec, make_trainer=trainer_with_standin_fid, features=driver_features)
+    finally:
+        ray.shutdown()
+    assert not results.errors
+    assert driver_features.calls == 1  # the sweep's one reference pass, in the launching process
+    return results
 
 
 @pytest.fixture

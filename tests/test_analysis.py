@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import duckdb
@@ -12,24 +11,15 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
-import ray
 from typer.testing import CliRunner
 
-import conftest
 from analysis.grids import sample_grid
 from analysis.report import analyze_experiment
-from diffusion_lib.build import create_trainer
 from sweeps.cli import app
-from sweeps.runner import run_sweep
 from sweeps.spec import load_spec
-from conftest import TINY_RUN, StandInFeatures, write_spec
+from conftest import TINY_RUN, run_sweep_with_standin_fid, write_spec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def trainer_with_standin_fid(config, run_dir, **kwargs):
-    """The product's trainer, handed the stand-in feature extractor in place of Inception."""
-    return create_trainer(config, run_dir, features=StandInFeatures(), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +28,7 @@ def experiment(tmp_path_factory) -> Path:
     base = {**TINY_RUN, "train": {"total_steps": 30, "batch_size": 8},
             "fid": {"num_samples": 8, "final_num_samples": 16, "cache_dir": str(tmp / "fid_cache")}, "curvature": {"probes": 2, "batch_size": 4}}
     spec = load_spec(write_spec(tmp, base=base, metric="val/fid", search={"optim.lr": {"grid": [1e-4, 2e-3]}}))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        for module in (sys.modules[__name__], conftest):
-            ray.cloudpickle.register_pickle_by_value(module)  # workers cannot import tests
-        driver_features = StandInFeatures()
-        results = run_sweep(spec, make_trainer=trainer_with_standin_fid, features=driver_features)
-    finally:
-        ray.shutdown()
-    assert not results.errors
-    assert driver_features.calls == 1  # the sweep's one reference pass
+    results = run_sweep_with_standin_fid(spec)
     assert not (tmp / "fid_cache").exists()  # no trial computed a reference of its own
     return Path(results.experiment_path)
 

@@ -22,12 +22,9 @@ import pytest
 import ray
 from typer.testing import CliRunner
 
-import conftest
-from conftest import TINY_RUN, StandInFeatures, write_spec
-from diffusion_lib.build import create_trainer
+from conftest import TINY_RUN, run_sweep_with_standin_fid, write_spec
 from sweeps import storage
 from sweeps.cli import app
-from sweeps.runner import run_sweep
 from sweeps.spec import load_spec
 
 BUCKET = "sweeps-test"
@@ -232,11 +229,6 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
     assert "best_grid.png" in s3.read(f"{prefix}/analysis/report.md")
 
 
-def trainer_with_standin_fid(config, run_dir, **kwargs):
-    """The product's trainer with the stand-in feature extractor in place of Inception."""
-    return create_trainer(config, run_dir, features=StandInFeatures(), **kwargs)
-
-
 def test_fid_reference_is_computed_once_uploaded_and_downloaded_by_the_trials(aws_env, tmp_path, monkeypatch):
     """The endpoint in the URI's query this time (pyarrow's options, which Ray Tune passes on too),
     not in the environment."""
@@ -246,16 +238,7 @@ def test_fid_reference_is_computed_once_uploaded_and_downloaded_by_the_trials(aw
     base = {**TINY_RUN, "fid": {"num_samples": 8, "final_num_samples": 16, "cache_dir": str(tmp_path / "fid_cache")}}
     spec = load_spec(write_spec(tmp_path, base=base, metric="val/fid", search={"optim.lr": {"grid": [1e-4, 2e-4]}},
                                 storage=f"s3://{BUCKET}/fid?{query}"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        for module in (sys.modules[__name__], conftest):
-            ray.cloudpickle.register_pickle_by_value(module)  # workers cannot import tests
-        driver_features = StandInFeatures()
-        results = run_sweep(spec, make_trainer=trainer_with_standin_fid, features=driver_features)
-    finally:
-        ray.shutdown()
-    assert not results.errors
-    assert driver_features.calls == 1  # the sweep's one reference pass, in the launching process
+    run_sweep_with_standin_fid(spec)
     assert not (tmp_path / "fid_cache").exists()  # no trial computed a reference of its own
 
     files = s3.files("fid/tiny")
