@@ -95,7 +95,7 @@ def restore_checkpoint(
     changed = [k for k, v in now.items() if saved.get(k) != v and k not in RESUMABLE_KEYS and not k.startswith(RESUMABLE_SECTIONS)]
     if changed:
         raise ConfigError(
-            f"{path.parent.parent}: cannot resume, the checkpoint was trained with different "
+            f"{path}: cannot resume from this checkpoint, it was trained with different "
             + ", ".join(f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in changed)
             + "; use a new --out directory"
         )
