@@ -25,7 +25,7 @@ from .experiment import Experiment
 
 
 def arrow_type(metric: Metric) -> pa.DataType:
-    return {int: pa.int64(), float: pa.float64(), str: pa.string()}[metric.kind]
+    return {int: pa.int64(), float: pa.float64(), str: pa.string(), list: pa.list_(pa.float64())}[metric.kind]
 
 
 MILESTONES_SCHEMA = pa.schema([("trial_id", pa.string()), *[(m.name, arrow_type(m)) for m in MILESTONE_METRICS]])

@@ -111,6 +111,9 @@ class EvalConfig:
     every: int = opt(2_000, AT_LEAST_1)  # milestone interval in training steps
     grid_size: int = opt(64, AT_LEAST_1)  # images in the milestone sample grid
     batch_size: int = opt(500, AT_LEAST_1)  # sampling batch for FID
+    # The sampling noise, its own seed so that every trial of a sweep (seed repeats too) samples
+    # from the same noise: their FIDs then move together and are compared paired.
+    seed: int = opt(0, Check(lambda v: v >= 0, "an integer >= 0"))
 
 
 @dataclass

@@ -15,7 +15,7 @@ NUM_T_BUCKETS = 10  # the per-timestep loss is split into this many equal ranges
 @dataclass(frozen=True)
 class Metric:
     name: str
-    kind: type  # int, float or str
+    kind: type  # int, float, str, or list (of floats)
     meaning: str
     rankable: bool = False  # a sweep may rank trials by it (spec `metric`)
 
@@ -28,6 +28,7 @@ _BUCKET_MEANING = "mean training loss since the previous milestone for t in [{lo
 T_BUCKETS = tuple(Metric(f"loss/t_bucket_{i}", float, _BUCKET_MEANING.format(lo=i, hi=i + 1)) for i in range(NUM_T_BUCKETS))
 FID = Metric("val/fid", float, "FID of `fid.num_samples` EMA samples against the reference statistics, the same count at every milestone (the last one too)", rankable=True)
 FID_STDERR = Metric("val/fid_stderr", float, "standard error of `val/fid` over the generated samples (delete-d jackknife; reference held fixed)")
+FID_REPLICATES = Metric("val/fid_jackknife", list, "the jackknife's FIDs without each of 25 sample groups: milestones and trials sampled from the same `eval.seed` delete the same samples, so the standard error of a difference of two FIDs comes from the differences of their replicates (paired)")
 FID_NUM_SAMPLES = Metric("val/fid_num_samples", int, "generated images behind `val/fid` and `val/kid`")
 FID_REF_NUM_IMAGES = Metric("val/fid_ref_num_images", int, "real images behind the reference statistics (CIFAR-10's training set: 50,000)")
 FID_REFERENCE = Metric("val/fid_reference", str, "file name of the reference statistics every FID and KID of the run is measured against")
@@ -44,7 +45,7 @@ CURVATURE_STDERR = Metric("curvature/hutch_trace_stderr", float, "standard error
 
 MILESTONE_METRICS: tuple[Metric, ...] = (
     STEP, TRAIN_LOSS, FID, FID_NUM_SAMPLES, CURVATURE, CURVATURE_STDERR, *T_BUCKETS, WALL_TIME, IMAGES_SEEN,
-    FID_STDERR, FID_REF_NUM_IMAGES, FID_REFERENCE, BEST_FID, KID, KID_STDERR,
+    FID_STDERR, FID_REPLICATES, FID_REF_NUM_IMAGES, FID_REFERENCE, BEST_FID, KID, KID_STDERR,
     FINAL_FID, FINAL_FID_STDERR, FINAL_FID_NUM_SAMPLES, FINAL_KID, FINAL_KID_STDERR,
 )
 # The metrics TensorBoard's HParams view shows beside each trial's hyperparameters.

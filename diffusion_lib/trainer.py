@@ -27,7 +27,7 @@ from .metrics import full_fp32
 from .metrics.curvature import hutchinson_trace
 from .metrics.fid import CIFAR10_TRAIN_IMAGES, FEATURE_DIMS, FeatureExtractor, FidReference, evaluate_features
 from .milestone import (
-    BEST_FID, CURVATURE, CURVATURE_STDERR, FID, FID_NUM_SAMPLES, FID_REF_NUM_IMAGES, FID_REFERENCE, FID_STDERR, FINAL_FID,
+    BEST_FID, CURVATURE, CURVATURE_STDERR, FID, FID_NUM_SAMPLES, FID_REF_NUM_IMAGES, FID_REFERENCE, FID_REPLICATES, FID_STDERR, FINAL_FID,
     FINAL_FID_NUM_SAMPLES, FINAL_FID_STDERR, FINAL_KID, FINAL_KID_STDERR, IMAGES_SEEN, KID, KID_STDERR, NUM_T_BUCKETS, STEP,
     T_BUCKETS, TRAIN_LOSS, WALL_TIME, t_bucket,
 )
@@ -247,8 +247,8 @@ class Trainer:
             row[FID_REFERENCE.name], row[FID_REF_NUM_IMAGES.name] = self.fid_reference.name, self.fid_reference.num_images
         if num_milestone:
             result = evaluate_features(features[:num_milestone], self.fid_reference)
-            row.update({FID.name: result.fid, FID_STDERR.name: result.fid_stderr, FID_NUM_SAMPLES.name: num_milestone,
-                        KID.name: result.kid, KID_STDERR.name: result.kid_stderr})
+            row.update({FID.name: result.fid, FID_STDERR.name: result.fid_stderr, FID_REPLICATES.name: result.fid_replicates,
+                        FID_NUM_SAMPLES.name: num_milestone, KID.name: result.kid, KID_STDERR.name: result.kid_stderr})
             if self.progress.best is None or result.fid < self.progress.best[0]:
                 self.progress.best = (result.fid, self.step)
             row[BEST_FID.name] = self.progress.best[0]
@@ -263,12 +263,13 @@ class Trainer:
 
     @torch.no_grad()
     def generate(self, num_samples: int) -> torch.Tensor:
-        """`num_samples` uint8 images from the EMA model, with the same noise at every milestone."""
+        """`num_samples` uint8 images from the EMA model, from the same noise (`eval.seed`) at every
+        milestone and in every run that shares the seed, so their FIDs are paired."""
         cfg = self.config.eval
         return sample_images(
             self.ema.model, self.diffusion, num_samples,
             sampler=cfg.sampler, nfe=cfg.nfe, eta=cfg.eta, batch_size=cfg.batch_size,
-            generator=torch.Generator(self.device).manual_seed(self.config.train.seed + 1),
+            generator=torch.Generator(self.device).manual_seed(cfg.seed),
             device=self.device, autocast=self.autocast,
         )
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED
-from diffusion_lib.metrics.frechet import FrechetReference, fid_standard_error
+from diffusion_lib.metrics.frechet import FrechetReference, fid_jackknife
 from diffusion_lib.metrics.kid import kernel_inception_distance
 
 POOL3 = SHARED / "data" / "inception_pool3_train_subset.npy"
@@ -91,7 +91,7 @@ def test_fid_standard_error_matches_the_spread_over_disjoint_sample_sets(pool3):
     reference = FrechetReference.from_features(pool3[:1085])
     sets = pool3[1085 : 1085 + 16 * 250].reshape(16, 250, -1)
     observed = np.std([reference.fid(x) for x in sets], ddof=1)
-    reported = np.array([fid_standard_error(reference, x) for x in sets])
+    reported = np.array([fid_jackknife(reference, x).stderr for x in sets])
     assert 1 / 1.5 < reported.mean() / observed < 1.5
     assert np.all((reported > observed / 2) & (reported < observed * 2))  # each set on its own
 
@@ -103,7 +103,7 @@ def test_fid_standard_error_matches_the_spread_over_200_synthetic_sample_sets(di
     mixing = rng.normal(size=(dims, dims)) / np.sqrt(dims)
     sets = [rng.normal(size=(n, dims)) @ mixing + 0.3 for _ in range(200)]
     observed = np.std([reference.fid(x) for x in sets], ddof=1)
-    reported = np.mean([fid_standard_error(reference, x) for x in sets])
+    reported = np.mean([fid_jackknife(reference, x).stderr for x in sets])
     assert 0.8 < reported / observed < 1.25
 
 

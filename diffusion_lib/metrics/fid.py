@@ -26,12 +26,12 @@ from . import full_fp32
 from ..atomic import atomic_path
 from ..config import WEIGHTS_ENV, ConfigError
 from ..data import IMAGE_SUFFIXES, ImageDataset
-from .frechet import FrechetReference, fid_standard_error
+from .frechet import FrechetReference, Jackknife, fid_jackknife
 from .kid import kernel_inception_distance
 
 FEATURE_DIMS = 2048
 CIFAR10_TRAIN_IMAGES = 50_000  # the reference every published CIFAR-10 FID uses
-FID_JACKKNIFE_GROUPS = 25  # fewer with fewer samples; see frechet.fid_standard_error
+FID_JACKKNIFE_GROUPS = 25  # fewer with fewer samples; see frechet.fid_jackknife
 KID_REFERENCE_IMAGES = 5_000  # reference features kept for KID (its subsets draw 1,000 at a time; 10,000 cost 14 s per milestone on a CPU)
 
 # uint8 images (N, 3, H, W) on any device -> float64 features (N, D)
@@ -159,18 +159,25 @@ class FidReference:
 @dataclass(frozen=True)
 class FidResult:
     fid: float
-    fid_stderr: float
+    jackknife: Optional[Jackknife]  # None below 4 samples, where a jackknife has nothing to delete
     kid: float
     kid_stderr: float
 
+    @property
+    def fid_stderr(self) -> float:
+        return self.jackknife.stderr if self.jackknife else math.nan
+
+    @property
+    def fid_replicates(self) -> Optional[list[float]]:
+        return self.jackknife.replicates.tolist() if self.jackknife else None
+
 
 def evaluate_features(features: np.ndarray, reference: FidReference) -> FidResult:
-    """FID and KID of generated features, each with its standard error, from one Inception pass
-    (standard errors are NaN below 4 samples, where a jackknife has nothing to delete)."""
+    """FID and KID of generated features, each with its standard error, from one Inception pass."""
     n = features.shape[0]
     kid, kid_stderr = kernel_inception_distance(features, reference.kid_features) if n >= 4 else (math.nan, math.nan)
-    fid_stderr = fid_standard_error(reference.frechet, features, num_groups=min(FID_JACKKNIFE_GROUPS, n - 2)) if n >= 4 else math.nan
-    return FidResult(reference.frechet.fid(features), fid_stderr, kid, kid_stderr)
+    jackknife = fid_jackknife(reference.frechet, features, num_groups=min(FID_JACKKNIFE_GROUPS, n - 2)) if n >= 4 else None
+    return FidResult(reference.frechet.fid(features), jackknife, kid, kid_stderr)
 
 
 def reference_statistics(
