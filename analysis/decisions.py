@@ -13,15 +13,15 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from scipy import stats
 
-from diffusion_lib.milestone import FID, FID_NUM_SAMPLES, FID_REF_NUM_IMAGES, FID_REFERENCE, FID_STDERR, STEP
+from diffusion_lib.config import SEED_KEY
+from diffusion_lib.milestone import FID, FID_STDERR, STEP
+from record.best import comparable_rows, is_finite_number
+from record.experiment import Experiment, Trial
 
-from .experiment import Experiment, Trial, is_finite_number
-
-SEED_KEY = "train.seed"
 NOISE_MULTIPLE = 2.0  # an effect is a gap beyond this many standard errors
 
 
@@ -49,48 +49,23 @@ class Configuration:
         return self.stderrs[0] if self.stderrs else math.nan
 
 
-def fid_basis(row: dict[str, Any]) -> tuple:
-    """What an FID was measured with: its sample count and its reference. FIDs are compared only
-    when these agree (FID is biased by the count, and each reference is its own yardstick)."""
-    return row.get(FID_NUM_SAMPLES.name), row.get(FID_REFERENCE.name) or row.get(FID_REF_NUM_IMAGES.name)
+def basis_warnings(experiment: Experiment) -> list[str]:
+    """A warning naming the trials whose FIDs are on another basis than the common one."""
+    if not experiment.off_basis:
+        return []
+    count, reference = experiment.basis
+    return [f"FIDs measured at another sample count or against another reference than {count} samples / "
+            f"reference {reference} are not ranked with the others: {', '.join(experiment.off_basis)}"]
 
 
-def comparable_basis(experiment: Experiment) -> tuple[Optional[tuple], list[str]]:
-    """The FID basis most trials share, and a warning naming the trials measured otherwise."""
-    bases: dict[tuple, list[str]] = {}
-    for trial in experiment.trials:
-        for row in trial.milestones:
-            if is_finite_number(row.get(FID.name)):
-                bases.setdefault(fid_basis(row), [])
-                if trial.trial_id not in bases[fid_basis(row)]:
-                    bases[fid_basis(row)].append(trial.trial_id)
-    if not bases:
-        return None, []
-    common = max(bases, key=lambda b: len(bases[b]))
-    others = sorted({t for b, ts in bases.items() if b != common for t in ts})
-    warnings = []
-    if others:
-        warnings.append(
-            f"FIDs measured at another sample count or against another reference than {common[0]} samples / "
-            f"reference {common[1]} are not ranked with the others: {', '.join(others)}"
-        )
-    return common, warnings
-
-
-def best_comparable(trial: Trial, basis: Optional[tuple]) -> Optional[dict[str, Any]]:
-    """The trial's lowest-FID milestone among those measured on `basis`."""
-    rows = [r for r in trial.milestones if is_finite_number(r.get(FID.name)) and fid_basis(r) == basis]
-    return min(rows, key=lambda r: r[FID.name]) if rows else None
-
-
-def configurations(experiment: Experiment, basis: Optional[tuple]) -> list[Configuration]:
+def configurations(experiment: Experiment) -> list[Configuration]:
     """Trials grouped by their searched values without the seed, best mean FID first."""
     groups: dict[str, Configuration] = {}
     for trial in experiment.trials:
         searched = {k: v for k, v in trial.searched.items() if k != SEED_KEY}
         group = groups.setdefault(repr(sorted(searched.items())), Configuration(searched))
         group.trials.append(trial)
-        best = best_comparable(trial, basis)
+        best = experiment.best(trial, FID.name)
         if best is not None:
             group.best_fids.append(best[FID.name])
             group.stderrs.append(best.get(FID_STDERR.name) if is_finite_number(best.get(FID_STDERR.name)) else math.nan)
@@ -151,12 +126,12 @@ class RankAgreement:
         return base + ": too weak to trust ASHA's cuts at this step."
 
 
-def rank_agreement(experiment: Experiment, basis: Optional[tuple]) -> list[RankAgreement]:
+def rank_agreement(experiment: Experiment) -> list[RankAgreement]:
     """For each earlier milestone step, Kendall's τ (scipy) between the same-count FID there and
     at the end, over the trials that ran to the end (the sweep's last step); needs ≥ 3 of them."""
     finals, at_step = {}, {}
     for trial in experiment.trials:
-        rows = [r for r in trial.milestones if is_finite_number(r.get(FID.name)) and fid_basis(r) == basis]
+        rows = comparable_rows(trial.milestones, FID.name, experiment.basis)
         if len(rows) < 2:
             continue
         finals[trial.trial_id] = rows[-1]

@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from diffusion_lib.atomic import atomic_path  # noqa: E402
 
-from .experiment import Experiment, is_finite_number  # noqa: E402
+from record.best import is_finite_number  # noqa: E402
+from record.experiment import Experiment, Trial  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -49,14 +50,16 @@ def overlay(
     return _save(fig, path)
 
 
+def best_points(experiment: Experiment, key: str) -> list[tuple[Trial, dict[str, Any]]]:
+    """Each trial that searched `key`, with its best milestone (on the common FID basis)."""
+    bests = [(trial, experiment.best(trial)) for trial in experiment.trials if key in trial.searched]
+    return [(trial, best) for trial, best in bests if best is not None]
+
+
 def best_by_key(experiment: Experiment, key: str, path: Path) -> Optional[Path]:
     """Best metric per trial against one searched key: categorical keys on a category axis, a
     key searched on a log scale (loguniform) on a log axis; None when the key took one value."""
-    points = []
-    for trial in experiment.trials:
-        best = trial.best_milestone(experiment.metric, experiment.mode)
-        if best is not None and key in trial.searched:
-            points.append((trial.searched[key], best[experiment.metric]))
+    points = [(trial.searched[key], best[experiment.metric]) for trial, best in best_points(experiment, key)]
     if len({str(p[0]) for p in points}) < 2:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -14,17 +15,21 @@ from diffusion_lib.config import ConfigError
 
 from . import plots
 from .blocks import Block, BulletList, Code, Heading, Image, Paragraph, Table, to_html, to_markdown
-from .decisions import (
-    NOISE_MULTIPLE, SEED_KEY, Configuration, RankAgreement, best_comparable, comparable_basis, configurations, effect_sentences,
-    rank_agreement,
-)
-from .experiment import Experiment, Trial, is_finite_number, load_experiment
+from diffusion_lib.config import SEED_KEY
+from diffusion_lib.milestone import CURVATURE, FID, FID_NUM_SAMPLES, FID_STDERR, STEP, TRAIN_LOSS, WALL_TIME
+from record.best import is_finite_number
+from record import storage
+from record.experiment import Experiment, Trial, load_experiment
+from record.files import ANALYSIS_DIR
+from record.mirror import mirror_experiment
+
+from .decisions import NOISE_MULTIPLE, Configuration, RankAgreement, basis_warnings, configurations, effect_sentences, rank_agreement
 from .grids import denoising_diagnostic, sample_grid
 from .study import STUDY_FILE, param_importances, parallel_coordinates, write_optuna_study
 from .tables import configurations_table, milestones_table, trials_table, write_table
-from diffusion_lib.milestone import CURVATURE, FID, FID_NUM_SAMPLES, FID_STDERR, STEP, TRAIN_LOSS, WALL_TIME
 
 TOP_K = 3
+REPORT_FILE = "report.md"
 
 
 def _fmt(value: Any) -> str:
@@ -35,15 +40,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _ranked(experiment: Experiment, basis: Optional[tuple]) -> list[tuple[Trial, Optional[dict]]]:
-    """Every trial with its best milestone, best first. FIDs are ranked only on the common basis
-    (sample count and reference): a trial measured otherwise has no rank."""
-    metric, mode = experiment.metric, experiment.mode
-    if metric == FID.name:
-        scored = [(t, best_comparable(t, basis)) for t in experiment.trials]
-    else:
-        scored = [(t, t.best_milestone(metric, mode)) for t in experiment.trials]
-    sign = 1 if mode == "min" else -1
+def _ranked(experiment: Experiment) -> list[tuple[Trial, Optional[dict]]]:
+    """Every trial with its best milestone, best first; a trial without a comparable one last."""
+    metric, sign = experiment.metric, 1 if experiment.mode == "min" else -1
+    scored = [(t, experiment.best(t)) for t in experiment.trials]
     return sorted(scored, key=lambda tb: (tb[1] is None, sign * tb[1][metric] if tb[1] else 0.0))
 
 
@@ -55,14 +55,13 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
     experiment = load_experiment(path)
     if not experiment.trials:
         raise ConfigError(f"{path}: no trials found (expected folders with metrics.jsonl or trial.json)")
-    out = Path(out_dir) if out_dir else path / "analysis"
+    out = Path(out_dir) if out_dir else path / ANALYSIS_DIR
     out.mkdir(parents=True, exist_ok=True)
     warnings = experiment.warnings
     metric = experiment.metric
 
-    basis, basis_warnings = comparable_basis(experiment)
-    warnings += basis_warnings
-    configs = configurations(experiment, basis)
+    warnings += basis_warnings(experiment)
+    configs = configurations(experiment)
     write_table(trials_table(experiment), out, "trials", arrow_too=True)
     write_table(milestones_table(experiment), out, "milestones")
     write_table(configurations_table(configs), out, "configurations")
@@ -70,8 +69,8 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
     importances, importance_trials = param_importances(study)
 
     images: list[tuple[str, Path]] = []
-    ranked = _ranked(experiment, basis)
-    with_checkpoint = [(t, t.best_milestone(metric, experiment.mode, checkpointed=True)) for t, _ in ranked]
+    ranked = _ranked(experiment)
+    with_checkpoint = [(t, experiment.best(t, checkpointed=True)) for t, _ in ranked]
     with_checkpoint = [(t, m) for t, m in with_checkpoint if m is not None]
     for trial, best in ranked:
         if best is not None and best[STEP.name] not in trial.checkpoints:
@@ -101,7 +100,7 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
     plot_images = [(p.stem.replace("_", " "), p) for p in figures if p is not None]
 
     write_report(ReportData(experiment, ranked, plot_images + images, warnings, configs, importances, importance_trials,
-                            rank_agreement(experiment, basis)), out)
+                            rank_agreement(experiment)), out)
     return warnings
 
 
@@ -137,14 +136,14 @@ def _summary_section(report: ReportData) -> list[Block]:
 def _trials_section(report: ReportData) -> list[Block]:
     experiment = report.experiment
     metric, keys = experiment.metric, experiment.searched_keys
-    header = ["trial", "status", *(k.split(".")[-1] for k in keys), f"best {metric}", "at step", "final train/loss", "wall time (s)"]
+    header = ["trial", "state", *(k.split(".")[-1] for k in keys), f"best {metric}", "at step", "final train/loss", "wall time (s)"]
     rows = []
     for trial, best in report.ranked:
         last = trial.milestones[-1] if trial.milestones else {}
         value = _fmt(best[metric] if best else None)
         if best is not None and metric == FID.name and is_finite_number(best.get(FID_STDERR.name)):
             value = f"{value} ± {best[FID_STDERR.name]:.2g}"
-        rows.append([trial.trial_id, trial.status, *(_fmt(trial.searched.get(k)) for k in keys),
+        rows.append([trial.trial_id, trial.state, *(_fmt(trial.searched.get(k)) for k in keys),
                      value, _fmt(best[STEP.name] if best else None),
                      _fmt(last.get(TRAIN_LOSS.name)), _fmt(last.get(WALL_TIME.name))])
     blocks: list[Block] = [Heading("Trials, best first"), Table(header, rows, id="trials")]
@@ -211,5 +210,36 @@ def report_blocks(report: ReportData) -> list[Block]:
 def write_report(report: ReportData, out: Path) -> None:
     """report.md (images linked, relative to `out`) and report.html (self-contained), both in `out`."""
     blocks = report_blocks(report)
-    atomic_write_text(out / "report.md", to_markdown(blocks, out))
+    atomic_write_text(out / REPORT_FILE, to_markdown(blocks, out))
     atomic_write_text(out / "report.html", to_html(blocks))
+
+
+# --- An experiment on cloud storage: analysed on a local mirror ------------------------------
+
+
+def analyze_location(location: str, out: Optional[Path] = None) -> tuple[str, list[str]]:
+    """`analyze_experiment` on an experiment at a local path or a URI; return where report.md
+    is and the warnings (paths in them named as `location`, not the mirror). For a URI the
+    experiment is mirrored into a temporary folder (small files, each trial's best checkpoint)
+    and, without `out`, the analysis is uploaded to `location/analysis/`."""
+    if not storage.is_uri(location):
+        warnings = analyze_experiment(Path(location), out)
+        return str((out or Path(location) / ANALYSIS_DIR) / REPORT_FILE), warnings
+    storage.validate_storage(location, "EXPERIMENT")
+    with tempfile.TemporaryDirectory(prefix="sweep-analyze-") as scratch:
+        mirror = Path(scratch) / storage.name_of(location)  # the report is titled by the folder's name
+        mirror_experiment(location, mirror, checkpoints=_best_checkpoints)
+        warnings = [w.replace(str(mirror), location) for w in analyze_experiment(mirror, out)]
+        if out is not None:
+            return str(out / REPORT_FILE), warnings
+        target = storage.join(location, ANALYSIS_DIR)
+        storage.upload_tree(mirror / ANALYSIS_DIR, target)
+        return storage.join(target, REPORT_FILE), warnings
+
+
+def _best_checkpoints(mirror: Path) -> list[Path]:
+    """Each trial's checkpoint of its best checkpointed milestone: the one a sample grid is drawn
+    from, fetched without the other kept checkpoint (Ray keeps the newest too)."""
+    experiment = load_experiment(mirror)
+    bests = [(t, experiment.best(t, checkpointed=True)) for t in experiment.trials]
+    return [t.checkpoints[best[STEP.name]] for t, best in bests if best is not None]

@@ -3,11 +3,12 @@ that `optuna.load_study` and optuna-dashboard open, the searched keys ranked by 
 importance evaluator, and Optuna's parallel-coordinates figure. Built from the experiment's
 files alone, rewritten whole on each analysis.
 
-Sweep status → Optuna state: TERMINATED → COMPLETE (value: the trial's best metric),
-STOPPED (ASHA) → PRUNED (value: its last finite metric, as Optuna's own pruning records),
-ERROR → FAIL, INCOMPLETE → RUNNING (Optuna's state for a started, unfinished trial; importances
-and plots use COMPLETE trials only). A TERMINATED trial without one finite metric value becomes
-FAIL. Every trial keeps its sweep `trial_id` and `status` (and `error`) as user attributes.
+Trial state (`record.states`) → Optuna state: finished → COMPLETE (value: the trial's best
+metric on the common FID basis), stopped → PRUNED (value: its last comparable metric, as Optuna's
+own pruning records), errored → FAIL, running and interrupted → RUNNING (Optuna's state for a
+started, unfinished trial), pending → WAITING; importances and plots use COMPLETE trials only. A
+finished trial without one comparable metric value becomes FAIL. Every trial keeps its sweep
+`trial_id` and `state` (and `error`) as user attributes.
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 from optuna.visualization.matplotlib import plot_parallel_coordinate  # noqa: E402
 
 from diffusion_lib.atomic import atomic_path  # noqa: E402
-from diffusion_lib.config import flatten  # noqa: E402
 from diffusion_lib.milestone import STEP  # noqa: E402
-
-from .experiment import Experiment, Trial, is_finite_number  # noqa: E402
+from record import states  # noqa: E402
+from record.best import comparable_rows  # noqa: E402
+from record.experiment import Experiment, Trial  # noqa: E402
 
 STUDY_FILE = "study.db"
 
-_STATES = {"TERMINATED": TrialState.COMPLETE, "STOPPED": TrialState.PRUNED, "ERROR": TrialState.FAIL, "INCOMPLETE": TrialState.RUNNING}
+_OPTUNA_STATES = {
+    states.FINISHED: TrialState.COMPLETE, states.STOPPED: TrialState.PRUNED, states.ERRORED: TrialState.FAIL,
+    states.RUNNING: TrialState.RUNNING, states.INTERRUPTED: TrialState.RUNNING, states.PENDING: TrialState.WAITING,
+}
 _CATEGORY_TYPES = (type(None), bool, int, float, str)  # what a CategoricalDistribution may hold
 
 
@@ -44,16 +48,10 @@ def _param_value(value: Any) -> Any:
 
 
 def _declared(search: dict[str, dict], key: str) -> Optional[BaseDistribution]:
-    """The distribution sweep.json declares for a dotted key; a key inside a whole-section
-    search (`loss` over mappings) is a categorical over the values its mappings list."""
-    section = key.split(".")[0]
-    if key in search:
-        kind, args = next(iter(search[key].items()))
-    elif section in search and key != section:
-        flat = [flatten({section: m}) for m in next(iter(search[section].values())) if isinstance(m, dict)]
-        kind, args = "choice", [m[key] for m in flat if key in m]
-    else:
+    """The distribution sweep.json declares for a dotted key, as an Optuna distribution."""
+    if key not in search:
         return None
+    kind, args = next(iter(search[key].items()))
     if kind in ("grid", "choice"):
         return CategoricalDistribution(list(dict.fromkeys(_param_value(a) for a in args))) if args else None
     low, high = args[:2]
@@ -89,15 +87,15 @@ def _distributions(experiment: Experiment) -> dict[str, BaseDistribution]:
 
 def _frozen_trial(trial: Trial, experiment: Experiment, distributions: dict[str, BaseDistribution]) -> FrozenTrial:
     metric = experiment.metric
-    curve = {r[STEP.name]: float(r[metric]) for r in trial.milestones if is_finite_number(r.get(metric))}
-    best = trial.best_milestone(metric, experiment.mode)
-    state, value = _STATES[trial.status], None
+    curve = {r[STEP.name]: float(r[metric]) for r in comparable_rows(trial.milestones, metric, experiment.basis)}
+    best = experiment.best(trial)
+    state, value = _OPTUNA_STATES[trial.state], None
     if state == TrialState.COMPLETE:
         value = best[metric] if best else None
         state = TrialState.COMPLETE if best else TrialState.FAIL
     elif state == TrialState.PRUNED and curve:
         value = curve[max(curve)]
-    attrs = {"trial_id": trial.trial_id, "status": trial.status, **({"error": trial.error} if trial.error else {})}
+    attrs = {"trial_id": trial.trial_id, "state": trial.state, **({"error": trial.error} if trial.error else {})}
     return optuna.trial.create_trial(
         state=state,
         value=value,

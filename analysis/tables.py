@@ -20,8 +20,9 @@ from diffusion_lib.milestone import (
     CURVATURE, FID, FID_NUM_SAMPLES, FID_REF_NUM_IMAGES, FID_STDERR, FINAL_FID, FINAL_FID_NUM_SAMPLES, FINAL_FID_STDERR, IMAGES_SEEN, MILESTONE_METRICS, STEP, TRAIN_LOSS, WALL_TIME, Metric,
 )
 
+from record.experiment import Experiment
+
 from .decisions import Configuration
-from .experiment import Experiment
 
 
 def arrow_type(metric: Metric) -> pa.DataType:
@@ -33,7 +34,7 @@ FINAL_METRICS = [TRAIN_LOSS, FID, FID_NUM_SAMPLES, CURVATURE, FINAL_FID, FINAL_F
 TRIAL_COLUMNS = pa.schema(
     [
         ("trial_id", pa.string()),
-        ("status", pa.string()),
+        ("state", pa.string()),
         ("error", pa.string()),
         ("best.metric", pa.string()),
         ("best.value", pa.float64()),
@@ -77,16 +78,16 @@ def _config_value(value: Any, kind: pa.DataType) -> Any:
 
 
 def trials_table(experiment: Experiment) -> pa.Table:
-    metric, mode = experiment.metric, experiment.mode
+    metric = experiment.metric
     rows = []
     for trial in experiment.trials:
-        best = trial.best_milestone(metric, mode)
-        best_fid = trial.best_milestone(FID.name, "min")
-        best_saved = trial.best_milestone(metric, mode, checkpointed=True)
+        best = experiment.best(trial)
+        best_fid = experiment.best(trial, FID.name)
+        best_saved = experiment.best(trial, checkpointed=True)
         last = trial.milestones[-1] if trial.milestones else {}
         rows.append({
             "trial_id": trial.trial_id,
-            "status": trial.status,
+            "state": trial.state,
             "error": trial.error,
             "best.metric": metric,
             "best.value": best[metric] if best else None,

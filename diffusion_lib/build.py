@@ -68,7 +68,7 @@ def create_trainer(
     torch.manual_seed(config.train.seed)  # model initialisation and dropout
     data = load_dataset(config.data).to(device)
     # FID is set up before any training step: missing weights fail now, not at step 2,000.
-    if config.fid.num_samples or config.fid.final_num_samples:
+    if config.fid.enabled:
         features = features or InceptionFeatures(config.fid.weights, device, config.fid.batch_size)
         if fid_reference is None:
             fid_reference = (

@@ -8,7 +8,6 @@ on load). A run resumed from it continues bit for bit as if never stopped.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -17,14 +16,13 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .config import ConfigError, RunConfig, flatten
+from .config import TOTAL_STEPS_KEY, ConfigError, RunConfig, flatten
 from .ema import EMA
+from .run_files import checkpoint_name, list_checkpoints
 
-CHECKPOINT_DIR = "checkpoints"
-_NAME = re.compile(r"^step_(\d{7,})\.pt$")
 _KEYS = {"step", "wall_time_s", "best", "final_fid", "model", "ema", "optimizer", "rng", "config"}
 # Keys that may change when a run is resumed; anything else would change the trajectory.
-RESUMABLE_KEYS = ("train.total_steps", "train.device", "train.compile", "data.root", "data.download")
+RESUMABLE_KEYS = (TOTAL_STEPS_KEY, "train.device", "train.compile", "data.root", "data.download")
 RESUMABLE_SECTIONS = ("eval.", "fid.", "curvature.")
 
 
@@ -36,10 +34,6 @@ class RunProgress:
     wall_time_s: float = 0.0
     best: Optional[tuple[float, int]] = None  # (val/fid, step) of the best milestone so far
     final_fid: Optional[float] = None
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:07d}.pt"
 
 
 def save_checkpoint(
@@ -115,19 +109,6 @@ def prune_checkpoints(folder: Path, progress: RunProgress) -> None:
     for step, path in list_checkpoints(folder).items():
         if step not in keep:
             path.unlink(missing_ok=True)
-
-
-def list_checkpoints(folder: Path) -> dict[int, Path]:
-    """{step: path} of the checkpoints in a folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return {}
-    found = {}
-    for path in folder.iterdir():
-        match = _NAME.match(path.name)
-        if match:
-            found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
 
 
 def latest_checkpoint(folder: Path) -> Optional[Path]:

@@ -48,6 +48,10 @@ UNIT_INTERVAL = Check(lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 # ---- the run config ------------------------------------------------------------------------
 
+# Keys that code outside this module reads by name.
+TOTAL_STEPS_KEY = "train.total_steps"
+SEED_KEY = "train.seed"
+
 
 @dataclass
 class DataConfig:
@@ -98,9 +102,18 @@ class OptimConfig:
     lr: float = opt(1e-4, Check(lambda v: 0 < v < 1, "a number in (0, 1)"))
 
 
+# Above this share of the random initialisation left in the EMA weights, samples and FID measure
+# the initialisation as much as the training: a run and an early-stopping rung warn.
+EMA_INITIALISATION_WARN_SHARE = 0.05
+
+
 @dataclass
 class EmaConfig:
     decay: float = opt(0.999, UNIT_INTERVAL)
+
+    def initialisation_left(self, steps: int) -> float:
+        """The share of the random initialisation still in the EMA weights after `steps` updates."""
+        return self.decay**steps
 
 
 @dataclass
@@ -125,6 +138,11 @@ class FidConfig:
     reference: Optional[str] = None  # reference statistics (.npz) computed beforehand, e.g. once per sweep
     cache_dir: Optional[str] = None  # reference-statistics cache; default ~/.cache/diffusion_sweeps/fid
     batch_size: int = opt(200, AT_LEAST_1)  # Inception batch
+
+    @property
+    def enabled(self) -> bool:
+        """FID is measured at the milestones, after the last step, or both."""
+        return bool(self.num_samples or self.final_num_samples)
 
 
 @dataclass
@@ -233,9 +251,11 @@ def check_type(key: str, value: Any, annotation: Any) -> Any:
     args = typing.get_args(annotation)
     if annotation is Any or (dataclasses.is_dataclass(annotation) and isinstance(value, annotation)):  # built already
         return value
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union:  # Optional[X], or a union of classes built already
+        if value is None and type(None) in args:
             return None
+        if any(isinstance(value, a) for a in args if dataclasses.is_dataclass(a)):
+            return value
         return check_type(key, value, next(a for a in args if a is not type(None)))
     if origin is Literal:
         if value not in args:
@@ -294,6 +314,14 @@ def read_yaml(path: str | os.PathLike) -> Any:
 WEIGHTS_ENV = "SWEEP_FID_WEIGHTS"  # local FID Inception weights, when fid.weights is not set
 
 
+def fid_weights(configured: Optional[str]) -> tuple[Optional[str], str]:
+    """The FID weights file to use and where it came from: the configured one (`fid.weights`, a
+    `--weights` option), else `$SWEEP_FID_WEIGHTS`; None means pytorch-fid downloads them."""
+    if configured is None and os.environ.get(WEIGHTS_ENV):
+        return os.environ[WEIGHTS_ENV], f"${WEIGHTS_ENV}"
+    return configured, "fid.weights"
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a run config from YAML (or the defaults when `path` is None), apply `--set`
     overrides, and resolve its paths (`resolve_paths`)."""
@@ -312,13 +340,11 @@ def resolve_paths(config: RunConfig) -> RunConfig:
     config.data.root = absolute(config.data.root)
     config.fid.cache_dir = absolute(config.fid.cache_dir)
     config.fid.reference = absolute(config.fid.reference)
-    source = "fid.weights"
-    if config.fid.weights is None and os.environ.get(WEIGHTS_ENV):
-        config.fid.weights, source = os.environ[WEIGHTS_ENV], f"${WEIGHTS_ENV}"
-    config.fid.weights = absolute(config.fid.weights)
-    fid_on = config.fid.num_samples or config.fid.final_num_samples
-    if fid_on and config.fid.weights is not None and not Path(config.fid.weights).is_file():
+    weights, source = fid_weights(config.fid.weights)
+    config.fid.weights = absolute(weights)
+    if config.fid.enabled and config.fid.weights is not None and not Path(config.fid.weights).is_file():
         raise ConfigError(f"{source}: no such file {config.fid.weights}; point it at pt_inception-2015-12-05-6726825d.pth")
-    if fid_on and config.fid.reference is not None and "://" not in config.fid.reference and not Path(config.fid.reference).is_file():
+    reference = config.fid.reference
+    if config.fid.enabled and reference is not None and "://" not in reference and not Path(reference).is_file():
         raise ConfigError(f"fid.reference: no such file {config.fid.reference}")
     return config

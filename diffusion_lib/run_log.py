@@ -7,7 +7,6 @@ TensorBoard scalars, sample grids and hparams, and PNG sample grids."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -19,26 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from .atomic import atomic_path, atomic_write_text
 from .milestone import HPARAMS_METRICS, STEP
-
-METRICS_FILE = "metrics.jsonl"
-SAMPLES_DIR = "samples"
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The milestone rows of a metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
-    rows = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def _jsonable(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+from .run_files import EVENTS_GLOB, METRICS_FILE, SAMPLES_DIR, metrics_line, read_metrics, sample_grid_name
 
 
 def hparams_value(value: Any) -> Any:
@@ -47,33 +27,43 @@ def hparams_value(value: Any) -> Any:
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, resume_step: int, hparams: dict[str, Any]):
+    """The run's metrics.jsonl, TensorBoard events and sample grids, opened when training starts."""
+
+    def __init__(self, run_dir: Path, writer: SummaryWriter):
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / METRICS_FILE
-        # Milestones after the checkpoint we resume from will be recomputed: drop their rows.
-        kept = [r for r in read_metrics(self.metrics_path) if r.get(STEP.name, 0) <= resume_step]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.writer = writer
+
+    @classmethod
+    def open(cls, run_dir: Path, resume_step: int, hparams: dict[str, Any]) -> "RunLog":
+        """Open the log of a run starting (resume_step 0) or resuming at `resume_step`: rows and
+        events past that step are from milestones that will be recomputed, so they are dropped."""
+        run_dir = Path(run_dir)
+        metrics_path = run_dir / METRICS_FILE
+        kept = [r for r in read_metrics(metrics_path) if r[STEP.name] <= resume_step]
+        atomic_write_text(metrics_path, "".join(metrics_line(r) for r in kept))
         if resume_step == 0:  # a fresh start: events of an attempt that never checkpointed are stale
-            for stale in self.run_dir.glob("events.out.tfevents.*"):
+            for stale in run_dir.glob(EVENTS_GLOB):
                 stale.unlink()
         # purge_step hides TensorBoard events past the checkpoint written before a crash.
-        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=resume_step + 1 if resume_step else None)
+        writer = SummaryWriter(log_dir=str(run_dir), purge_step=resume_step + 1 if resume_step else None)
         if resume_step == 0:  # a resumed run keeps the session it started with: one per run
-            session = hparams_api.hparams_pb({k: hparams_value(v) for k, v in hparams.items()}, trial_id=self.run_dir.name)
-            self.writer.file_writer.add_summary(session)
-            self.writer.flush()
+            session = hparams_api.hparams_pb({k: hparams_value(v) for k, v in hparams.items()}, trial_id=run_dir.name)
+            writer.file_writer.add_summary(session)
+            writer.flush()
+        return cls(run_dir, writer)
 
     def milestone(self, row: dict[str, Any], grid: Optional[torch.Tensor]) -> None:
         """Append one milestone: a metrics.jsonl line, TensorBoard scalars and the sample grid."""
         step = row[STEP.name]
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+            f.write(metrics_line(row))
         for key, value in row.items():
             if key != STEP.name and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, step)
         if grid is not None:
             self.writer.add_image("samples", grid, step)
-            save_png(grid, self.run_dir / SAMPLES_DIR / f"step_{step:07d}.png")
+            save_png(grid, self.run_dir / SAMPLES_DIR / sample_grid_name(step))
         self.writer.flush()
 
     def close(self) -> None:

@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CHECKPOINT_DIR, RunProgress, latest_checkpoint, prune_checkpoints, restore_checkpoint, save_checkpoint
-from .config import RunConfig
+from .checkpoint import RunProgress, latest_checkpoint, prune_checkpoints, restore_checkpoint, save_checkpoint
+from .config import EMA_INITIALISATION_WARN_SHARE, RunConfig
 from .data import ImageDataset, uint8_to_float
 from .diffusion import GaussianDiffusion
 from .ema import EMA
@@ -31,6 +31,7 @@ from .milestone import (
     FINAL_FID_NUM_SAMPLES, FINAL_FID_STDERR, FINAL_KID, FINAL_KID_STDERR, IMAGES_SEEN, KID, KID_STDERR, NUM_T_BUCKETS, STEP,
     T_BUCKETS, TRAIN_LOSS, WALL_TIME, t_bucket,
 )
+from .run_files import CHECKPOINT_DIR
 from .run_log import RunLog, make_grid
 from .samplers import sample_images
 
@@ -45,7 +46,7 @@ class NonFiniteLossError(RuntimeError):
 
 def compile_network(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """`model` under torch.compile, sharing its parameters. On CUDA with CUDA graphs
-    ("reduce-overhead"): at batch 4 the forward and backward are ~1,400 tiny kernels, launch-bound."""
+    ("reduce-overhead"): at batch 4 a training step is many tiny kernels, launch-bound."""
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
@@ -80,19 +81,18 @@ class Trainer:
         self.model, self.diffusion, self.loss, self.data = model, diffusion, loss, data
         self.device = data.images.device
         cuda = self.device.type == "cuda"
-        fid_on = config.fid.num_samples or config.fid.final_num_samples
-        if fid_on and (features is None or fid_reference is None):
+        if config.fid.enabled and (features is None or fid_reference is None):
             raise ValueError("FID is on (fid.num_samples or fid.final_num_samples > 0): hand in features and fid_reference")
         self.features, self.fid_reference = features, fid_reference
-        if fid_on:
+        if config.fid.enabled:
             self._warn_about_fid_comparability()
 
         self.ema = EMA(self.model, config.ema.decay)
         # Only the training step runs compiled; curvature needs double backward, which compiled
         # graphs do not support, and checkpoints hold the plain module's state.
         self.train_model = train_model or (compile_network(self.model, self.device) if config.train.compile else self.model)
-        leftover = config.ema.decay ** config.train.total_steps
-        if leftover > 0.05:
+        leftover = config.ema.initialisation_left(config.train.total_steps)
+        if leftover > EMA_INITIALISATION_WARN_SHARE:
             warnings.warn(
                 f"ema.decay={config.ema.decay} over {config.train.total_steps} steps leaves {leftover:.0%} of the random "
                 "initialisation in the EMA weights that samples and FID use; lower ema.decay for short runs",
@@ -108,7 +108,6 @@ class Trainer:
             self.progress = restore_checkpoint(
                 Path(checkpoint), model=self.model, ema=self.ema, optimizer=self.optimizer, generator=self.generator, config=config
             )
-        self.log = RunLog(self.run_dir, self.progress.step, hparams=config.flat())
         self._reset_accumulators()
 
     @property
@@ -183,6 +182,7 @@ class Trainer:
         """Train to `train.total_steps`, evaluating and checkpointing at each milestone."""
         total, every = self.config.train.total_steps, self.config.eval.every
         progress = self.progress
+        log = RunLog.open(self.run_dir, progress.step, hparams=self.config.flat())
         bar = tqdm(total=total, initial=progress.step, disable=not self.progress_bar, unit="step", dynamic_ncols=True)
         last = time.perf_counter()
         self.model.train()
@@ -200,7 +200,7 @@ class Trainer:
                     progress.wall_time_s += now - last
                     last = now
                     row[WALL_TIME.name] = progress.wall_time_s
-                    self.log.milestone(row, grid)
+                    log.milestone(row, grid)
                     path = self.save_checkpoint()
                     self._reset_accumulators()
                     if on_milestone is not None:
@@ -209,7 +209,7 @@ class Trainer:
             return self.summary()
         finally:
             bar.close()
-            self.log.close()
+            log.close()
 
     def summary(self) -> dict[str, Any]:
         best = self.progress.best
@@ -246,14 +246,14 @@ class Trainer:
             features = self.features(samples[: max(num_milestone, num_final)])
             row[FID_REFERENCE.name], row[FID_REF_NUM_IMAGES.name] = self.fid_reference.name, self.fid_reference.num_images
         if num_milestone:
-            result = evaluate_features(features[:num_milestone], self.fid_reference)
+            result = evaluate_features(features[:num_milestone], self.fid_reference, self.device)
             row.update({FID.name: result.fid, FID_STDERR.name: result.fid_stderr, FID_REPLICATES.name: result.fid_replicates,
                         FID_NUM_SAMPLES.name: num_milestone, KID.name: result.kid, KID_STDERR.name: result.kid_stderr})
             if self.progress.best is None or result.fid < self.progress.best[0]:
                 self.progress.best = (result.fid, self.step)
             row[BEST_FID.name] = self.progress.best[0]
         if num_final:
-            result = evaluate_features(features[:num_final], self.fid_reference)
+            result = evaluate_features(features[:num_final], self.fid_reference, self.device)
             row.update({FINAL_FID.name: result.fid, FINAL_FID_STDERR.name: result.fid_stderr, FINAL_FID_NUM_SAMPLES.name: num_final,
                         FINAL_KID.name: result.kid, FINAL_KID_STDERR.name: result.kid_stderr})
             self.progress.final_fid = result.fid

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import tempfile
@@ -11,16 +10,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 from diffusion_lib.build import create_trainer, resolve_device
-from diffusion_lib.config import ConfigError
+from diffusion_lib.config import SEED_KEY, ConfigError
 from diffusion_lib.data import ImageDataset, load_dataset
 from diffusion_lib.metrics.fid import FeatureExtractor, InceptionFeatures, reference_statistics
+from diffusion_lib.milestone import STEP, TRAIN_LOSS
 from diffusion_lib.run_log import write_hparams_config
+from record import states, storage
+from record.files import RAY_ERROR_FILE, REFERENCE_DIR, Summary, SweepFile, TrialOutcome, one_line_error
 
-from . import storage
-from .layout import RAY_ERROR_FILE, REFERENCE_DIR, SUMMARY_FILE, SWEEP_FILE, one_line_error
+from .racing import RacingScheduler, RacingStateCallback
 from .spec import SweepSpec, short_params
 from .trainable import TrainerFactory, train_trial
-from diffusion_lib.milestone import STEP, TRAIN_LOSS
 
 
 def trial_dirname(trial) -> str:
@@ -38,40 +38,20 @@ def storage_root(spec: SweepSpec) -> str:
     return spec.storage if storage.is_uri(spec.storage) else str(Path(spec.experiment_path).parent)
 
 
-def parameter_columns(spec: SweepSpec) -> list[str]:
-    """Searched keys as Ray's table names them. A searched section shows the keys every variant
-    sets (`loss/weighting`); Ray's table fails on a key some trials lack, and the trial name
-    shows all searched values anyway."""
-    columns = []
-    for key, dist in spec.search.items():
-        values = dist.args
-        if dist.is_listed and all(isinstance(v, dict) for v in values):
-            columns += [f"{key}/{k}" for k in values[0] if all(k in v for v in values)]
-        else:
-            columns.append(key)
-    return columns
-
-
 def make_tuner_parts(spec: SweepSpec, make_trainer: TrainerFactory) -> tuple[Any, Any, Any]:
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     wrapped = tune.with_resources(
         tune.with_parameters(train_trial, base=spec.run_config, make_trainer=make_trainer),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
-    scheduler = None
-    if spec.scheduler.type == "asha":
-        # time_attr is the training step: grace period and rungs are in steps, not reports.
-        scheduler = ASHAScheduler(
-            time_attr=STEP.name,
-            max_t=spec.max_total_steps(),
-            grace_period=spec.scheduler.grace_period,
-            reduction_factor=spec.scheduler.reduction_factor,
-        )
     search_alg = OptunaSearch(seed=spec.seed) if spec.algorithm == "optuna" else None
+    scheduler = make_scheduler(spec)
+    # Ray keeps no scheduler state across a driver restart; the racing scheduler's rides along in
+    # Tune's experiment checkpoints through its callback (sweeps/racing.py).
+    keeps_state = [RacingStateCallback(scheduler)] if isinstance(scheduler, RacingScheduler) else []
     tune_config = tune.TuneConfig(
         metric=spec.metric,
         mode=spec.mode,
@@ -91,16 +71,31 @@ def make_tuner_parts(spec: SweepSpec, make_trainer: TrainerFactory) -> tuple[Any
         sync_config=tune.SyncConfig(sync_artifacts=True),
         # Ray's result.json/progress.csv back the ResultGrid; its TensorBoard logger is left out
         # because the trainer writes the trial's TensorBoard log itself (with grids and hparams).
-        callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
+        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *keeps_state],
         progress_reporter=tune.CLIReporter(
             metric_columns=[spec.metric, STEP.name, TRAIN_LOSS.name],
-            parameter_columns=parameter_columns(spec),
+            parameter_columns=[column for searched in spec.search.values() for column in searched.columns()],
             max_report_frequency=30,
             sort_by_metric=True,
         ),
         verbose=1,
     )
     return wrapped, tune_config, run_config
+
+
+def make_scheduler(spec: SweepSpec) -> Any:
+    """The spec's early-stopping scheduler (None: every trial runs to its end). Its time_attr is
+    the training step: grace period and rungs are in steps, not reports."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    settings = spec.scheduler
+    rungs = dict(time_attr=STEP.name, max_t=spec.max_total_steps(), grace_period=settings.grace_period,
+                 reduction_factor=settings.reduction_factor)
+    if settings.type == "asha":
+        return ASHAScheduler(**rungs)
+    if settings.type == "racing":
+        return RacingScheduler(**rungs, z=settings.z)
+    return None
 
 
 def run_sweep(
@@ -111,48 +106,57 @@ def run_sweep(
     make_trainer: TrainerFactory = create_trainer,
     features: Optional[FeatureExtractor] = None,
 ):
-    """Run the sweep to completion (or resume it) and return Ray Tune's ResultGrid.
+    """Run the sweep to completion (or resume it), write its summary and return Ray Tune's
+    ResultGrid. Bad input is a ConfigError before any trial starts; an interrupted sweep
+    (Ctrl-C) raises SweepInterrupted without writing a summary.
 
     `features` computes the sweep's FID reference (default: pytorch-fid's Inception)."""
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # loggers are chosen in make_tuner_parts
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the CLIReporter table with our columns
-    # Every milestone report carries a checkpoint by design; Ray's warning about that is noise here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    import ray
+    configure_ray_console()
     from ray import tune
 
     path = spec.experiment_path
-    storage.validate_storage(spec.storage)  # a bad URI or unreachable endpoint: exit 2 before anything starts
-    exists = tune.Tuner.can_restore(path)
-    if resume and not exists:
-        raise ConfigError(f"--resume: no experiment to resume at {path}")
-    if not resume and exists:
-        raise ConfigError(f"{path} already holds experiment {spec.name!r}; pass --resume to finish it or --name to start another")
-
+    check_experiment_location(spec, resume)
     data = load_dataset(spec.run_config.data)  # bad data is exit 2 before Ray starts
-    if not ray.is_initialized():
-        start_ray(address or os.environ.get("RAY_ADDRESS"))
-    check_resources(spec, ray.cluster_resources())
+    start_ray(address or os.environ.get("RAY_ADDRESS"))
+    check_resources(spec, ray_cluster_resources())
     spec = with_shared_fid_reference(spec, data, features)
     wrapped, tune_config, run_config = make_tuner_parts(spec, make_trainer)
     if resume:
         tuner = tune.Tuner.restore(path, trainable=wrapped, resume_unfinished=True, resume_errored=True)
     else:
-        param_space = {key: dist.tune_domain() for key, dist in spec.search.items()}
-        if spec.repeats > 1:
-            param_space["train.seed"] = tune.grid_search(spec.seeds)
-        tuner = tune.Tuner(wrapped, param_space=param_space, tune_config=tune_config, run_config=run_config)
+        tuner = tune.Tuner(wrapped, param_space=param_space(spec), tune_config=tune_config, run_config=run_config)
+        write_hparams(path, spec.dotted_keys())
     # What analysis and `sweep status` need to read the experiment from files alone, on any storage.
-    if not resume:
-        write_hparams(path, searched_hparams(spec))
-    storage.write_text(storage.join(path, SWEEP_FILE), json.dumps({"metric": spec.metric, "mode": spec.mode, "search": {k: {d.kind: list(d.args)} for k, d in spec.search.items()}}, indent=1))
+    SweepFile(spec.metric, spec.mode, {k: d for s in spec.search.values() for k, d in s.recorded().items()}).write(path)
     results = tuner.fit()
-    finished = results.num_terminated + results.num_errors  # ASHA's stopped trials count as terminated
+    finished = results.num_terminated + results.num_errors  # early-stopped trials count as terminated
     if finished < spec.num_trials:  # Ctrl-C: Ray saved its state and returned early
         raise SweepInterrupted(f"interrupted with {spec.num_trials - finished} of {spec.num_trials} trials unfinished; "
                                f"the state is saved: `sweep run SPEC --resume` finishes it")
-    write_summary(results, path)
+    summary(results, spec).write(path)
     return results
+
+
+def check_experiment_location(spec: SweepSpec, resume: bool) -> None:
+    """A reachable storage, and an experiment there to resume (or none to overwrite)."""
+    from ray import tune
+
+    storage.validate_storage(spec.storage)  # a bad URI or unreachable endpoint: exit 2 before anything starts
+    exists = tune.Tuner.can_restore(spec.experiment_path)
+    if resume and not exists:
+        raise ConfigError(f"--resume: no experiment to resume at {spec.experiment_path}")
+    if not resume and exists:
+        raise ConfigError(f"{spec.experiment_path} already holds experiment {spec.name!r}; pass --resume to finish it or --name to start another")
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """The Ray Tune search space: each searched key's domain, and the seeds of the repeats."""
+    from ray import tune
+
+    space = {key: searched.tune_domain() for key, searched in spec.search.items()}
+    if spec.repeats > 1:
+        space[SEED_KEY] = tune.grid_search(spec.seeds)
+    return space
 
 
 def write_hparams(experiment: str, hparam_names: list[str]) -> None:
@@ -176,9 +180,8 @@ def with_shared_fid_reference(spec: SweepSpec, data: ImageDataset, features: Opt
     already stored, so a resumed sweep reuses its own), uploaded to `<experiment>/fid_reference/`,
     and `fid.reference` is that URI: each trial downloads it (sweeps/trainable.py)."""
     config = spec.run_config
-    fid_on = config.fid.num_samples or config.fid.final_num_samples or "fid.num_samples" in spec.search
-    per_trial = any(key in ("data", "fid.ref_num_images") or key.startswith("data.") for key in spec.search)
-    if not fid_on or per_trial or config.fid.reference:
+    per_trial = any(key in ("data", "fid.ref_num_images") or key.startswith("data.") for key in spec.dotted_keys())
+    if not spec.fid_enabled or per_trial or config.fid.reference:
         return spec
     features = features or InceptionFeatures(config.fid.weights, resolve_device(config.train.device), config.fid.batch_size)
     experiment = spec.experiment_path
@@ -196,28 +199,33 @@ def with_shared_fid_reference(spec: SweepSpec, data: ImageDataset, features: Opt
     return dataclasses.replace(spec, run_config=config.with_overrides({"fid.reference": target}))
 
 
-def searched_hparams(spec: SweepSpec) -> list[str]:
-    """The searched keys as dotted config keys: the HParams view's columns (a searched section
-    shows each key its variants set)."""
-    names = []
-    for key, dist in spec.search.items():
-        if dist.is_listed and all(isinstance(v, dict) for v in dist.args):
-            names += [f"{key}.{k}" for v in dist.args for k in v]
-        else:
-            names.append(key)
-    return list(dict.fromkeys(names))
+def configure_ray_console() -> None:
+    """Ray Tune's console as the CLIReporter table with our columns, its loggers ours."""
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # loggers are chosen in make_tuner_parts
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the CLIReporter table with our columns
+    # Every milestone report carries a checkpoint by design; Ray's warning about that is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 def start_ray(address: Optional[str]) -> None:
-    """Attach to the cluster at `address`, or start a local Ray without its dashboard.
+    """Attach to the cluster at `address`, or start a local Ray without its dashboard (unless
+    Ray is started already, as tests do).
 
     Ray's default token authentication stays on; only its notice that it is on (printed on
     every start, nothing to act on) and Ray's INFO lines are kept out of the console.
     """
     import ray
 
+    if ray.is_initialized():
+        return
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+
+
+def ray_cluster_resources() -> dict[str, float]:
+    import ray
+
+    return ray.cluster_resources()
 
 
 def check_resources(spec: SweepSpec, cluster: dict[str, float]) -> None:
@@ -231,15 +239,18 @@ def check_resources(spec: SweepSpec, cluster: dict[str, float]) -> None:
             )
 
 
-def write_summary(results, experiment: str) -> None:
-    """Each trial's final status, and for an errored trial its error in one line and where its
-    full traceback is, for analysis and `sweep status`, which read files only."""
-    trials = {}
+def summary(results, spec: SweepSpec) -> Summary:
+    """Each trial's outcome: errored (after its retries), finished (it reached its last step) or
+    stopped early by the scheduler; an errored trial with its error in one line and where its
+    full traceback is."""
+    outcomes = {}
     for result in results:
         name = Path(result.path).name  # a local path, or the trial's path on the storage's filesystem
-        trials[name] = {
-            "status": "ERROR" if result.error else "TERMINATED",
-            "error": one_line_error(str(result.error)) if result.error else None,
-            "traceback": storage.join(experiment, name, RAY_ERROR_FILE) if result.error else None,
-        }
-    storage.write_text(storage.join(experiment, SUMMARY_FILE), json.dumps({"trials": trials}, indent=1))
+        if result.error:
+            traceback = storage.join(spec.experiment_path, name, RAY_ERROR_FILE)
+            outcomes[name] = TrialOutcome(states.ERRORED, one_line_error(str(result.error)), traceback)
+            continue
+        total = spec.trial_config(result.config).train.total_steps
+        reached = (result.metrics or {}).get(STEP.name, 0)
+        outcomes[name] = TrialOutcome(states.FINISHED if reached >= total else states.STOPPED)
+    return Summary(outcomes)

@@ -22,16 +22,16 @@ import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from diffusion_lib.config import (
+    EMA_INITIALISATION_WARN_SHARE, SEED_KEY, TOTAL_STEPS_KEY, EmaConfig,
     AT_LEAST_1, POSITIVE, Check, ConfigError, RunConfig, flatten, load_dataclass, opt, parse_override, read_yaml,
     resolve_paths, set_dotted,
 )
 from diffusion_lib.milestone import CURVATURE, FID, RANKABLE
-
-from . import storage
-from .layout import trial_label
+from record import storage
+from record.files import trial_label
 
 # Each distribution and the arguments it takes.
 DISTRIBUTION_FORMS = {
@@ -48,6 +48,7 @@ DISTRIBUTION_FORMS = {
 class Distribution:
     """One searched key's values: listed (`grid`, `choice`) or drawn from a range."""
 
+    key: str  # the dotted run-config key
     kind: Literal["grid", "choice", "uniform", "loguniform", "randint", "quniform"]
     args: tuple
 
@@ -55,8 +56,9 @@ class Distribution:
     def parse(cls, key: str, raw: Any) -> "Distribution":
         if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in DISTRIBUTION_FORMS:
             forms = ", ".join(f"{{{kind}: {form}}}" for kind, form in DISTRIBUTION_FORMS.items())
-            raise ConfigError(f"{key}: expected one of {forms}; got {raw!r}")
+            raise ConfigError(f"search.{key}: expected one of {forms}; got {raw!r}")
         kind, args = next(iter(raw.items()))
+        where = f"search.{key}"
         numbers = isinstance(args, list) and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
         if kind in ("grid", "choice"):
             ok = isinstance(args, list) and len(args) > 0
@@ -65,8 +67,8 @@ class Distribution:
         else:
             ok = numbers and len(args) == 2 and args[0] < args[1] and (kind != "loguniform" or args[0] > 0)
         if not ok:
-            raise ConfigError(f"{key}: {kind} needs {DISTRIBUTION_FORMS[kind]}; got {args!r}")
-        return cls(kind, tuple(args))
+            raise ConfigError(f"{where}: {kind} needs {DISTRIBUTION_FORMS[kind]}; got {args!r}")
+        return cls(key, kind, tuple(args))
 
     @property
     def is_grid(self) -> bool:
@@ -96,12 +98,89 @@ class Distribution:
     def describe(self) -> str:
         return f"{self.kind}({', '.join(map(str, self.args))})"
 
+    def dotted_keys(self) -> list[str]:
+        return [self.key]
+
+    def columns(self) -> list[str]:
+        return [self.key]
+
+    def recorded(self) -> dict[str, dict[str, list]]:
+        return {self.key: {self.kind: list(self.args)}}
+
+    def values_of(self, key: str, base: RunConfig) -> list[Any]:
+        return self.candidates()
+
+
+@dataclass(frozen=True)
+class SectionSearch:
+    """A whole config section searched as a list of partial mappings of its keys (`grid` or
+    `choice`), e.g. a γ sweep plus the constant-weight baseline:
+
+        loss: {grid: [{weighting: constant}, {weighting: min_snr, minsnr_gamma: 5}]}
+
+    Each variant sets only the keys it names; the others keep the base config's values."""
+
+    section: str
+    kind: Literal["grid", "choice"]
+    args: tuple  # the variants: mappings of the section's keys
+
+    @property
+    def key(self) -> str:
+        return self.section
+
+    @classmethod
+    def parse(cls, section: str, raw: Any) -> "SectionSearch":
+        dist = Distribution.parse(section, raw)
+        if not dist.is_listed or not all(isinstance(v, dict) and v for v in dist.args):
+            raise ConfigError(f"search.{section}: a whole section is searched with grid or choice over mappings of its keys")
+        return cls(section, dist.kind, dist.args)
+
+    @property
+    def is_grid(self) -> bool:
+        return self.kind == "grid"
+
+    def candidates(self) -> list[Any]:
+        return list(self.args)
+
+    def tune_domain(self) -> Any:
+        return Distribution(self.section, self.kind, self.args).tune_domain()
+
+    def describe(self) -> str:
+        return f"{self.kind}({', '.join(trial_label(v) for v in self.args)})"
+
+    def dotted_keys(self) -> list[str]:
+        """Every key some variant sets, dotted (`loss.minsnr_gamma`): the HParams columns."""
+        return list(dict.fromkeys(f"{self.section}.{k}" for v in self.args for k in v))
+
+    def columns(self) -> list[str]:
+        """The keys every variant sets, as Ray's progress table names them (`loss/weighting`);
+        its table fails on a key some trials lack, and the trial name shows every value anyway."""
+        return [f"{self.section}/{k}" for k in self.args[0] if all(k in v for v in self.args)]
+
+    def recorded(self) -> dict[str, dict[str, list]]:
+        """sweep.json's record: a `choice` over the values each dotted key takes in the variants."""
+        return {key: {"choice": list(dict.fromkeys(v[key.split(".")[1]] for v in self.args if key.split(".")[1] in v))}
+                for key in self.dotted_keys()}
+
+    def values_of(self, key: str, base: RunConfig) -> list[Any]:
+        """The values a dotted key of this section takes across the variants."""
+        name = key.split(".")[1]
+        return [v.get(name, getattr(getattr(base, self.section), name)) for v in self.args]
+
+
+Search = Union[Distribution, SectionSearch]
+
 
 @dataclass
 class Scheduler:
-    type: Literal["none", "asha"] = "none"
+    """Early stopping at rungs (steps grace_period · reduction_factor^k): `asha` is Ray's ASHA,
+    `racing` (sweeps/racing.py) stops a trial only when it is worse by more than `z` standard
+    errors of the difference."""
+
+    type: Literal["none", "asha", "racing"] = "none"
     grace_period: Optional[int] = opt(None, Check(lambda v: v is None or v >= 1, "an integer >= 1"))  # steps; default eval.every
     reduction_factor: float = opt(2.0, Check(lambda v: v > 1, "a number > 1"))
+    z: float = opt(2.5, POSITIVE)  # racing only
 
 
 @dataclass
@@ -113,7 +192,7 @@ class Resources:
 @dataclass
 class SweepSpec:
     run_config: RunConfig  # the base config with the spec's overrides and `--set`, paths absolute
-    search: dict[str, Distribution]
+    search: dict[str, Search]  # by dotted key, or by section name for a SectionSearch
     name: str
     storage: str = "runs"
     algorithm: Literal["grid", "random", "optuna"] = "grid"
@@ -132,43 +211,50 @@ class SweepSpec:
         """Checks that span several fields."""
         if not self.search:
             raise ConfigError("search: expected a mapping of dotted run-config keys to distributions")
-        sections = {f.name for f in dataclasses.fields(RunConfig)}
-        for key in self.search:
-            if key in sections and self.algorithm == "optuna":
+        for key, searched in self.search.items():
+            if isinstance(searched, SectionSearch) and self.algorithm == "optuna":
                 raise ConfigError(f"search.{key}: Optuna cannot search a whole section; search its dotted keys")
         if self.algorithm == "optuna" and self.grid_keys:
             raise ConfigError(f"search.{self.grid_keys[0]}: grid is not supported with algorithm optuna; use choice")
         if self.algorithm == "grid" and len(self.grid_keys) != len(self.search):
             sampled = next(k for k in self.search if k not in self.grid_keys)
             raise ConfigError(f"search.{sampled}: algorithm grid takes only grid entries; use algorithm random to sample")
-        if self.metric == FID.name and self.run_config.fid.num_samples == 0 and "fid.num_samples" not in self.search:
+        if self.metric == FID.name and not any(self.candidates("fid.num_samples")):
             raise ConfigError("metric: val/fid needs fid.num_samples > 0 in the run config")
         if self.metric == CURVATURE.name and self.run_config.curvature.probes == 0:
             raise ConfigError("metric: curvature/hutch_trace_mean needs curvature.probes > 0 in the run config")
-        if self.repeats > 1 and (self.algorithm != "grid" or "train.seed" in self.search):
+        if self.repeats > 1 and (self.algorithm != "grid" or SEED_KEY in self.search):
             raise ConfigError("repeats: seed repeats need algorithm grid and train.seed not searched (repeats set the seeds)")
-        if self.scheduler.type == "asha":
+        if self.scheduler.type != "none":
             if self.scheduler.grace_period is None:
                 self.scheduler.grace_period = self.run_config.eval.every
             for every in self.candidates("eval.every"):
-                off = [rung for rung in self.asha_rungs() if rung % every]
+                off = [rung for rung in self.rungs() if rung % every]
                 if off:
                     raise ConfigError(
-                        f"scheduler.grace_period: ASHA would compare trials at step {off[0]}, which is not a milestone "
-                        f"(eval.every = {every}); use a grace period that is a multiple of eval.every (and a whole reduction_factor)"
+                        f"scheduler.grace_period: {self.scheduler.type} would compare trials at step {off[0]}, which is not a "
+                        f"milestone (eval.every = {every}); use a grace period that is a multiple of eval.every (and a whole "
+                        "reduction_factor)"
                     )
 
     def candidates(self, key: str) -> list[Any]:
-        """The values a run-config key takes across the sweep (its searched values, or the base's)."""
-        if key in self.search:
-            return self.search[key].candidates()
-        section, name = key.split(".")
-        if section in self.search:
-            return [v.get(name, getattr(getattr(self.run_config, section), name)) for v in self.search[section].args]
+        """The values a dotted run-config key takes across the sweep (its searched values, or the base's)."""
+        searched = self.search.get(key) or self.search.get(key.split(".")[0])
+        if searched is not None and key in searched.dotted_keys():
+            return searched.values_of(key, self.run_config)
         return [self.run_config.flat()[key]]
 
-    def asha_rungs(self) -> list[int]:
-        """The steps at which ASHA compares trials: grace_period · reduction_factor^k below max_t."""
+    @property
+    def fid_enabled(self) -> bool:
+        """Some trial measures FID."""
+        return any(self.candidates("fid.num_samples")) or any(self.candidates("fid.final_num_samples"))
+
+    def dotted_keys(self) -> list[str]:
+        """Every searched dotted key (a section search's keys spelled out): the HParams columns."""
+        return list(dict.fromkeys(k for searched in self.search.values() for k in searched.dotted_keys()))
+
+    def rungs(self) -> list[int]:
+        """The steps at which the scheduler compares trials: grace_period · reduction_factor^k below max_t."""
         rungs, rung, max_t = [], float(self.scheduler.grace_period), self.max_total_steps()
         while rung < max_t:
             rungs.append(round(rung, 6))
@@ -202,7 +288,7 @@ class SweepSpec:
     def asha_cost(self) -> dict[str, int]:
         """`cost()` if ASHA promoted exactly 1/reduction_factor of the trials at each rung (its
         nominal schedule; asynchronous promotion can let more through early on)."""
-        rungs = [int(r) for r in self.asha_rungs()] + [self.max_total_steps()]
+        rungs = [int(r) for r in self.rungs()] + [self.max_total_steps()]
         shares = [self.scheduler.reduction_factor ** -k for k in range(len(rungs))]
         stopping = [a - b for a, b in zip(shares, shares[1:] + [0.0])]  # trials that stop at each rung
         totals = [self.cost(stop_at=r) for r in rungs]
@@ -211,12 +297,13 @@ class SweepSpec:
     def warnings(self) -> list[str]:
         """What makes a search measure something else than it claims, short of an error."""
         found = []
-        if self.scheduler.type == "asha":
+        if self.scheduler.type != "none":
             grace = self.scheduler.grace_period
             for decay in self.candidates("ema.decay"):
-                if decay**grace > 0.05:
+                left = EmaConfig(decay).initialisation_left(grace)
+                if left > EMA_INITIALISATION_WARN_SHARE:
                     found.append(
-                        f"ema.decay={decay}: at ASHA's first rung (step {grace}) {decay**grace:.0%} of the EMA weights that FID "
+                        f"ema.decay={decay}: at the scheduler's first rung (step {grace}) {left:.0%} of the EMA weights that FID "
                         "is measured on are still the random initialisation, so the rung compares EMA lag, not models; "
                         "lower ema.decay or raise scheduler.grace_period"
                     )
@@ -243,10 +330,7 @@ class SweepSpec:
 
     def max_total_steps(self) -> int:
         """The longest trial's `train.total_steps` (ASHA's max_t)."""
-        searched = self.search.get("train.total_steps")
-        if searched is None:
-            return self.run_config.train.total_steps
-        return int(max(searched.candidates()))
+        return int(max(self.candidates(TOTAL_STEPS_KEY)))
 
     def trial_config(self, searched: dict[str, Any]) -> RunConfig:
         """The run config of a trial with these searched values."""
@@ -283,15 +367,15 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, *, name: Opt
     if not isinstance(search, dict) or not search:
         raise ConfigError("search: expected a mapping of dotted run-config keys to distributions")
     sections = run_config.to_dict().keys()
-    known = run_config.flat().keys() | sections
-    distributions = {}
+    distributions: dict[str, Search] = {}
     for key, value in search.items():
-        if key not in known:
+        if key in sections:
+            distributions[key] = searched = SectionSearch.parse(key, value)
+        elif key in run_config.flat():
+            distributions[key] = searched = Distribution.parse(key, value)
+        else:
             raise ConfigError(f"search.{key}: not a run-config key (e.g. loss.minsnr_gamma, train.total_steps) or section")
-        distributions[key] = dist = Distribution.parse(f"search.{key}", value)
-        if key in sections and not (dist.is_listed and all(isinstance(v, dict) for v in dist.args)):
-            raise ConfigError(f"search.{key}: a whole section is searched with grid or choice over mappings of its keys")
-        for candidate in dist.candidates():
+        for candidate in searched.candidates():
             try:
                 run_config.with_overrides({key: candidate})
             except ConfigError as err:

@@ -10,7 +10,6 @@ into the trial's scratch folder and the trainer is handed that local file.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -21,16 +20,14 @@ from typing import Any, Callable
 import ray
 from ray import tune
 
-from diffusion_lib.atomic import atomic_write_text
 from diffusion_lib.build import create_trainer
-from diffusion_lib.checkpoint import CHECKPOINT_DIR
 from diffusion_lib.config import RunConfig, flatten
-from diffusion_lib.run_log import METRICS_FILE
+from diffusion_lib.run_files import CHECKPOINT_DIR, CHECKPOINT_GLOB, METRICS_FILE
 from diffusion_lib.trainer import Trainer
+from record import storage
+from record.files import TrialFile
 
-from . import storage
 from .console import one_line_warnings
-from .layout import TRIAL_FILE
 
 # (config, run_dir, *, checkpoint_dir, resume_from, progress) -> Trainer; tests hand in their own.
 TrainerFactory = Callable[..., Trainer]
@@ -42,15 +39,14 @@ def train_trial(searched: dict[str, Any], *, base: RunConfig, make_trainer: Trai
     one_line_warnings()
     config = base.with_overrides(searched)
     run_dir = Path.cwd()
-    params = {"searched": flatten(searched), "config": config.flat(), "node_id": ray.get_runtime_context().get_node_id()}
-    atomic_write_text(run_dir / TRIAL_FILE, json.dumps(params, indent=1))
+    TrialFile(flatten(searched), config.flat(), ray.get_runtime_context().get_node_id()).write(run_dir)
     with tempfile.TemporaryDirectory(prefix="trial-ckpt-") as scratch:
         scratch = Path(scratch)
         resume_from = None
         restored = tune.get_checkpoint()
         if restored is not None:
             restored.to_directory(str(scratch / "restored"))
-            resume_from = next((scratch / "restored").glob("step_*.pt"))
+            resume_from = next((scratch / "restored").glob(CHECKPOINT_GLOB))
             shutil.copy(scratch / "restored" / METRICS_FILE, run_dir / METRICS_FILE)
 
         trainer = make_trainer(

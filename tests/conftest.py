@@ -18,9 +18,11 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from diffusion_lib.build import create_model_and_diffusion
-from diffusion_lib.config import RunConfig
+from diffusion_lib.config import TOTAL_STEPS_KEY, RunConfig
 from diffusion_lib.data import load_dataset
+from diffusion_lib.run_files import METRICS_FILE, metrics_line
 from diffusion_lib.trainer import Trainer
+from record.files import RAY_ERROR_FILE, Summary, SweepFile, TrialFile, TrialOutcome
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SWEEP_SHARED_DIR", REPO.parent / "shared"))
@@ -119,6 +121,59 @@ def run_sweep_with_standin_fid(spec, *test_modules):
     assert not results.errors
     assert driver_features.calls == 1  # the sweep's one reference pass, in the launching process
     return results
+
+
+# ---- experiment folders, written with the record's own writers (no Ray) -----------------------
+
+
+def write_trial(experiment: Path, name: str, rows=(), *, searched: dict, total_steps: int = 30, torn: str = "",
+                error: str | None = None, metrics: bool = True, config: dict | None = None) -> Path:
+    """A trial folder as a sweep leaves it: trial.json, metrics.jsonl (with `torn` appended, as a
+    run killed mid-write leaves it) and Ray's error.txt when `error` is given."""
+    folder = experiment / name
+    TrialFile(searched, {TOTAL_STEPS_KEY: total_steps, **(config or {}), **searched}, "node-1").write(folder)
+    if metrics:
+        (folder / METRICS_FILE).write_text("".join(metrics_line(r) for r in rows) + torn)
+    if error is not None:
+        (folder / RAY_ERROR_FILE).write_text(error)
+    return folder
+
+
+def write_sweep_file(experiment: Path, search: dict, metric: str = "val/fid") -> None:
+    SweepFile(metric, "min", search).write(str(experiment))
+
+
+def write_summary(experiment: Path, states: dict[str, str], error: str = "NonFiniteLossError: non-finite training loss at step 14") -> None:
+    Summary({name: TrialOutcome(state, error if state == "errored" else None) for name, state in states.items()}).write(str(experiment))
+
+
+def write_ray_state(experiment: Path, trials: dict[str, str], *, age_s: float = 0.0) -> Path:
+    """Ray Tune's experiment_state-*.json as Ray 2.x writes it (Ray's file, not ours: written the
+    way Ray writes it): trial_data holds, per trial, its state as a JSON string (status,
+    trial_id, relative_logdir, config, …) and its run metadata."""
+    import json
+    import time
+
+    data = [[json.dumps({"trial_id": name.split("_")[0], "status": status, "relative_logdir": name, "config": {"optim.lr": 5e-4},
+                         "stub": False, "storage": {"_type": "CLOUDPICKLE_FALLBACK", "value": "80"}}),
+             json.dumps({"num_failures": 0, "error_filename": None})] for name, status in trials.items()]
+    path = experiment / "experiment_state-2026-01-01_00-00-00.json"
+    path.write_text(json.dumps({"trial_data": data, "runner_data": {}, "stats": {"start_time": 0}}))
+    past = time.time() - age_s
+    os.utime(path, (past, past))
+    if age_s and (experiment / "sweep.json").exists():
+        os.utime(experiment / "sweep.json", (past, past))
+    return path
+
+
+def train_into_experiment(experiment: Path, name: str, config: RunConfig, searched: dict, reference=None) -> Path:
+    """A trial folder holding a real tiny run, trained here without Ray (FID by the stand-in
+    extractor against `reference`), its checkpoints where Ray keeps a trial's."""
+    folder = experiment / name
+    TrialFile(searched, config.flat(), "node-1").write(folder)
+    trainer_with_parts(config, folder, checkpoint_dir=folder / "checkpoint_000000", progress=False,
+                       **({"fid_reference": reference} if reference is not None else {})).fit()
+    return folder
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Analysis of a tiny real sweep: tables, best-checkpoint grids, plots, report, damaged files."""
+"""Analysis of an experiment of two tiny real runs: tables, best-checkpoint grids, plots, report,
+damaged files. (That a Ray sweep lays out such a folder is tested in test_sweeps.py.)"""
 
 from __future__ import annotations
 
@@ -15,22 +16,27 @@ from typer.testing import CliRunner
 
 from analysis.grids import sample_grid
 from analysis.report import analyze_experiment
-from sweeps.cli import app
-from sweeps.spec import load_spec
-from conftest import TINY_RUN, run_sweep_with_standin_fid, write_spec
+from cli.main import app
+from conftest import StandInFeatures, tiny_config, train_into_experiment, write_summary, write_sweep_file
+from diffusion_lib.data import load_dataset
+from diffusion_lib.metrics.fid import reference_statistics
+from record.files import REFERENCE_DIR
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("sweep")
-    base = {**TINY_RUN, "train": {"total_steps": 30, "batch_size": 8},
-            "fid": {"num_samples": 8, "final_num_samples": 16, "cache_dir": str(tmp / "fid_cache")}, "curvature": {"probes": 2, "batch_size": 4}}
-    spec = load_spec(write_spec(tmp, base=base, metric="val/fid", search={"optim.lr": {"grid": [1e-4, 2e-3]}}))
-    results = run_sweep_with_standin_fid(spec)
-    assert not (tmp / "fid_cache").exists()  # no trial computed a reference of its own
-    return Path(results.experiment_path)
+    """Two tiny runs trained without Ray into an experiment folder, as a finished grid leaves it."""
+    path = tmp_path_factory.mktemp("sweep") / "tiny"
+    config = tiny_config(train={"total_steps": 30, "batch_size": 8}, fid={"num_samples": 8, "final_num_samples": 16},
+                         curvature={"probes": 2, "batch_size": 4})
+    reference = reference_statistics(load_dataset(config.data), StandInFeatures(), None, path / REFERENCE_DIR)
+    write_sweep_file(path, {"optim.lr": {"grid": [1e-4, 2e-3]}})
+    for i, lr in enumerate([1e-4, 2e-3]):
+        train_into_experiment(path, f"t{i}_lr={lr:g}", config.with_overrides({"optim.lr": lr}), {"optim.lr": lr}, reference)
+    write_summary(path, {"t0_lr=0.0001": "finished", "t1_lr=0.002": "finished"})
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +59,7 @@ def test_tables_have_one_row_per_trial_and_milestone_with_documented_dtypes(anal
     assert trials.schema.field("optim.lr").type == pa.float64()
     assert trials.schema.field("model.channel_mults").type == pa.string()
     assert trials.schema.field("best.val/fid").type == pa.float64()
-    assert trials.column("status").to_pylist() == ["TERMINATED", "TERMINATED"]
+    assert trials.column("state").to_pylist() == ["finished", "finished"]
     assert sorted(pd.read_parquet(analysed / "milestones.parquet")["step"].unique()) == [10, 20, 30]
     counts = duckdb.sql(
         f"select trial_id, count(*) as n, min(\"val/fid\") as best from '{analysed / 'milestones.parquet'}' group by trial_id"
@@ -64,14 +70,6 @@ def test_tables_have_one_row_per_trial_and_milestone_with_documented_dtypes(anal
         f"(select trial_id, min(\"val/fid\") as best from '{analysed / 'milestones.parquet'}' group by trial_id) m using (trial_id)"
     ).fetchall()
     assert all(a == pytest.approx(b) for a, b in joined)
-
-
-def test_every_fid_row_names_the_one_reference_stored_with_the_experiment(experiment, analysed):
-    milestones = pq.read_table(analysed / "milestones.parquet").to_pylist()
-    names = {row["val/fid_reference"] for row in milestones}
-    assert len(names) == 1 and (experiment / "fid_reference" / names.pop()).is_file()
-    assert {row["val/fid_num_samples"] for row in milestones} == {8}  # one count at every milestone, the last too
-    assert {row["val/final_fid_num_samples"] for row in milestones if row["val/final_fid"] is not None} == {16}
 
 
 def test_the_sweep_is_an_optuna_study_that_optunas_tools_read(experiment, analysed):
@@ -128,7 +126,7 @@ def test_damaged_files_are_reported_and_the_rest_still_written(experiment, tmp_p
     assert len(trials) == 2
     by_id = {t["trial_id"]: t for t in trials}
     assert by_id[broken.name]["final.step"] == 20 and by_id[broken.name]["best_checkpoint"] is None
-    assert by_id[broken.name]["status"] == "ERROR" and by_id[intact.name]["status"] == "TERMINATED"
+    assert by_id[broken.name]["state"] == "errored" and by_id[intact.name]["state"] == "finished"
     assert by_id[intact.name]["final.step"] == 30 and by_id[intact.name]["best_checkpoint"] is not None
     assert (damaged / "analysis" / "best_grid.png").is_file() and (damaged / "analysis" / "fid_vs_step.png").is_file()
     assert "Problems met while analysing" in (damaged / "analysis" / "report.md").read_text()

@@ -23,8 +23,8 @@ import ray
 from typer.testing import CliRunner
 
 from conftest import TINY_RUN, run_sweep_with_standin_fid, write_spec
-from sweeps import storage
-from sweeps.cli import app
+from record import storage
+from cli.main import app
 from sweeps.spec import load_spec
 
 BUCKET = "sweeps-test"
@@ -159,7 +159,7 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
         storage=f"s3://{BUCKET}/sweeps",
     )
     prefix, uri = "sweeps/tiny", f"s3://{BUCKET}/sweeps/tiny"
-    cmd = [sys.executable, "-m", "sweeps", "run", str(spec), "--no-analyze"]
+    cmd = [sys.executable, "-m", "cli", "run", str(spec), "--no-analyze"]
     env = dict(os.environ)
     driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -200,7 +200,7 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
     assert {"sweep.json", "experiment_summary.json"} <= set(files)
     assert any(key.startswith("events.out.tfevents.") and key.endswith(".hparams") for key in files)
     summary = json.loads(s3.read(f"{prefix}/experiment_summary.json"))
-    assert {t["status"] for t in summary["trials"].values()} == {"TERMINATED"} and sorted(summary["trials"]) == trials
+    assert {t["state"] for t in summary["trials"].values()} == {"finished"} and sorted(summary["trials"]) == trials
 
     # sweep analyze to a local folder
     out = tmp_path / "analysis"

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from diffusion_lib.config import RunConfig, load_config
 from diffusion_lib.data import load_dataset
 from diffusion_lib.config import ConfigError, DataConfig
-from sweeps.cli import app
+from cli.main import app
 from conftest import CIFAR_ROOT, needs_cifar
 
 runner = CliRunner()
@@ -110,7 +110,7 @@ def test_sweep_train_console_script_runs_and_resumes(tmp_path):
         "curvature": {"probes": 0},
     }))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "sweeps", "train", str(config), "--out", str(out)]
+    cmd = [sys.executable, "-m", "cli", "train", str(config), "--out", str(out)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout.strip().splitlines()[-1])["step"] == 10

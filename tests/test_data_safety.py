@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from diffusion_lib.config import ConfigError, DataConfig
 from diffusion_lib.data import CIFAR_FOLDER, CIFAR_TRAIN_FILES, load_dataset
-from sweeps.cli import app
+from cli.main import app
 
 IMAGES_PER_FILE = 4
 FORBIDDEN = f"{os.system.__module__}.system"  # posix.system on Linux

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.decisions import comparable_basis, configurations, effect_sentences, rank_agreement
-from analysis.experiment import Experiment, Trial
+from analysis.decisions import basis_warnings, configurations, effect_sentences, rank_agreement
 from conftest import REPO
+from record.experiment import Experiment, Trial
 from sweeps.spec import load_spec
 
 
@@ -19,7 +19,7 @@ def trial(trial_id: str, searched: dict, fids: list[float], stderr: float = 1.0,
     steps = steps or [2000 * (i + 1) for i in range(len(fids))]
     rows = [{"step": s, "val/fid": f, "val/fid_stderr": stderr, "val/fid_num_samples": count, "val/fid_reference": reference}
             for s, f in zip(steps, fids)]
-    return Trial(trial_id, Path(trial_id), searched=searched, milestones=rows, status="TERMINATED")
+    return Trial(trial_id, Path(trial_id), searched=searched, milestones=rows, state="finished")
 
 
 def experiment(*trials: Trial) -> Experiment:
@@ -27,8 +27,7 @@ def experiment(*trials: Trial) -> Experiment:
 
 
 def sentences(exp: Experiment) -> list[str]:
-    basis, _ = comparable_basis(exp)
-    return effect_sentences(configurations(exp, basis), exp.searched_keys)
+    return effect_sentences(configurations(exp), exp.searched_keys)
 
 
 def test_two_configurations_a_noise_apart_read_as_a_tie():
@@ -48,7 +47,7 @@ def test_seed_repeats_are_grouped_and_their_spread_is_the_noise():
     trials = [trial(f"{lr}-{seed}", {"optim.lr": lr, "train.seed": seed}, [base + rng.normal(0, 3.0)], stderr=0.5)
               for lr, base in [(1e-4, 200.0), (1e-3, 201.0)] for seed in (1, 2, 3)]
     exp = experiment(*trials)
-    configs = configurations(exp, comparable_basis(exp)[0])
+    configs = configurations(exp)
     assert [len(c.best_fids) for c in configs] == [3, 3]
     assert all("train.seed" not in c.searched for c in configs)
     for c in configs:
@@ -60,21 +59,21 @@ def test_seed_repeats_are_grouped_and_their_spread_is_the_noise():
 def test_fids_on_different_counts_or_references_are_not_ranked_together():
     exp = experiment(trial("a", {"optim.lr": 1e-4}, [250.0]), trial("b", {"optim.lr": 1e-3}, [230.0]),
                      trial("c", {"optim.lr": 3e-3}, [150.0], count=10_000))
-    basis, warnings = comparable_basis(exp)
-    assert basis == (2000, "ref.npz")
+    warnings = basis_warnings(exp)
+    assert exp.basis == (2000, "ref.npz")
     assert len(warnings) == 1 and "not ranked" in warnings[0] and warnings[0].endswith(": c")
-    configs = configurations(exp, basis)
+    configs = configurations(exp)
     assert [c.searched["optim.lr"] for c in configs if c.best_fids] == [1e-3, 1e-4]  # c's lower FID is not a winner
 
 
 def test_rank_agreement_reads_strong_agreement_and_shuffled_finals_as_too_weak():
     early = np.linspace(200, 260, 12)
     agreeing = experiment(*[trial(f"t{i}", {"optim.lr": i}, [e, e - 20]) for i, e in enumerate(early)])
-    (strong,) = rank_agreement(agreeing, comparable_basis(agreeing)[0])
+    (strong,) = rank_agreement(agreeing)
     assert strong.num_trials == 12 and strong.tau == pytest.approx(1.0) and "strong agreement" in strong.sentence
     finals = np.random.default_rng(3).permutation(early)
     shuffled = experiment(*[trial(f"t{i}", {"optim.lr": i}, [e, f]) for i, (e, f) in enumerate(zip(early, finals))])
-    (weak,) = rank_agreement(shuffled, comparable_basis(shuffled)[0])
+    (weak,) = rank_agreement(shuffled)
     assert abs(weak.tau) < 0.4 and "too weak to trust" in weak.sentence
 
 
@@ -82,7 +81,7 @@ def test_repeats_give_each_configuration_k_distinct_seeds(tmp_path):
     from conftest import write_spec
     from typer.testing import CliRunner
 
-    from sweeps.cli import app
+    from cli.main import app
 
     path = write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4, 1e-3]}}, repeats=3)
     spec = load_spec(path)
@@ -95,7 +94,7 @@ def test_repeats_give_each_configuration_k_distinct_seeds(tmp_path):
 def test_every_shipped_spec_passes_the_new_checks():
     from typer.testing import CliRunner
 
-    from sweeps.cli import app
+    from cli.main import app
 
     for path in sorted((REPO / "search_spaces").glob("*.yaml")):
         spec = load_spec(path)

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import conftest
 from conftest import REPO, SHARED, TINY_RUN, needs_fid_weights, trainer_with_parts, write_spec
-from sweeps.cli import app, report_results
+from cli.main import app, report_results
 from sweeps.runner import run_sweep
 from sweeps.spec import load_spec
 
@@ -66,8 +66,8 @@ def test_the_readme_main_job_runs_as_printed(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = clone / "runs" / "smoke" / "analysis" / "report.md"
     assert f"report: {report}" in done.stdout and report.is_file()
-    statuses = pq.read_table(report.parent / "trials.parquet").column("status").to_pylist()
-    assert len(statuses) == 4 and set(statuses) <= {"TERMINATED", "STOPPED"}
+    states = pq.read_table(report.parent / "trials.parquet").column("state").to_pylist()
+    assert len(states) == 4 and set(states) <= {"finished", "stopped"}
     assert "LinAlgWarning" not in done.stderr and "Token authentication" not in done.stderr
 
 
@@ -81,7 +81,7 @@ def test_relative_paths_mean_what_the_user_typed(tmp_path):
         Image.new("RGB", (32, 32), (30 * i, 100, 200)).save(launch / "images" / f"{i}.png")
     spec = write_spec(launch, base={**TINY_RUN, "data": {"name": "folder", "root": "images"}}, storage="runs",
                       search={"optim.lr": {"grid": [1e-4]}})
-    done = subprocess.run([sys.executable, "-m", "sweeps", "run", spec.name, "--no-analyze"], cwd=launch, env=user_env(),
+    done = subprocess.run([sys.executable, "-m", "cli", "run", spec.name, "--no-analyze"], cwd=launch, env=user_env(),
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (trial,) = (launch / "runs" / "tiny").glob("*/trial.json")
@@ -131,13 +131,13 @@ def test_a_failed_sweep_fails_and_resume_tells_the_truth(tmp_path, local_ray, ca
     error_lines = [line for line in report.splitlines() if line.startswith("- `") and "disk on fire" in line]
     assert len(error_lines) == 2 and not ANSI.search(report)
     assert all(line.endswith("RuntimeError: disk on fire at trial start") for line in error_lines)
-    assert pq.read_table(experiment / "analysis" / "trials.parquet").column("status").to_pylist() == ["ERROR", "ERROR"]
+    assert pq.read_table(experiment / "analysis" / "trials.parquet").column("state").to_pylist() == ["errored", "errored"]
     assert f"report: {experiment / 'analysis' / 'report.md'}" in out.out and f"tensorboard --logdir {experiment}" in out.out
 
     FIXED.write_text("")
     resumed = run_sweep(spec, resume=True, make_trainer=fail_until_fixed)
     assert report_results(spec, resumed, analyze=True) == 0
-    assert pq.read_table(experiment / "analysis" / "trials.parquet").column("status").to_pylist() == ["TERMINATED", "TERMINATED"]
+    assert pq.read_table(experiment / "analysis" / "trials.parquet").column("state").to_pylist() == ["finished", "finished"]
     assert "disk on fire" not in (experiment / "analysis" / "report.md").read_text()
 
     relaxed = load_spec(write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4]}}, fail_on_trial_error=False))

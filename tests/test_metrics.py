@@ -20,7 +20,7 @@ from diffusion_lib.metrics.frechet import FrechetReference
 from diffusion_lib.build import create_trainer
 from diffusion_lib.milestone import HPARAMS_METRICS
 from diffusion_lib.run_log import write_hparams_config
-from sweeps.cli import app
+from cli.main import app
 from conftest import CIFAR_ROOT, FID_WEIGHTS, needs_cifar, needs_fid_weights, tiny_config
 
 

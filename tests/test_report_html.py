@@ -21,37 +21,30 @@ from pathlib import Path
 import pytest
 
 from analysis.report import analyze_experiment
-from conftest import tiny_config
+from conftest import tiny_config, write_sweep_file, write_trial
 from diffusion_lib.build import create_trainer
+from record.files import TrialFile
 
 CRAFTED = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\"> & <b>bold</b>"
 BROWSERS = ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _write(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(json.dumps(row) for row in obj) + "\n" if isinstance(obj, list) else json.dumps(obj))
-
-
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory) -> Path:
     experiment = tmp_path_factory.mktemp("html") / "tiny"
-    _write(experiment / "sweep.json", {"metric": "train/loss", "mode": "min", "search": {"optim.lr": {"grid": [1e-4, 1e-3, 2e-3]}}})
+    write_sweep_file(experiment, {"optim.lr": {"grid": [1e-4, 1e-3, 2e-3]}}, metric="train/loss")
 
     config = tiny_config(optim={"lr": 1e-3}, train={"total_steps": 1, "batch_size": 4}, eval={"every": 1}, ema={"decay": 0.01})
     trained = experiment / "trial_00000_lr=0.001"
     create_trainer(config, trained, progress=False).fit()
-    _write(trained / "trial.json", {"searched": {"optim.lr": 1e-3}, "config": config.flat()})
+    TrialFile({"optim.lr": 1e-3}, config.flat()).write(trained)
 
-    by_hand = experiment / "trial_00001_lr=0.002"
-    _write(by_hand / "trial.json", {"searched": {"optim.lr": 2e-3}, "config": {"train.total_steps": 20}})
-    _write(by_hand / "metrics.jsonl", [{"step": 10, "train/loss": 1e-3, "wall_time_s": 1.0}, {"step": 20, "train/loss": 2e-4, "wall_time_s": 2.0}])
-
-    errored = experiment / "trial_00002_lr=0.0001"
-    _write(errored / "trial.json", {"searched": {"optim.lr": 1e-4}, "config": {"train.total_steps": 20}})
-    _write(errored / "metrics.jsonl", [{"step": 10, "train/loss": 50.0, "wall_time_s": 1.0}])
-    (errored / "error.txt").write_text(f"Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: {CRAFTED}\n")
+    rows = [{"step": 10, "train/loss": 1e-3, "wall_time_s": 1.0}, {"step": 20, "train/loss": 2e-4, "wall_time_s": 2.0}]
+    write_trial(experiment, "trial_00001_lr=0.002", rows, searched={"optim.lr": 2e-3}, total_steps=20)
+    error = f"Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: {CRAFTED}\n"
+    write_trial(experiment, "trial_00002_lr=0.0001", [{"step": 10, "train/loss": 50.0, "wall_time_s": 1.0}], searched={"optim.lr": 1e-4},
+                total_steps=20, error=error)
 
     analyze_experiment(experiment)
     return experiment / "analysis"

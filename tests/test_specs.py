@@ -7,7 +7,7 @@ import ray
 from typer.testing import CliRunner
 
 from conftest import REPO, write_spec
-from sweeps.cli import app
+from cli.main import app
 from sweeps.spec import load_spec
 
 runner = CliRunner()
@@ -58,8 +58,13 @@ def test_bad_specs_exit_2_naming_the_problem_and_start_nothing(tmp_path, fields,
     assert not ray.is_initialized()  # refused before Ray started
 
 
-def test_progress_columns_name_only_keys_every_trial_has():
-    from sweeps.runner import parameter_columns
+def test_a_searched_section_knows_its_columns_keys_and_record():
+    def columns(spec):
+        return [column for searched in spec.search.values() for column in searched.columns()]
 
-    assert parameter_columns(load_spec(REPO / "search_spaces" / "smoke.yaml")) == ["loss/weighting", "optim.lr"]
-    assert parameter_columns(load_spec(REPO / "search_spaces" / "steps_vs_capacity.yaml")) == ["model.base_channels", "train.total_steps"]
+    smoke = load_spec(REPO / "search_spaces" / "smoke.yaml")
+    assert columns(smoke) == ["loss/weighting", "optim.lr"]  # γ is not set by every variant: not a Ray column
+    assert smoke.dotted_keys() == ["loss.weighting", "loss.minsnr_gamma", "optim.lr"]
+    assert smoke.search["loss"].recorded() == {"loss.weighting": {"choice": ["constant", "min_snr"]}, "loss.minsnr_gamma": {"choice": [5]}}
+    assert smoke.candidates("loss.minsnr_gamma") == [5.0, 5]  # the base's γ where a variant leaves it out
+    assert columns(load_spec(REPO / "search_spaces" / "steps_vs_capacity.yaml")) == ["model.base_channels", "train.total_steps"]

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sweeps.cli import app
-from sweeps.status import CLEAR_SCREEN, experiment_status, fid_progress, watch
+from analysis.status import CLEAR_SCREEN, experiment_status, watch
+from cli.main import app
+from conftest import write_ray_state, write_summary, write_trial
+from record.files import SweepFile
 
 runner = CliRunner()
 TOTAL = 30
@@ -29,55 +31,22 @@ def row(step: int, fid: float | None = None, n: int = 64) -> dict:
     return r
 
 
-def write_trial(exp: Path, name: str, rows=(), *, torn: str = "", error: str | None = None, metrics: bool = True, **searched) -> Path:
-    folder = exp / name
-    folder.mkdir(parents=True)
-    searched = searched or {"optim.lr": 1e-4}
-    config = {"train.total_steps": TOTAL, "train.batch_size": 8, **searched}
-    (folder / "trial.json").write_text(json.dumps({"searched": searched, "config": config, "node_id": "x"}))
-    if metrics:
-        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + torn)
-    if error is not None:
-        (folder / "error.txt").write_text(error)
-    return folder
-
-
 @pytest.fixture
 def mid_run(tmp_path) -> Path:
     """No summary: one trial finished, one with a torn last line, one errored, one not reporting yet."""
     exp = tmp_path / "exp"
     exp.mkdir()
-    (exp / "sweep.json").write_text(json.dumps({"metric": "val/fid", "mode": "min", "search": {"optim.lr": {"grid": [1e-4, 2e-4, 3e-4, 4e-4]}}}))
-    write_trial(exp, "t0_lr=0.0001", [row(10, 300.0), row(20, 200.0), row(30, 150.0)], **{"optim.lr": 1e-4})
-    write_trial(exp, "t1_lr=0.0002", [row(10, 310.0)], torn='{"step": 20, "val/fid": 19', **{"optim.lr": 2e-4})
-    write_trial(exp, "t2_lr=0.0003", [row(10, 320.0)], error=ERROR_TEXT, **{"optim.lr": 3e-4})
-    write_trial(exp, "t3_lr=0.0004", metrics=False, **{"optim.lr": 4e-4})
+    SweepFile("val/fid", "min", {"optim.lr": {"grid": [1e-4, 2e-4, 3e-4, 4e-4]}}).write(str(exp))
+    exp.mkdir(exist_ok=True)
+    write_trial(exp, "t0_lr=0.0001", [row(10, 300.0), row(20, 200.0), row(30, 150.0)], searched={"optim.lr": 1e-4})
+    write_trial(exp, "t1_lr=0.0002", [row(10, 310.0)], torn='{"step": 20, "val/fid": 19', searched={"optim.lr": 2e-4})
+    write_trial(exp, "t2_lr=0.0003", [row(10, 320.0)], error=ERROR_TEXT, searched={"optim.lr": 3e-4})
+    write_trial(exp, "t3_lr=0.0004", metrics=False, searched={"optim.lr": 4e-4})
     return exp
 
 
-def write_summary(exp: Path, statuses: dict[str, str]) -> None:
-    trials = {name: {"status": s, "error": "NonFiniteLossError: non-finite training loss at step 14" if s == "ERROR" else None,
-                     "traceback": str(exp / name / "error.txt") if s == "ERROR" else None} for name, s in statuses.items()}
-    (exp / "experiment_summary.json").write_text(json.dumps({"trials": trials}))
-
-
-def write_ray_state(exp: Path, trials: dict[str, str], *, age_s: float = 0.0) -> Path:
-    """Ray Tune's experiment_state-*.json as Ray 2.x writes it: trial_data holds, per trial, its
-    state as a JSON string (status, trial_id, relative_logdir, config, …) and its run metadata."""
-    data = [[json.dumps({"trial_id": name.split("_")[0], "status": status, "relative_logdir": name, "config": {"optim.lr": 5e-4},
-                         "stub": False, "storage": {"_type": "CLOUDPICKLE_FALLBACK", "value": "80"}}),
-             json.dumps({"num_failures": 0, "error_filename": None})] for name, status in trials.items()]
-    path = exp / "experiment_state-2026-01-01_00-00-00.json"
-    path.write_text(json.dumps({"trial_data": data, "runner_data": {}, "stats": {"start_time": 0}}))
-    past = time.time() - age_s
-    os.utime(path, (past, past))
-    if age_s:
-        os.utime(exp / "sweep.json", (past, past))
-    return path
-
-
 def statuses(exp: Path, **kwargs) -> dict[str, str]:
-    return {t.name: t.status for t in experiment_status(exp, **kwargs).trials}
+    return {t.trial_id: t.state for t in experiment_status(exp, **kwargs).trials}
 
 
 def line_of(output: str, name: str) -> str:
@@ -92,7 +61,7 @@ def test_mid_run_statuses_from_files_while_files_are_being_written(mid_run):
     assert "running" in line_of(out, "t1_lr=0.0002") and "10/30" in line_of(out, "t1_lr=0.0002")  # torn line skipped
     assert "errored" in line_of(out, "t2_lr=0.0003") and "NonFiniteLossError: non-finite training loss" in line_of(out, "t2_lr=0.0003")
     assert "running" in line_of(out, "t3_lr=0.0004") and "no milestone yet" in line_of(out, "t3_lr=0.0004")
-    assert "totals: 4 trials: 2 running, 0 pending, 1 finished, 0 stopped early, 1 errored" in out
+    assert "totals: 4 trials: 2 running, 0 pending, 1 finished, 0 stopped, 1 errored" in out
     assert "best so far: t0_lr=0.0001: val/fid 150.00 at step 30 (64 samples); optim.lr=0.0001" in out
     assert "0:03:00" in line_of(out, "t0_lr=0.0001")  # wall_time_s of the last row
     assert "truncated or corrupt line" in result.stderr
@@ -108,7 +77,7 @@ def test_a_killed_sweep_is_interrupted_not_running_forever(mid_run):
 def test_ray_state_lists_pending_trials_and_is_the_sweeps_heartbeat(mid_run):
     write_ray_state(mid_run, {"t1_lr=0.0002": "RUNNING", "t2_lr=0.0003": "PENDING", "t3_lr=0.0004": "RUNNING", "t4_lr=0.0005": "PENDING"})
     report = experiment_status(mid_run)
-    assert {t.name: t.status for t in report.trials} == {
+    assert {t.trial_id: t.state for t in report.trials} == {
         "t0_lr=0.0001": "finished", "t1_lr=0.0002": "running", "t2_lr=0.0003": "pending",  # waiting for its retry
         "t3_lr=0.0004": "running", "t4_lr=0.0005": "pending",
     }
@@ -119,51 +88,52 @@ def test_ray_state_lists_pending_trials_and_is_the_sweeps_heartbeat(mid_run):
     # The driver stopped writing (killed): its trials are interrupted though their files look recent.
     write_ray_state(mid_run, {"t1_lr=0.0002": "RUNNING", "t3_lr=0.0004": "RUNNING", "t4_lr=0.0005": "PENDING"}, age_s=900)
     report = experiment_status(mid_run)
-    assert [report.by_name()[n].status for n in ("t1_lr=0.0002", "t3_lr=0.0004", "t4_lr=0.0005")] == ["interrupted", "interrupted", "pending"]
+    assert [report.by_name()[n].state for n in ("t1_lr=0.0002", "t3_lr=0.0004", "t4_lr=0.0005")] == ["interrupted", "interrupted", "pending"]
     assert "sweep not running" in report.header and "--resume" in report.header
 
 
 def test_unreadable_ray_state_falls_back_to_files_with_a_warning(mid_run):
     (mid_run / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [["{\\"stat')
     report = experiment_status(mid_run)
-    assert report.by_name()["t1_lr=0.0002"].status == "running"
+    assert report.by_name()["t1_lr=0.0002"].state == "running"
     assert any("Ray's experiment state unreadable" in w for w in report.warnings)
 
 
 def test_after_the_summary_statuses_are_final(mid_run):
-    write_summary(mid_run, {"t0_lr=0.0001": "TERMINATED", "t1_lr=0.0002": "TERMINATED", "t2_lr=0.0003": "ERROR", "t3_lr=0.0004": "TERMINATED"})
+    write_summary(mid_run, {"t0_lr=0.0001": "finished", "t1_lr=0.0002": "stopped", "t2_lr=0.0003": "errored", "t3_lr=0.0004": "stopped"})
     result = runner.invoke(app, ["status", str(mid_run)])
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "sweep ended" in out.splitlines()[0]
     assert "finished" in line_of(out, "t0_lr=0.0001")
-    assert "stopped early" in line_of(out, "t1_lr=0.0002")
+    assert "stopped" in line_of(out, "t1_lr=0.0002")
     assert "errored" in line_of(out, "t2_lr=0.0003") and "NonFiniteLossError" in line_of(out, "t2_lr=0.0003")
-    assert "totals: 4 trials: 0 running, 0 pending, 1 finished, 2 stopped early, 1 errored" in out
+    assert "totals: 4 trials: 0 running, 0 pending, 1 finished, 2 stopped, 1 errored" in out
 
 
 def test_ctrl_c_then_summary_is_interrupted_and_a_resume_makes_the_summary_stale(mid_run):
     # Ray saves its state (trials still RUNNING) before it stops them; the summary then says TERMINATED.
     write_ray_state(mid_run, {"t1_lr=0.0002": "RUNNING", "t3_lr=0.0004": "RUNNING", "t5_lr=0.0006": "PENDING"}, age_s=60)
-    write_summary(mid_run, {"t0_lr=0.0001": "TERMINATED", "t1_lr=0.0002": "TERMINATED", "t2_lr=0.0003": "ERROR",
-                            "t3_lr=0.0004": "TERMINATED", "t5_lr=0.0006": "TERMINATED"})
+    write_summary(mid_run, {"t0_lr=0.0001": "finished", "t1_lr=0.0002": "stopped", "t2_lr=0.0003": "errored",
+                            "t3_lr=0.0004": "stopped", "t5_lr=0.0006": "stopped"})
     assert statuses(mid_run) == {"t0_lr=0.0001": "finished", "t1_lr=0.0002": "interrupted", "t2_lr=0.0003": "errored",
                                  "t3_lr=0.0004": "interrupted", "t5_lr=0.0006": "pending"}
     # `sweep run --resume` rewrites sweep.json: until it ends, the old summary no longer holds.
     past = time.time() - 30
     os.utime(mid_run / "experiment_summary.json", (past, past))
-    (mid_run / "sweep.json").write_text((mid_run / "sweep.json").read_text())
+    SweepFile("val/fid", "min", {}).write(str(mid_run))
     assert statuses(mid_run)["t1_lr=0.0002"] == "running"
 
 
 def test_best_compares_only_fids_at_the_same_sample_count(tmp_path):
     exp = tmp_path / "exp"
     rows = [row(10, 40.0, n=16), row(20, 52.0), row(30, 55.0)]  # 40 is from 16 samples: not comparable
-    progress = fid_progress(rows)
+    write_trial(exp, "a_lr=0.001", rows, searched={"optim.lr": 1e-3, "model.base_channels": 64})
+    write_trial(exp, "b_lr=0.002", [row(10, 60.0), row(20, 53.0)], searched={"optim.lr": 2e-3, "model.base_channels": 64})
+    write_trial(exp, "c_lr=0.003", [row(10, 10.0, n=16)], searched={"optim.lr": 3e-3, "model.base_channels": 32})
+    info = experiment_status(exp)
+    progress = info.fid_progress(info.by_name()["a_lr=0.001"])
     assert (progress.latest, progress.num_samples, progress.best, progress.best_step) == (55.0, 64, 52.0, 20)
-    write_trial(exp, "a_lr=0.001", rows, **{"optim.lr": 1e-3, "model.base_channels": 64})
-    write_trial(exp, "b_lr=0.002", [row(10, 60.0), row(20, 53.0)], **{"optim.lr": 2e-3, "model.base_channels": 64})
-    write_trial(exp, "c_lr=0.003", [row(10, 10.0, n=16)], **{"optim.lr": 3e-3, "model.base_channels": 32})
     result = runner.invoke(app, ["status", str(exp)])
     assert result.exit_code == 0, result.output
     assert "52.00 (20)" in line_of(result.stdout, "a_lr=0.001") and "55.00" in line_of(result.stdout, "a_lr=0.001")
@@ -217,7 +187,7 @@ def test_watch_clears_the_screen_on_a_terminal_and_fails_at_once_on_a_non_experi
 
 
 def test_watch_in_a_real_process_stops_cleanly_on_ctrl_c(mid_run):
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps", "status", str(mid_run), "--watch", "--interval", "0.2"],
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "status", str(mid_run), "--watch", "--interval", "0.2"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         lines = []

@@ -14,23 +14,24 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 import analysis.study as study_module
-from analysis.experiment import Experiment, Trial
 from analysis.study import STUDY_FILE, param_importances, parallel_coordinates, write_optuna_study
 from diffusion_lib.milestone import FID, STEP
+from record.experiment import Experiment, Trial
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEARCH = {
     "optim.lr": {"loguniform": [1e-5, 1e-3]},
-    "loss": {"grid": [{"weighting": "constant"}, {"weighting": "min_snr", "minsnr_gamma": 5}, {"weighting": "min_snr", "minsnr_gamma": 20}]},
+    "loss.weighting": {"choice": ["constant", "min_snr"]},  # a whole-section search, as sweep.json records it
+    "loss.minsnr_gamma": {"choice": [5, 20]},
     "ema.decay": {"uniform": [0.99, 0.9999]},
     "train.batch_size": {"randint": [4, 129]},
     "eval.nfe": {"quniform": [50, 250, 50]},
 }
 
 
-def _trial(trial_id: str, searched: dict, fids: list, status: str = "TERMINATED") -> Trial:
+def _trial(trial_id: str, searched: dict, fids: list, state: str = "finished") -> Trial:
     milestones = [{STEP.name: 1000 * (i + 1), FID.name: fid, "train/loss": 0.1} for i, fid in enumerate(fids)]
-    return Trial(trial_id, Path(trial_id), searched=searched, milestones=milestones, status=status)
+    return Trial(trial_id, Path(trial_id), searched=searched, milestones=milestones, state=state)
 
 
 def _mixed_experiment(path: Path) -> Experiment:
@@ -39,9 +40,9 @@ def _mixed_experiment(path: Path) -> Experiment:
     trials = [
         _trial("t0", {"optim.lr": 1e-4, "loss.weighting": "constant", **common}, [210.0, 150.0, float("nan"), 140.0]),
         _trial("t1", {"optim.lr": 3e-4, "loss.weighting": "min_snr", "loss.minsnr_gamma": 5, **common, "diffusion.beta_schedule": "linear"}, [190.0, None, 120.0]),
-        _trial("t2", {"optim.lr": 2e-5, "loss.weighting": "min_snr", "loss.minsnr_gamma": 20, **common}, [230.0, 180.0], "STOPPED"),
-        _trial("t3", {"optim.lr": 5e-4, "loss.weighting": "constant", **common}, [], "ERROR"),
-        _trial("t4", {"optim.lr": 1e-5, "loss.weighting": "min_snr", "loss.minsnr_gamma": 5, **common}, [250.0], "INCOMPLETE"),
+        _trial("t2", {"optim.lr": 2e-5, "loss.weighting": "min_snr", "loss.minsnr_gamma": 20, **common}, [230.0, 180.0], "stopped"),
+        _trial("t3", {"optim.lr": 5e-4, "loss.weighting": "constant", **common}, [], "errored"),
+        _trial("t4", {"optim.lr": 1e-5, "loss.weighting": "min_snr", "loss.minsnr_gamma": 5, **common}, [250.0], "running"),
         _trial("t5", {"optim.lr": 8e-4, "loss.weighting": "constant", **common}, [float("nan")]),  # ran to the end, no finite FID
     ]
     return Experiment(path, search=SEARCH, trials=trials)
@@ -58,7 +59,7 @@ def test_study_file_holds_each_sweep_trial_with_params_distributions_curves_and_
 
     for trial in experiment.trials:
         assert by_id[trial.trial_id].params == trial.searched
-        assert by_id[trial.trial_id].user_attrs["status"] == trial.status
+        assert by_id[trial.trial_id].user_attrs["state"] == trial.state
     dists = by_id["t1"].distributions
     assert dists["optim.lr"] == FloatDistribution(1e-5, 1e-3, log=True)
     assert dists["loss.weighting"] == CategoricalDistribution(["constant", "min_snr"])
@@ -93,7 +94,7 @@ def _lr_matters_experiment(path: Path) -> Experiment:
     for i in range(26):
         lr, dropout = float(10 ** rng.uniform(-5, -3)), float(rng.choice([0.0, 0.1, 0.2]))
         fid = 120 + 60 * (math.log10(lr) + 4) ** 2 + rng.normal(0, 2)
-        trials.append(_trial(f"t{i:02d}", {"optim.lr": lr, "model.dropout": dropout}, [fid + 30, fid], "TERMINATED" if i < 24 else "STOPPED"))
+        trials.append(_trial(f"t{i:02d}", {"optim.lr": lr, "model.dropout": dropout}, [fid + 30, fid], "finished" if i < 24 else "stopped"))
     search = {"optim.lr": {"loguniform": [1e-5, 1e-3]}, "model.dropout": {"choice": [0.0, 0.1, 0.2]}}
     return Experiment(path, search=search, trials=trials)
 
@@ -112,7 +113,7 @@ def test_param_importances_rank_the_key_that_moves_fid_first(tmp_path):
 
 
 def test_param_importances_never_raise_on_thin_data(tmp_path):
-    one = Experiment(tmp_path / "one", trials=[_trial("t0", {"optim.lr": 1e-4}, [100.0]), _trial("t1", {"optim.lr": 1e-3}, [90.0], "STOPPED")])
+    one = Experiment(tmp_path / "one", trials=[_trial("t0", {"optim.lr": 1e-4}, [100.0]), _trial("t1", {"optim.lr": 1e-3}, [90.0], "stopped")])
     assert param_importances(one) == ({}, 1)
     constant_key = Experiment(tmp_path / "const", trials=[_trial(f"t{i}", {"a": 1, "b": i}, [float(i)]) for i in range(6)])
     assert param_importances(constant_key) == ({"b": 1.0, "a": 0.0}, 6)
@@ -137,6 +138,6 @@ def test_parallel_coordinates_draws_one_line_per_complete_trial(tmp_path, monkey
     segments = [s for c in axes[0].collections if isinstance(c, LineCollection) for s in c.get_segments()]
     assert len(segments) == 2  # t0 and t1 completed; stopped, failed and running trials are not drawn
 
-    nothing = Experiment(tmp_path / "nothing", trials=[_trial("t0", {"optim.lr": 1e-4}, [100.0], "STOPPED")])
+    nothing = Experiment(tmp_path / "nothing", trials=[_trial("t0", {"optim.lr": 1e-4}, [100.0], "stopped")])
     study = optuna.load_study(study_name="nothing", storage=f"sqlite:///{write_optuna_study(nothing, tmp_path / 'n.db')}")
     assert parallel_coordinates(study, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

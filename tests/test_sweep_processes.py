@@ -28,7 +28,7 @@ def test_kill_minus_9_then_resume_finishes_without_recomputing(tmp_path):
         max_concurrent=1,
     )
     experiment = tmp_path / "runs" / "tiny"
-    cmd = [sys.executable, "-m", "sweeps", "run", str(spec), "--no-analyze"]
+    cmd = [sys.executable, "-m", "cli", "run", str(spec), "--no-analyze"]
     env = {**clean_env(), "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Ray saves its experiment state every second
     driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -102,7 +102,7 @@ def test_ctrl_c_says_how_to_resume_and_leaves_no_stale_summary(tmp_path):
         max_concurrent=1,
     )
     experiment = tmp_path / "runs" / "tiny"
-    driver = subprocess.Popen([sys.executable, "-m", "sweeps", "run", str(spec)], cwd=tmp_path, env=clean_env(),
+    driver = subprocess.Popen([sys.executable, "-m", "cli", "run", str(spec)], cwd=tmp_path, env=clean_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not list(experiment.glob("*/checkpoint_*")):

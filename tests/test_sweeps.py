@@ -16,7 +16,7 @@ import conftest
 from conftest import TINY_RUN, trainer_with_parts, write_spec
 from diffusion_lib.losses import DiffusionLoss
 from diffusion_lib.trainer import Trainer
-from sweeps.cli import app
+from cli.main import app
 from sweeps.spec import load_spec
 from sweeps.runner import run_sweep
 
@@ -110,7 +110,7 @@ def test_a_nan_trial_errors_with_its_reason_while_siblings_finish(tmp_path, loca
     assert errored[0].config["optim.lr"] == 1e-5
     assert sorted(r.metrics["step"] for r in results if not r.error) == [20, 20]
     summary = json.loads((Path(results.experiment_path) / "experiment_summary.json").read_text())
-    assert sum(t["status"] == "ERROR" for t in summary["trials"].values()) == 1
+    assert sum(t["state"] == "errored" for t in summary["trials"].values()) == 1
 
 
 class CrashOnceAtStep20(Trainer):

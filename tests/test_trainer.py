@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from diffusion_lib.build import create_model_and_diffusion, create_trainer
-from diffusion_lib.checkpoint import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
+from diffusion_lib.checkpoint import load_checkpoint
+from diffusion_lib.run_files import CHECKPOINT_DIR, list_checkpoints
 from diffusion_lib.config import ConfigError
 from diffusion_lib.data import load_dataset, uint8_to_float
 from diffusion_lib.trainer import Trainer

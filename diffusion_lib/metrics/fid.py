@@ -10,12 +10,14 @@ pytorch-fid's `calculate_frechet_distance`), with a standard error, and KID from
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import tempfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
-from unittest import mock
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -48,28 +50,43 @@ def weights_help() -> str:
 
 
 def load_inception(weights: Optional[str] = None, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """pytorch-fid's FID InceptionV3 (pool3 block), from a local file or pytorch-fid's own download.
+    """pytorch-fid's FID InceptionV3 (pool3 block), from a local weights file or, when `weights`
+    is None, pytorch-fid's own download.
 
     Raises ConfigError with `weights_help()` when no weights can be had, so a run fails before
     training rather than at its first milestone.
     """
-    weights = weights or os.environ.get(WEIGHTS_ENV) or None
     block = [pytorch_fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIMS]]
     try:
-        if weights is not None:
+        if weights is None:
+            model = pytorch_fid_inception.InceptionV3(block)
+        else:
             if not Path(weights).is_file():
                 raise ConfigError(f"fid.weights={weights}: no such file. {weights_help()}")
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            # pytorch-fid only knows how to fetch its weights from a URL; hand it the local file instead.
-            with mock.patch.object(pytorch_fid_inception, "load_state_dict_from_url", lambda *a, **k: state):
+            with _torch_hub_holding(Path(weights)):
                 model = pytorch_fid_inception.InceptionV3(block)
-        else:
-            model = pytorch_fid_inception.InceptionV3(block)
     except ConfigError:
         raise
     except Exception as err:  # network down, corrupt file, wrong state dict
         raise ConfigError(f"cannot load the FID Inception weights ({type(err).__name__}: {err}). {weights_help()}") from None
     return model.eval().to(device=device, memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def _torch_hub_holding(weights: Path) -> Iterator[None]:
+    """pytorch-fid fetches its weights with torch.hub's `load_state_dict_from_url`, which first
+    looks in `<hub dir>/checkpoints/` under the URL's file name: point the hub at a temporary
+    folder holding a link to the local file under that name, for the duration of the block."""
+    previous = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory(prefix="fid-weights-") as hub:
+        checkpoints = Path(hub) / "checkpoints"
+        checkpoints.mkdir()
+        (checkpoints / Path(urllib.parse.urlsplit(pytorch_fid_inception.FID_WEIGHTS_URL).path).name).symlink_to(weights.resolve())
+        torch.hub.set_dir(hub)
+        try:
+            yield
+        finally:
+            torch.hub.set_dir(previous)
 
 
 class InceptionFeatures:
@@ -172,11 +189,16 @@ class FidResult:
         return self.jackknife.replicates.tolist() if self.jackknife else None
 
 
-def evaluate_features(features: np.ndarray, reference: FidReference) -> FidResult:
-    """FID and KID of generated features, each with its standard error, from one Inception pass."""
+def evaluate_features(
+    features: np.ndarray, reference: FidReference, device: torch.device | str | None = None
+) -> FidResult:
+    """FID and KID of generated features, each with its standard error, from one Inception pass.
+    The FID's jackknife runs on `device` (default: the CPU): on a GPU machine, the GPU that
+    sampled the images, whose float64 eigenvalue problems beat a CPU's."""
     n = features.shape[0]
     kid, kid_stderr = kernel_inception_distance(features, reference.kid_features) if n >= 4 else (math.nan, math.nan)
-    jackknife = fid_jackknife(reference.frechet, features, num_groups=min(FID_JACKKNIFE_GROUPS, n - 2)) if n >= 4 else None
+    num_groups = min(FID_JACKKNIFE_GROUPS, n - 2)
+    jackknife = fid_jackknife(reference.frechet, features, num_groups=num_groups, device=device) if n >= 4 else None
     return FidResult(reference.frechet.fid(features), jackknife, kid, kid_stderr)
 
 

@@ -8,7 +8,8 @@ symmetric PSD matrix (Σ_r Σ_g = Σ_r^½ (Σ_r^½ Σ_g) has the eigenvalues of 
 the sum of the square roots of its eigenvalues: no general matrix square root, no complex
 round-off. Σ_r^½ is computed once per reference; each FID is then one symmetric eigenvalue
 problem, of size min(N, D) for N generated samples. Everything runs in float64, whatever the
-features arrive as.
+features arrive as. The jackknife's G eigenvalue problems, a milestone's largest cost, run with
+torch.linalg on a torch device (the GPU that sampled the images, where there is one).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 def _sqrt_of_eigenvalues(eigenvalues: np.ndarray) -> np.ndarray:
@@ -35,10 +37,14 @@ def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
     return (eigenvectors * _sqrt_of_eigenvalues(eigenvalues)) @ eigenvectors.T
 
 
+def _check_features_shape(shape: tuple[int, ...], dims: int | None) -> None:
+    if len(shape) != 2 or shape[0] < 2 or shape[1] != (dims or shape[1]):
+        raise ValueError(f"expected features of shape (N ≥ 2, {dims or 'D'}), got {tuple(shape)}")
+
+
 def _as_features(features: np.ndarray, dims: int | None = None) -> np.ndarray:
     features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or features.shape[0] < 2 or features.shape[1] != (dims or features.shape[1]):
-        raise ValueError(f"expected features of shape (N ≥ 2, {dims or 'D'}), got {features.shape}")
+    _check_features_shape(features.shape, dims)
     return features
 
 
@@ -52,7 +58,7 @@ class FrechetReference:
     num_images: int  # how many images the statistics came from; -1 when unknown
 
     @classmethod
-    def from_stats(cls, mu: np.ndarray, sigma: np.ndarray, num_images: int = -1) -> "FrechetReference":
+    def from_stats(cls, mu: np.ndarray, sigma: np.ndarray, num_images: int = -1) -> FrechetReference:
         """From a mean and covariance (e.g. a pytorch-fid .npz); costs one D×D eigendecomposition."""
         mu = np.asarray(mu, dtype=np.float64)
         sigma = np.asarray(sigma, dtype=np.float64)
@@ -61,7 +67,7 @@ class FrechetReference:
         return cls(mu, sigma, _sqrt_psd(sigma), num_images)
 
     @classmethod
-    def from_features(cls, features: np.ndarray) -> "FrechetReference":
+    def from_features(cls, features: np.ndarray) -> FrechetReference:
         """From reference features (N, D): their mean and unbiased covariance, like pytorch-fid."""
         features = _as_features(features)
         return cls.from_stats(features.mean(axis=0), np.cov(features, rowvar=False), features.shape[0])
@@ -75,19 +81,16 @@ class FrechetReference:
 
     def fid(self, features: np.ndarray) -> float:
         """FID of generated features (N, D) to the reference: equals `fid_from_stats` of their
-        mean and unbiased covariance, without forming the covariance."""
-        features = _as_features(features, self.mu.size)
-        return self._fid_of_rows(features, features @ self.sqrt_sigma)
+        mean and unbiased covariance, without forming the covariance.
 
-    def _fid_of_rows(self, features: np.ndarray, transformed: np.ndarray) -> float:
-        """FID of `features`, given also `transformed` = features Σ_r^½ (rows x_iᵀ Σ_r^½).
-
-        With Y the centered rows of `transformed`, Σ_r^½ Σ_g Σ_r^½ = YᵀY/(N−1), whose nonzero
+        With Y the centered rows x_iᵀ Σ_r^½, Σ_r^½ Σ_g Σ_r^½ = YᵀY/(N−1), whose nonzero
         eigenvalues are those of the N×N Gram matrix YYᵀ/(N−1): take whichever side is smaller.
         """
+        features = _as_features(features, self.mu.size)
         n = features.shape[0]
         mu = features.mean(axis=0)
         trace_sigma = np.sum((features - mu) ** 2) / (n - 1)
+        transformed = features @ self.sqrt_sigma
         y = transformed - transformed.mean(axis=0)
         gram = y @ y.T if n < y.shape[1] else y.T @ y
         return self._fid(mu, trace_sigma, np.linalg.eigvalsh(gram / (n - 1)))
@@ -122,7 +125,7 @@ class Jackknife:
 def replicate_stderr(replicates: np.ndarray, num_samples: int) -> float:
     """The delete-d jackknife standard error from G replicates of N − d samples each:
 
-        SE² = (N − d) / (d · G) · Σ_g (F_g − F̄)².
+    SE² = (N − d) / (d · G) · Σ_g (F_g − F̄)².
     """
     replicates = np.asarray(replicates, dtype=np.float64)
     groups = replicates.size
@@ -141,7 +144,13 @@ def paired_stderr(replicates_a: np.ndarray, replicates_b: np.ndarray, num_sample
     return replicate_stderr(a - b, num_samples)
 
 
-def fid_jackknife(reference: FrechetReference, features: np.ndarray, num_groups: int = 25, seed: int = 0) -> Jackknife:
+def fid_jackknife(
+    reference: FrechetReference,
+    features: np.ndarray | torch.Tensor,
+    num_groups: int = 25,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> Jackknife:
     """The delete-d jackknife of `reference.fid(features)`, the reference held fixed: G =
     `num_groups` disjoint random groups of d = N // G samples (the N mod G samples outside every
     group stay in every replicate).
@@ -152,17 +161,47 @@ def fid_jackknife(reference: FrechetReference, features: np.ndarray, num_groups:
     itself; the delta method needs the derivative of tr (·)^½, which does not exist at the
     rank-deficient Σ_g of N < D samples. More groups make the standard error steadier from
     sample to sample at the cost of one FID of N − d samples per group (README: calibration).
+
+    Computed in float64 with torch.linalg on `device` (default: the features' own when they are
+    a tensor, else the CPU), the same code on a CPU and a GPU. The Gram matrix of all N samples
+    is formed once and each replicate's is cut out of it, so a replicate costs one eigenvalue
+    problem; its eigenvalues come back to the host, where `FrechetReference._fid` turns them into
+    the FID with the same round-off rule as `fid`.
     """
-    features = _as_features(features, reference.mu.size)
-    n = features.shape[0]
+    if device is None:
+        device = features.device if isinstance(features, torch.Tensor) else torch.device("cpu")
+    x = torch.as_tensor(features).to(device=device, dtype=torch.float64)
+    _check_features_shape(x.shape, reference.mu.size)
+    n, dims = x.shape
     if not 2 <= num_groups <= n - 2:
         raise ValueError(f"num_groups must be in [2, N − 2] = [2, {n - 2}], got {num_groups}")
     d = n // num_groups
-    transformed = features @ reference.sqrt_sigma
+    m = n - d  # samples in each replicate
     order = np.random.default_rng(seed).permutation(n)
-    replicates = []
-    for group in order[: d * num_groups].reshape(num_groups, d):
-        keep = np.ones(n, dtype=bool)
+    groups = torch.from_numpy(order[: d * num_groups].reshape(num_groups, d)).to(device)
+
+    # Rows y_iᵀ = x_iᵀ Σ_r^½, centered on all N samples: a replicate's own mean is then a small
+    # fraction of the spread, so re-centering below loses no precision to cancellation.
+    y = x @ torch.as_tensor(reference.sqrt_sigma, dtype=torch.float64, device=device)
+    y = y - y.mean(dim=0)
+    rows_side = m < dims  # the smaller of the two eigenvalue problems, as `FrechetReference.fid` picks
+    product = y @ y.T if rows_side else y.T @ y
+    means, traces, eigenvalues = [], [], []
+    for group in groups:
+        keep = torch.ones(n, dtype=torch.bool, device=device)
         keep[group] = False
-        replicates.append(reference._fid_of_rows(features[keep], transformed[keep]))
+        kept = x[keep]
+        mu = kept.mean(dim=0)
+        means.append(mu)
+        traces.append(torch.sum((kept - mu) ** 2) / (m - 1))
+        if rows_side:  # C K C with C = I − 11ᵀ/m the centering matrix: the Gram of the re-centered rows
+            gram = product[keep][:, keep]
+            row_means = gram.mean(dim=1)
+            gram = gram - row_means[:, None] - row_means[None, :] + row_means.mean()
+        else:  # Σ_kept (y − ȳ)(y − ȳ)ᵀ = Σ_all yyᵀ − Σ_group yyᵀ − m ȳȳᵀ
+            y_mean = y[keep].mean(dim=0)
+            gram = product - y[group].T @ y[group] - m * torch.outer(y_mean, y_mean)
+        eigenvalues.append(torch.linalg.eigvalsh(gram / (m - 1)))
+    host = [torch.stack(values).cpu().numpy() for values in (means, traces, eigenvalues)]
+    replicates = [reference._fid(mu, trace, values) for mu, trace, values in zip(*host)]
     return Jackknife(np.asarray(replicates), n)

@@ -15,9 +15,8 @@ from typing import Callable, List, Optional
 
 import typer
 
-from diffusion_lib.config import ConfigError
-
-from .console import one_line_warnings
+from diffusion_lib.config import SEED_KEY, ConfigError, fid_weights
+from sweeps.console import one_line_warnings
 
 one_line_warnings()
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
@@ -64,7 +63,7 @@ def _features(weights: Optional[str], device: str, batch_size: int):
     from diffusion_lib.build import resolve_device
     from diffusion_lib.metrics.fid import InceptionFeatures
 
-    return InceptionFeatures(weights, resolve_device(device), batch_size)
+    return InceptionFeatures(fid_weights(weights)[0], resolve_device(device), batch_size)
 
 
 WeightsOption = typer.Option(None, "--weights", help="pytorch-fid Inception weights file (default: $SWEEP_FID_WEIGHTS or download).")
@@ -113,14 +112,15 @@ def fid_stats(
 
 def describe(spec) -> str:
     """The expanded trial list `--dry-run` prints, ending with the line `N trials`."""
-    from .spec import short_params
+    from sweeps.spec import short_params
 
-    asha = spec.scheduler
+    scheduler = spec.scheduler
+    rule = f", stops only beyond {scheduler.z:g} standard errors" if scheduler.type == "racing" else ""
     lines = [
         f"experiment: {spec.name} at {spec.experiment_path}",
         f"algorithm: {spec.algorithm}; scheduler: "
-        + (f"asha (grace {asha.grace_period} steps, reduction {asha.reduction_factor:g}, max_t {spec.max_total_steps()})"
-           if asha.type == "asha" else "none")
+        + (f"{scheduler.type} (rungs at steps {', '.join(map(str, spec.rungs()))}, reduction {scheduler.reduction_factor:g}, "
+           f"max_t {spec.max_total_steps()}{rule})" if scheduler.type != "none" else "none")
         + f"; metric: {spec.metric} ({spec.mode})",
         f"resources per trial: {spec.resources.cpu:g} cpu, {spec.resources.gpu:g} gpu; "
         f"max concurrent: {spec.max_concurrent or 'unlimited'}; max failures: {spec.max_failures}",
@@ -136,11 +136,11 @@ def describe(spec) -> str:
             for _ in range(spec.num_samples):
                 for seed in spec.seeds if spec.repeats > 1 else [None]:
                     n += 1
-                    label = short_params({**point, **({"train.seed": seed} if seed is not None else {})}) or "(base config)"
+                    label = short_params({**point, **({SEED_KEY: seed} if seed is not None else {})}) or "(base config)"
                     lines.append(f"  {n:>3}  {label}" + ("  + sampled" if sampled else ""))
     costs = [("without early stopping", spec.cost())]
-    if asha.type == "asha":
-        costs.append((f"with ASHA's nominal cuts (1/{asha.reduction_factor:g} promoted at each rung)", spec.asha_cost()))
+    if scheduler.type == "asha":
+        costs.append((f"with ASHA's nominal cuts (1/{scheduler.reduction_factor:g} promoted at each rung)", spec.asha_cost()))
     for what, cost in costs:
         lines.append(f"cost {what}: {cost['steps']:,} training steps ({cost['images']:,} images), "
                      f"{cost['fid_samples']:,} FID samples, {cost['inception_images']:,} images through Inception (reference included)")
@@ -161,8 +161,8 @@ def run(
     analyze_after: bool = typer.Option(True, "--analyze/--no-analyze", help="Write tables, plots and report.md at the end."),
 ):
     """Run a grid, random or Optuna search with Ray Tune; resume it with --resume."""
-    from .runner import SweepInterrupted, run_sweep
-    from .spec import load_spec
+    from sweeps.runner import SweepInterrupted, run_sweep
+    from sweeps.spec import load_spec
 
     spec = load_spec(spec_path, set_, name=name, storage=storage)
     typer.echo(describe(spec))
@@ -183,7 +183,7 @@ def run(
 def report_results(spec, results, *, analyze: bool) -> int:
     """Print the outcome of a sweep and where to look, write the analysis; return the exit code:
     1 when a trial errored (after its retries) and the spec fails on trial errors, else 0."""
-    from .layout import RAY_ERROR_FILE
+    from record.files import RAY_ERROR_FILE
 
     try:
         best = results.get_best_result(metric=spec.metric, mode=spec.mode, scope="all")
@@ -195,9 +195,9 @@ def report_results(spec, results, *, analyze: bool) -> int:
     errored = [r for r in results if r.error]
     typer.echo(f"{len(results)} trials, {len(errored)} errored; experiment at {spec.experiment_path}")
     if analyze:
-        from . import storage
+        from analysis.report import analyze_location
 
-        report, _ = storage.analyze_location(spec.experiment_path)
+        report, _ = analyze_location(spec.experiment_path)
         typer.echo(f"report: {report} (and report.html beside it)")
     typer.echo(f"TensorBoard: tensorboard --logdir {spec.experiment_path}")
     if not errored:
@@ -227,12 +227,45 @@ def analyze(
 
     For a URI the files analysis reads (and each trial's best checkpoint, for the sample grids)
     are copied to a temporary local mirror first."""
-    from .storage import analyze_location
+    from analysis.report import analyze_location
 
     report, warnings = analyze_location(experiment_dir, out)
     for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"wrote {report}")
+
+
+@app.command()
+@exits_2_on_bad_input
+def replay(
+    experiment_dir: Path = typer.Argument(..., metavar="EXPERIMENT", help="A finished grid's experiment directory."),
+    grace_period: Optional[int] = typer.Option(None, help="First rung, in steps (default: the first milestone)."),
+    reduction_factor: float = typer.Option(2.0, min=1.0, help="Keep 1/reduction_factor of the trials at each rung."),
+    z: float = typer.Option(2.5, min=0.0, help="Racing: stop only beyond this many standard errors."),
+    concurrency: int = typer.Option(2, min=1, help="Trials running at once."),
+    orders: int = typer.Option(200, min=1, help="Random arrival orders."),
+    seed: int = typer.Option(0, help="Seed of the orders and speeds."),
+):
+    """Would early stopping have kept this grid's best, and what would it have saved? Replays the
+    recorded FID curves through ASHA and the racing scheduler in many arrival orders (no training)."""
+    from diffusion_lib.milestone import FID, STEP
+    from record import states
+    from record.best import comparable_rows
+    from record.experiment import load_experiment
+    from sweeps.replay import render, replay as replay_grid
+
+    experiment = load_experiment(experiment_dir)
+    curves = {t.trial_id: comparable_rows(t.milestones, FID.name, experiment.basis) for t in experiment.trials}
+    # An errored trial (a diverged learning rate) is part of the grid's outcome; its curve ends where it failed.
+    unfinished = [t.trial_id for t in experiment.trials if t.state not in (states.FINISHED, states.ERRORED)]
+    if unfinished or not any(curves.values()):
+        raise ConfigError(f"{experiment_dir}: a replay needs a grid whose every trial ended with {FID.name} at its "
+                          f"milestones; not ended: {', '.join(unfinished) or 'none'}")
+    first = min(rows[0][STEP.name] for rows in curves.values() if rows)
+    info = replay_grid(curves, grace_period=grace_period or first, reduction_factor=reduction_factor,
+                       max_t=max(t.total_steps or 0 for t in experiment.trials), z=z, concurrency=concurrency,
+                       num_orders=orders, seed=seed)
+    typer.echo("\n".join(render(info)))
 
 
 @app.command()
@@ -251,8 +284,9 @@ def status(
     import tempfile
     import time
 
-    from . import storage
-    from .status import refresh, watch as watch_status
+    from analysis.status import refresh, watch as watch_status
+    from record import storage
+    from record.mirror import mirror_experiment
 
     with contextlib.ExitStack() as stack:
         path, shown, sync = Path(experiment_dir), None, None
@@ -260,7 +294,7 @@ def status(
             storage.validate_storage(experiment_dir, "EXPERIMENT")
             path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sweep-status-"))) / storage.name_of(experiment_dir)
             shown = (str(path), experiment_dir)
-            sync = functools.partial(storage.mirror_experiment, experiment_dir, path)  # again before each refresh
+            sync = functools.partial(mirror_experiment, experiment_dir, path)  # again before each refresh
             sync()
 
         def show(line: str) -> str:

@@ -6,29 +6,20 @@ server other than AWS, AWS_ENDPOINT_URL) or from the URI's query (pyarrow's opti
 `s3://bucket/prefix?endpoint_override=host:9000&scheme=http`).
 
 `sweep status` and `sweep analyze` read local files: for a URI they work on a local mirror
-of the files they read (`mirror_experiment`), with each file's time set to the object's.
+of the files they read (`record.mirror`).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import shutil
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 from diffusion_lib.atomic import atomic_path, atomic_write_text
-from diffusion_lib.checkpoint import CHECKPOINT_DIR
 from diffusion_lib.config import ConfigError
-from diffusion_lib.milestone import STEP
-from diffusion_lib.run_log import METRICS_FILE
 
-from .layout import RAY_CHECKPOINT_GLOB, RAY_ERROR_FILE, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, one_line_error
-
-RAY_STATE_GLOB = "experiment_state-*.json"  # Ray's driver state, which sweeps/status.py reads (importing it imports analysis)
-CHECKPOINT_GLOB = "step_*.pt"
 _BUCKETED = ("s3", "gcs")  # pyarrow filesystems whose first path component is a bucket
 _COPY_THREADS = 8
 
@@ -160,135 +151,20 @@ def _fetch(fs, path: str, local: Path) -> Path:
     return local
 
 
-# ---- mirrors for `sweep status` and `sweep analyze` -------------------------------------------
-
-# What each file of the experiment is to a mirror, by its path relative to the experiment.
-SMALL, CHECKPOINT, SKIP = "small", "checkpoint", "skip"
-
-
-def experiment_file_kind(parts: tuple[str, ...]) -> str:
-    """SMALL: what analysis and status read (sweep.json, the summary, Ray's experiment state, each
-    trial's trial.json, metrics.jsonl and error.txt); CHECKPOINT: a trainer checkpoint in a Ray
-    `checkpoint_*/` (or `sweep train`'s `checkpoints/`) folder; SKIP: the rest (TensorBoard
-    events, sample grids, the FID reference, Ray's own files, earlier analyses)."""
-    name = parts[-1]
-    per_run = (TRIAL_FILE, METRICS_FILE, RAY_ERROR_FILE)
-    if len(parts) == 1:
-        return SMALL if name in (SWEEP_FILE, SUMMARY_FILE, *per_run) or fnmatch.fnmatch(name, RAY_STATE_GLOB) else SKIP
-    if len(parts) == 2 and name in per_run and parts[0] != "analysis":
-        return SMALL
-    if fnmatch.fnmatch(name, CHECKPOINT_GLOB) and len(parts) in (2, 3) and (
-        fnmatch.fnmatch(parts[-2], RAY_CHECKPOINT_GLOB) or parts[-2] == CHECKPOINT_DIR
-    ):
-        return CHECKPOINT
-    return SKIP
-
-
-def mirror_experiment(location: str, local_dir: str | os.PathLike, *,
-                      checkpoints: Optional[Callable[[Path], Iterable[Path]]] = None) -> Path:
-    """Bring the experiment at `location` (a URI) into `local_dir`, or bring an existing mirror up
-    to date: the SMALL files, each with its object's time as its mtime (what `sweep status`
-    judges freshness by), files gone from the storage removed. Checkpoints are left out unless
-    `checkpoints` is given: then each appears as an empty placeholder (so a reader sees which
-    steps were kept) and the ones `checkpoints(local_dir)` names (called once the SMALL files
-    and placeholders are in place) are downloaded for real. Raises ConfigError when nothing is
-    stored there."""
-    import pyarrow.fs
-
-    local_dir = Path(local_dir)
-    fs, root = resolve(location)
-    root = root.rstrip("/")
-    try:
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
-    except OSError as err:
-        raise ConfigError(f"{location}: cannot list the experiment: {_one_line(err)}") from None
-    files = [i for i in infos if i.type == pyarrow.fs.FileType.File]
-    if not files:
-        raise ConfigError(f"{location}: no such experiment (nothing is stored there)")
-
-    wanted: dict[Path, tuple[str, object]] = {}
-    for info in files:
-        parts = tuple(p for p in info.path[len(root):].split("/") if p)
-        kind = experiment_file_kind(parts)
-        if kind == SMALL or (kind == CHECKPOINT and checkpoints is not None):
-            wanted[local_dir.joinpath(*parts)] = (kind, info)
-
-    def stale(local: Path, info) -> bool:
-        try:
-            stat = local.stat()
-        except FileNotFoundError:
-            return True
-        return stat.st_size != info.size or (info.mtime is not None and abs(stat.st_mtime - info.mtime.timestamp()) > 1e-3)
-
-    small = [(local, info) for local, (kind, info) in wanted.items() if kind == SMALL and stale(local, info)]
-    _fetch_all(fs, small)
-    for local, (kind, info) in wanted.items():  # placeholders: empty, the object's time
-        if kind == CHECKPOINT and not local.exists():
-            local.parent.mkdir(parents=True, exist_ok=True)
-            local.touch()
-            _set_mtime(local, info)
-    if checkpoints is not None:
-        chosen = {Path(p) for p in checkpoints(local_dir)}
-        _fetch_all(fs, [(local, info) for local, (kind, info) in wanted.items() if kind == CHECKPOINT and local in chosen and stale(local, info)])
-    for local in [p for p in local_dir.rglob("*") if p.is_file()]:  # gone from the storage
-        if local not in wanted and experiment_file_kind(local.relative_to(local_dir).parts) != SKIP:
-            local.unlink(missing_ok=True)
-    return local_dir
-
-
-def _fetch_all(fs, items: list[tuple[Path, object]]) -> None:
+def fetch_all(fs, items: list[tuple[Path, object]]) -> None:
     def fetch(item):
         local, info = item
         _fetch(fs, info.path, local)
-        _set_mtime(local, info)
+        set_mtime(local, info)
 
     with ThreadPoolExecutor(_COPY_THREADS) as pool:
         list(pool.map(fetch, items))
 
 
-def _set_mtime(local: Path, info) -> None:
+def set_mtime(local: Path, info) -> None:
     if info.mtime is not None:
         stamp = info.mtime.timestamp()
         os.utime(local, (stamp, stamp))
-
-
-def best_checkpoints(mirror: Path) -> list[Path]:
-    """Each trial's checkpoint of its best checkpointed milestone by the sweep's metric: the one
-    `sweep analyze` draws a trial's sample grid from (its top trials'), without fetching the
-    other kept checkpoint (Ray keeps the newest too)."""
-    from analysis.experiment import load_experiment
-
-    experiment = load_experiment(mirror)
-    chosen = []
-    for trial in experiment.trials:
-        best = trial.best_milestone(experiment.metric, experiment.mode, checkpointed=True)
-        if best is not None:
-            chosen.append(trial.checkpoints[best[STEP.name]])
-    return chosen
-
-
-def analyze_location(location: str, out: Optional[Path] = None) -> tuple[str, list[str]]:
-    """`analysis.report.analyze_experiment` on an experiment at a local path or a URI; return where
-    report.md is and the warnings (paths in them named as `location`, not the mirror). For a URI
-    the experiment is mirrored into a temporary folder (small files, each trial's best checkpoint)
-    and, without `out`, the analysis is uploaded to `location/analysis/`."""
-    import tempfile
-
-    from analysis.report import analyze_experiment
-
-    if not is_uri(location):
-        warnings = analyze_experiment(Path(location), out)
-        return str((out or Path(location) / "analysis") / "report.md"), warnings
-    validate_storage(location, "EXPERIMENT")
-    with tempfile.TemporaryDirectory(prefix="sweep-analyze-") as scratch:
-        mirror = Path(scratch) / name_of(location)  # the report is titled by the folder's name
-        mirror_experiment(location, mirror, checkpoints=best_checkpoints)
-        warnings = [w.replace(str(mirror), location) for w in analyze_experiment(mirror, out)]
-        if out is not None:
-            return str(out / "report.md"), warnings
-        target = join(location, "analysis")
-        upload_tree(mirror / "analysis", target)
-        return join(target, "report.md"), warnings
 
 
 def download_tree(location: str, local_dir: str | os.PathLike) -> Path:
@@ -300,7 +176,7 @@ def download_tree(location: str, local_dir: str | os.PathLike) -> Path:
     infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
     items = [(Path(local_dir).joinpath(*[p for p in i.path[len(root):].split("/") if p]), i)
              for i in infos if i.type == pyarrow.fs.FileType.File]
-    _fetch_all(fs, items)
+    fetch_all(fs, items)
     return Path(local_dir)
 
 
@@ -314,4 +190,4 @@ def _make_parent(fs, path: str) -> None:
 
 
 def _one_line(err: BaseException) -> str:
-    return one_line_error(f"{type(err).__name__}: {err}".replace("\n", " "))
+    return f"{type(err).__name__}: {err}".replace("\n", " ")[:300]

@@ -1,0 +1,193 @@
+"""`sweep status`: where a sweep stands, from its files alone (no Ray, torch or TensorBoard import),
+so it works from another terminal or any machine that sees the experiment's storage, while the
+sweep runs, after it ended, or after it was killed.
+
+One line per trial: its state (`record.states`, which also says how states are decided), last
+step of total, latest and best FID on the common basis (with the sample count), wall time; then
+how many trials are in each state and the best configuration so far. A killed sweep (no summary,
+nothing from Ray for `record.states.STALE_AFTER_S`) is shown as interrupted, not running
+forever: the header says how long nothing has changed and that `sweep run SPEC --resume`
+finishes it. Pending trials are the ones Ray has created and not started: a searcher creates
+trials lazily, so later grid points or Optuna suggestions are not listed until Ray creates them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from diffusion_lib.config import ConfigError
+from diffusion_lib.milestone import FID, FID_NUM_SAMPLES, STEP, WALL_TIME
+from record import states
+from record.best import comparable_rows, is_finite_number
+from record.experiment import Experiment, Trial, load_experiment
+from record.files import SUMMARY_FILE
+
+
+@dataclass
+class FidProgress:
+    latest: float  # the latest FID on the common basis
+    num_samples: Optional[int]
+    best: float
+    best_step: int
+
+
+@dataclass
+class StatusInfo:
+    """What `sweep status` shows, computed from the experiment; `lines` renders it."""
+
+    experiment: Experiment
+    header: str
+
+    @property
+    def trials(self) -> list[Trial]:
+        return self.experiment.trials
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.experiment.warnings
+
+    def by_name(self) -> dict[str, Trial]:
+        return {t.trial_id: t for t in self.trials}
+
+    def fid_progress(self, trial: Trial) -> Optional[FidProgress]:
+        rows = comparable_rows(trial.milestones, FID.name, self.experiment.basis)
+        best = self.experiment.best(trial, FID.name)
+        if not rows or best is None:
+            return None
+        return FidProgress(rows[-1][FID.name], rows[-1].get(FID_NUM_SAMPLES.name), best[FID.name], best[STEP.name])
+
+    @property
+    def lines(self) -> list[str]:
+        return [self.header, *table(self), totals_line(self.trials), best_line(self)]
+
+
+def experiment_status(path: Path, *, now: Optional[float] = None, stale_after_s: float = states.STALE_AFTER_S) -> StatusInfo:
+    """Each trial's state read from an experiment directory. Raises ConfigError for a directory
+    that is not an experiment."""
+    path = Path(path)
+    now = time.time() if now is None else now
+    experiment = _load(path, now, stale_after_s)
+    stamp = time.strftime("%H:%M:%S", time.localtime(now))
+    if experiment.summary_mtime is not None:
+        header = f"{path}: sweep ended ({SUMMARY_FILE} written {_ago(now - experiment.summary_mtime)} ago)"
+    elif experiment.driver_alive:
+        header = f"{path}: sweep running (Ray's driver wrote its state {_ago(now - experiment.ray_mtime)} ago)"
+    elif experiment.driver_alive is False:
+        header = (f"{path}: sweep not running: nothing from Ray for {_ago(now - experiment.ray_mtime)} and no {SUMMARY_FILE} "
+                  "(killed or crashed?); `sweep run SPEC --resume` finishes it")
+    else:
+        header = f"{path}: no Ray state yet; running or interrupted judged from each trial's file times"
+    return StatusInfo(experiment, f"{stamp} {header}")
+
+
+def _load(path: Path, now: float, stale_after_s: float) -> Experiment:
+    """load_experiment, read again when a file vanished under it (Ray replaces checkpoint folders)."""
+    for attempt in range(3):
+        try:
+            return load_experiment(path, now=now, stale_after_s=stale_after_s)
+        except OSError as err:
+            if attempt == 2:
+                raise ConfigError(f"{path}: cannot read the experiment ({err})") from err
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
+# ---- rendering ------------------------------------------------------------------------------
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def table(info: StatusInfo) -> list[str]:
+    """The trial lines, in columns, each ending with its note (an error, a retry) if any."""
+    if not info.trials:
+        return ["(no trials yet)"]
+    header = ("trial", "state", "step", "FID", "best FID (step)", "FID n", "wall")
+    rows = [header]
+    notes = [""]
+    for t in info.trials:
+        fid = info.fid_progress(t)
+        wall = t.milestones[-1].get(WALL_TIME.name) if t.milestones else None
+        rows.append((
+            t.trial_id,
+            t.state,
+            f"{'-' if t.last_step is None else t.last_step}/{'?' if t.total_steps is None else t.total_steps}",
+            f"{fid.latest:.2f}" if fid else "-",
+            f"{fid.best:.2f} ({fid.best_step})" if fid else "-",
+            str(fid.num_samples) if fid and fid.num_samples is not None else "-",
+            _duration(wall if is_finite_number(wall) else None),
+        ))
+        notes.append(t.note)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return [("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + note).rstrip() for r, note in zip(rows, notes)]
+
+
+def totals_line(trials: list[Trial]) -> str:
+    counts = Counter(t.state for t in trials)
+    shown = [s for s in states.STATES if s != states.INTERRUPTED or counts[s]]
+    return f"totals: {len(trials)} trials: " + ", ".join(f"{counts[s]} {s}" for s in shown)
+
+
+def best_line(info: StatusInfo) -> str:
+    """The trial with the lowest best FID on the common basis (sample count and reference)."""
+    progress = [(t, info.fid_progress(t)) for t in info.trials]
+    compared = [(t, p) for t, p in progress if p is not None]
+    if not compared:
+        return "best so far: no FID yet"
+    best, fid = min(compared, key=lambda tp: tp[1].best)
+    searched = ", ".join(f"{k}={v}" for k, v in best.searched.items()) or "(no searched values)"
+    left_out = sum(1 for t in info.trials if t.trial_id in info.experiment.off_basis and info.fid_progress(t) is None)
+    return (f"best so far: {best.trial_id}: {FID.name} {fid.best:.2f} at step {fid.best_step} ({fid.num_samples} samples); {searched}"
+            + (f" [{left_out} trial(s) with FIDs at other sample counts not compared]" if left_out else ""))
+
+
+# ---- watching -------------------------------------------------------------------------------
+
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def refresh(path: Path, echo: Callable[[str], None], warn: Callable[[str], None], *, clear: bool) -> None:
+    """Print the status once, clearing the screen first when `clear` (stdout is a terminal)."""
+    report = experiment_status(path)
+    echo((CLEAR_SCREEN if clear else "") + "\n".join(report.lines))
+    for warning in report.warnings:
+        warn(f"warning: {warning}")
+
+
+def watch(path: Path, interval: float, echo: Callable[[str], None], warn: Callable[[str], None], *,
+          clear: bool, sleep: Optional[Callable[[float], None]] = None) -> None:
+    """Refresh every `interval` seconds until Ctrl-C (which ends it normally). A directory that
+    is not an experiment fails at once; a later read error is shown and retried."""
+    sleep = sleep or time.sleep
+    first = True
+    try:
+        while True:
+            try:
+                if not first and not clear:
+                    echo("")
+                refresh(path, echo, warn, clear=clear)
+            except ConfigError as err:
+                if first:
+                    raise
+                echo((CLEAR_SCREEN if clear else "") + f"error: {err} (retrying every {interval:g} s)")
+            first = False
+            sleep(interval)
+    except KeyboardInterrupt:
+        pass

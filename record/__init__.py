@@ -1,0 +1,16 @@
+"""The experiment record: every file a sweep writes, what each holds, the trial states and the
+best FID, owned here alone. `sweeps` writes through it; `analysis` and `sweep status` read
+through it. It depends on `diffusion_lib`'s torch-free modules only, so readers start fast.
+
+    <storage>/<name>/
+        sweep.json                  the spec's metric, mode and searched distributions (files.SweepFile)
+        experiment_summary.json     each trial's final state and error, when the sweep ends (files.Summary)
+        fid_reference/*.npz         the FID reference statistics every trial uses, computed once
+        events.out.tfevents.*.hparams   TensorBoard's HParams columns for all trials
+        experiment_state-*.json     Ray Tune's own state (read for the trial states, never written)
+        <trial_id>_<label>/         one folder per trial, with
+            trial.json              searched values, full config, node (files.TrialFile)
+            metrics.jsonl, events…, samples/   (diffusion_lib.run_files)
+            checkpoint_*/step_*.pt  Ray Tune's checkpoints of the trainer's state
+            error.txt               Ray Tune's traceback of a failed attempt
+"""

@@ -1,0 +1,217 @@
+"""An experiment read back from its files: its sweep file, each trial's config, milestones,
+checkpoints and state (`states.classify`), and the common FID basis (`best`). Works on a sweep's
+folder while it runs, after it ended or was killed, and on a single `sweep train` run folder.
+Anything unreadable becomes a warning, never a traceback; a folder that is not an experiment is
+a ConfigError."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from diffusion_lib.config import TOTAL_STEPS_KEY, ConfigError, flatten
+from diffusion_lib.milestone import FID, STEP, WALL_TIME
+from diffusion_lib.run_files import CHECKPOINT_DIR, METRICS_FILE, list_checkpoints, read_metrics
+
+from . import states
+from .best import Row, best_milestone, common_basis, is_finite_number
+from .files import (
+    RAY_CHECKPOINT_GLOB, RAY_STATE_GLOB, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, Summary, SweepFile, TrialFile,
+    read_error_line, trial_label,
+)
+
+
+@dataclass
+class Trial:
+    trial_id: str
+    path: Path
+    searched: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    milestones: list[Row] = field(default_factory=list)
+    checkpoints: dict[int, Path] = field(default_factory=dict)
+    state: str = states.PENDING
+    note: str = ""  # its one-line error when errored; a retry, "no milestone yet", … otherwise
+
+    @property
+    def label(self) -> str:
+        return trial_label(self.searched) or self.trial_id
+
+    @property
+    def error(self) -> Optional[str]:
+        return self.note if self.state == states.ERRORED else None
+
+    @property
+    def total_steps(self) -> Optional[int]:
+        total = self.config.get(TOTAL_STEPS_KEY)
+        return total if isinstance(total, int) else None
+
+    @property
+    def last_step(self) -> Optional[int]:
+        return self.milestones[-1][STEP.name] if self.milestones else None
+
+
+@dataclass
+class Experiment:
+    path: Path
+    metric: str = FID.name
+    mode: str = "min"
+    search: dict[str, dict[str, list]] = field(default_factory=dict)  # sweep.json's {dotted key: {kind: args}}
+    trials: list[Trial] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    summary_mtime: Optional[float] = None  # when a current summary was written (the sweep ended)
+    ray_mtime: Optional[float] = None  # Ray's newest experiment state (the sweep's heartbeat)
+    driver_alive: Optional[bool] = None  # None: no Ray state to tell
+
+    def __post_init__(self) -> None:
+        # The FID basis most trials share, and the trials with FIDs on another basis (not ranked).
+        self.basis, self.off_basis = common_basis({t.trial_id: t.milestones for t in self.trials})
+
+    @property
+    def searched_keys(self) -> list[str]:
+        return list(dict.fromkeys(k for t in self.trials for k in t.searched))
+
+    def best(self, trial: Trial, metric: Optional[str] = None, *, checkpointed: bool = False) -> Optional[Row]:
+        """The trial's best milestone by `metric` (default: the sweep's) on the common FID basis;
+        with `checkpointed`, the best whose checkpoint was kept (Ray keeps the best and newest)."""
+        metric = metric or self.metric
+        steps = set(trial.checkpoints) if checkpointed else None
+        return best_milestone(trial.milestones, metric, self.mode if metric == self.metric else "min", self.basis, steps=steps)
+
+    def searched_on_log_scale(self, key: str) -> bool:
+        """Drawn from a loguniform range, or a listed search spanning two decades or more."""
+        if "loguniform" in self.search.get(key, {}):
+            return True
+        values = [t.searched[key] for t in self.trials if is_finite_number(t.searched.get(key))]
+        return bool(values) and min(values) > 0 and max(values) / min(values) >= 100
+
+
+def load_experiment(path: Path, *, now: Optional[float] = None, stale_after_s: float = states.STALE_AFTER_S) -> Experiment:
+    """Read an experiment folder (or a single run folder with metrics.jsonl); `now` and
+    `stale_after_s` decide whether the sweep is alive (`states`)."""
+    path = Path(path)
+    now = time.time() if now is None else now
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such experiment directory")
+    warnings: list[str] = []
+    sweep = SweepFile.read(path, warnings)
+    ray_mtime, ray_trials = _read_ray_state(path, warnings)
+    summary = _current_summary(path, warnings)
+    trial_dirs = [path] if (path / METRICS_FILE).is_file() else sorted(
+        p for p in path.iterdir() if p.is_dir() and ((p / METRICS_FILE).is_file() or (p / TRIAL_FILE).is_file())
+    )
+    if not trial_dirs and sweep is None and not ray_trials:
+        raise ConfigError(f"{path}: not an experiment directory (no {SWEEP_FILE} and no trial folders with {TRIAL_FILE} or {METRICS_FILE})")
+
+    driver_alive = None
+    if ray_mtime is not None:  # sweep.json is the driver's too: written as each `sweep run` starts
+        ray_mtime = max(ray_mtime, _mtime(path / SWEEP_FILE) or 0.0)
+        driver_alive = now - ray_mtime <= stale_after_s
+
+    read = {d.name: _read_trial(d, warnings) for d in trial_dirs}
+    trials = []
+    for name in sorted({*read, *(ray_trials or {}), *(summary.trials if summary else {})}):
+        trial = read.get(name) or Trial(name, path / name, searched=(ray_trials or {}).get(name, {}).get("searched", {}))
+        ray_status = (ray_trials or {}).get(name, {}).get("status")
+        outcome = summary.trials.get(name) if summary else None
+        alive = driver_alive if driver_alive is not None else _trial_alive(trial, now, stale_after_s)
+        evidence = states.Evidence(
+            recorded=outcome.state if outcome else None,
+            recorded_error=outcome.error if outcome else None,
+            ray_status=ray_status,
+            error_line=read_error_line(trial.path),
+            reached_end=trial.total_steps is not None and trial.last_step is not None and trial.last_step >= trial.total_steps,
+            total_known=trial.total_steps is not None,
+            started=bool(trial.milestones) or (trial.path / TRIAL_FILE).is_file(),
+            has_milestone=bool(trial.milestones),
+            alive=alive,
+        )
+        trial.state, trial.note = states.classify(evidence)
+        trials.append(trial)
+    return Experiment(
+        path, metric=sweep.metric if sweep and sweep.metric else FID.name, mode=sweep.mode if sweep else "min",
+        search=sweep.search if sweep else {}, trials=trials, warnings=warnings,
+        summary_mtime=_mtime(path / SUMMARY_FILE) if summary else None, ray_mtime=ray_mtime, driver_alive=driver_alive,
+    )
+
+
+def _read_trial(trial_dir: Path, warnings: list[str]) -> Trial:
+    trial = Trial(trial_dir.name, trial_dir)
+    trial_file = TrialFile.read(trial_dir, warnings)
+    if trial_file is None:
+        warnings.append(f"{trial_dir}: no readable {TRIAL_FILE}; its config columns are empty")
+    else:
+        trial.searched, trial.config = trial_file.searched, trial_file.config
+    trial.milestones = read_metrics(trial_dir / METRICS_FILE, warnings)
+    for folder in [*sorted(trial_dir.glob(RAY_CHECKPOINT_GLOB)), trial_dir / CHECKPOINT_DIR]:
+        trial.checkpoints.update(list_checkpoints(folder))
+    return trial
+
+
+def _current_summary(path: Path, warnings: list[str]) -> Optional[Summary]:
+    """The summary, unless it predates the sweep.json of a later `sweep run --resume` (that run
+    has not ended yet)."""
+    summary = Summary.read(path, warnings)
+    if summary is None or (_mtime(path / SWEEP_FILE) or 0.0) > (_mtime(path / SUMMARY_FILE) or 0.0):
+        return None
+    return summary
+
+
+def _read_ray_state(path: Path, warnings: list[str]) -> tuple[Optional[float], Optional[dict[str, dict]]]:
+    """(time of the newest `experiment_state-*.json`, {trial folder: {"status", "searched"}}).
+    The time is the sweep's heartbeat whatever the content; the content is Ray's internal format,
+    read defensively: anything unexpected leaves the trials out (None) with a warning."""
+    files = []
+    for file in path.glob(RAY_STATE_GLOB):
+        try:
+            files.append((file.stat().st_mtime, file))
+        except OSError:
+            continue
+    if not files:
+        return None, None
+    mtime, newest = max(files)
+    try:
+        trials = {}
+        for entry in json.loads(newest.read_text())["trial_data"]:
+            state = json.loads(entry[0])
+            status, trial_id = state["status"], state["trial_id"]
+            if status not in states.RAY_STATUSES or not isinstance(trial_id, str):
+                raise ValueError(f"unexpected trial status {status!r}")
+            name = state.get("relative_logdir") or trial_id
+            config = state.get("config")
+            searched = flatten(config) if isinstance(config, dict) else {}
+            trials[str(name)] = {"status": status, "searched": {k: v for k, v in searched.items() if not isinstance(v, dict)}}
+        return mtime, trials
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        warnings.append(f"{newest}: Ray's experiment state unreadable ({type(err).__name__}: {err}); pending trials not listed")
+        return mtime, None
+
+
+def _mtime(file: Path) -> Optional[float]:
+    try:
+        return file.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _trial_alive(trial: Trial, now: float, stale_after_s: float) -> bool:
+    """Without Ray's state: a file in the trial's folder changed within `stale_after_s`, or
+    within twice the longest gap between its milestones."""
+    newest = None
+    try:
+        with os.scandir(trial.path) as entries:
+            for entry in entries:
+                try:
+                    newest = max(newest or 0.0, entry.stat().st_mtime)
+                except OSError:
+                    continue
+    except OSError:
+        return False
+    if newest is None:
+        return False
+    times = [r[WALL_TIME.name] for r in trial.milestones if is_finite_number(r.get(WALL_TIME.name))]
+    longest_gap = max((b - a for a, b in zip(times, times[1:])), default=0.0)
+    return now - newest <= max(stale_after_s, 2 * longest_gap)

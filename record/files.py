@@ -1,0 +1,136 @@
+"""The experiment's own files, by name, each with its typed writer and reader. Writers take a
+local path or a URI (through `storage`) and write whole files atomically; readers take a local
+folder (a URI is read through a local mirror, `record.mirror`) and turn an unreadable file into
+a warning, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from . import storage
+
+SWEEP_FILE = "sweep.json"
+SUMMARY_FILE = "experiment_summary.json"
+TRIAL_FILE = "trial.json"  # the trial's searched values, full config and node (params.json is Ray's)
+REFERENCE_DIR = "fid_reference"
+ANALYSIS_DIR = "analysis"  # what `sweep analyze` writes, unless told another folder
+RAY_STATE_GLOB = "experiment_state-*.json"  # Ray Tune's driver rewrites it every ~10 s while it runs
+RAY_CHECKPOINT_GLOB = "checkpoint_*"
+RAY_ERROR_FILE = "error.txt"
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b.*")
+
+
+def one_line_error(text: str, limit: int = 300) -> str:
+    """An exception as one readable line: `NonFiniteLossError: non-finite training loss …` from
+    a traceback or Ray's wrapped error text, without terminal colour codes."""
+    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
+    if not lines:
+        return "(no error message)"
+    named = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    return (named or lines)[-1][:limit]
+
+
+def trial_label(searched: dict[str, Any]) -> str:
+    """`{"model.base_channels": 64, "optim.lr": 1e-4}` -> `base_channels=64,lr=0.0001`."""
+    return ",".join(f"{k.split('.')[-1]}={f'{v:.4g}' if isinstance(v, float) else v}" for k, v in searched.items())
+
+
+def read_json(path: Path, warnings: list[str]) -> Optional[Any]:
+    """A JSON file's content; None when it is missing, or unreadable (said in `warnings`)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        warnings.append(f"{path}: unreadable ({err}); ignored")
+        return None
+
+
+@dataclass
+class SweepFile:
+    """What a sweep measures and searches, written when `sweep run` starts. `search` holds one
+    distribution per searched dotted key, `{kind: args}` as in the spec (a searched section
+    is recorded as a `choice` per key its variants set)."""
+
+    metric: str
+    mode: str
+    search: dict[str, dict[str, list]] = field(default_factory=dict)
+
+    def write(self, experiment: str) -> None:
+        storage.write_text(storage.join(experiment, SWEEP_FILE), json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def read(cls, experiment: Path, warnings: list[str]) -> Optional["SweepFile"]:
+        raw = read_json(Path(experiment) / SWEEP_FILE, warnings)
+        if not isinstance(raw, dict):
+            return None
+        return cls(raw.get("metric", ""), raw.get("mode", "min"), raw.get("search") or {})
+
+
+@dataclass
+class TrialOutcome:
+    """How one trial ended, as the summary records it (`states.ENDED_STATES`)."""
+
+    state: str
+    error: Optional[str] = None  # one line
+    traceback: Optional[str] = None  # where the full traceback is (a path or URI)
+
+
+@dataclass
+class Summary:
+    """Each trial's outcome, written once when `sweep run` ends (not after Ctrl-C: it would be stale)."""
+
+    trials: dict[str, TrialOutcome]
+
+    def write(self, experiment: str) -> None:
+        data = {"trials": {name: asdict(outcome) for name, outcome in self.trials.items()}}
+        storage.write_text(storage.join(experiment, SUMMARY_FILE), json.dumps(data, indent=1))
+
+    @classmethod
+    def read(cls, experiment: Path, warnings: list[str]) -> Optional["Summary"]:
+        path = Path(experiment) / SUMMARY_FILE
+        raw = read_json(path, warnings)
+        if raw is None:
+            return None
+        try:
+            trials = {name: TrialOutcome(**record) for name, record in raw["trials"].items()}
+        except (KeyError, TypeError, AttributeError) as err:
+            warnings.append(f"{path}: unreadable ({type(err).__name__}: {err}); ignored")
+            return None
+        return cls(trials)
+
+
+@dataclass
+class TrialFile:
+    """A trial's searched values and full config (dotted keys), and the Ray node it ran on."""
+
+    searched: dict[str, Any]
+    config: dict[str, Any]
+    node_id: Optional[str] = None
+
+    def write(self, trial_dir: Path) -> None:
+        storage.write_text(Path(trial_dir) / TRIAL_FILE, json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def read(cls, trial_dir: Path, warnings: list[str]) -> Optional["TrialFile"]:
+        raw = read_json(Path(trial_dir) / TRIAL_FILE, warnings)
+        if not isinstance(raw, dict):
+            return None
+        return cls(raw.get("searched") or {}, raw.get("config") or {}, raw.get("node_id"))
+
+
+def read_error_line(trial_dir: Path) -> Optional[str]:
+    """The one-line error of a trial's error.txt; None when there is none."""
+    try:
+        text = (Path(trial_dir) / RAY_ERROR_FILE).read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return f"({RAY_ERROR_FILE} unreadable)"
+    return one_line_error(text) if text.strip() else f"(empty {RAY_ERROR_FILE})"

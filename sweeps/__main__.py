@@ -1,3 +1,0 @@
-from sweeps.cli import app
-
-app(prog_name="sweep")

@@ -1,0 +1,280 @@
+"""Early stopping that stops a trial only when the evidence says it is worse: `RacingScheduler`.
+
+Ray's ASHA cuts a trial at a rung when its latest value is worse than a quantile of the values
+recorded there, by any margin: between arms that stand within noise of each other, which one
+survives depends on which reported first. Here the rungs sit where ASHA's do (grace_period ·
+reduction_factor^k below max_t, in units of `time_attr`) and so does the keep threshold (the
+worst of the best ⌈n / reduction_factor⌉ of the n trials recorded at the rung, this one
+included), but a trial outside those is stopped only when it is worse than the threshold trial
+by more than `z` standard errors of the difference (`should_stop`). The standard error comes
+from the metric's own: for FID, the jackknife replicates of the two trials, paired when both
+were measured at the same sample count with the same groups (every trial samples the same
+seeded noise, so the shared sampling noise cancels), else √(se_a² + se_b²); a metric without a
+standard error is compared plainly, as ASHA does.
+
+The default z = 2.5 is a one-sided test (only "worse" stops a trial) at 0.6% under the normal,
+1% under Student's t with the 24 degrees of freedom of a 25-group jackknife's standard error.
+The comparison that matters is the one that could cut the sweep's best trial, and that trial
+meets it once per rung: with up to four rungs, Bonferroni at 5% for the sweep asks for
+z = Φ⁻¹(1 − 0.05/4) ≈ 2.24, and 2.5 adds room for the standard error's own noise. Cutting the
+best loses the sweep's answer, while keeping a loser costs only its remaining steps, so the
+error is set on the side of keeping; z = 2 would cut a tied best with ≈ 2.8% per rung (t), ≈ 11%
+over four rungs. These rates are those of a trial tied with the threshold trial; a tied trial
+among more recorded ones is cut less often still, since the threshold is the ⌈n /
+reduction_factor⌉-th best, not the best.
+
+Persistence: Ray 2.60's Tuner pickles the scheduler once, empty, into `tuner.pkl` when the
+Tuner is made, and its TuneController never calls a scheduler's `save`/`restore`: ASHA's rungs
+are lost when the driver dies. Tune does save and restore its callbacks' `get_state()` with
+every experiment checkpoint, so `RacingStateCallback(scheduler)`, passed in the RunConfig's
+callbacks beside the scheduler in the TuneConfig (the two are pickled together, so the restored
+callback holds the restored scheduler), carries the rungs across a driver kill. `save` and
+`restore` write and read the same state as a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.result import DEFAULT_METRIC
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from diffusion_lib.atomic import atomic_write_text
+from diffusion_lib.metrics.frechet import paired_stderr
+from diffusion_lib.milestone import (
+    CURVATURE,
+    CURVATURE_STDERR,
+    FID,
+    FID_NUM_SAMPLES,
+    FID_REPLICATES,
+    FID_STDERR,
+    KID,
+    KID_STDERR,
+)
+from record.best import is_finite_number
+
+DEFAULT_Z = 2.5  # standard errors of the difference; the module docstring says why
+
+# The rankable metrics that carry a standard error, and its name; only FID has replicates.
+STDERR_OF = {FID.name: FID_STDERR.name, KID.name: KID_STDERR.name, CURVATURE.name: CURVATURE_STDERR.name}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A trial's metric at a rung with what is known of its noise: its standard error (None when
+    not reported) and, for FID, its jackknife replicates and sample count (empty and 0 without)."""
+
+    value: float
+    stderr: float | None = None
+    replicates: tuple[float, ...] = ()
+    num_samples: int = 0
+
+    @classmethod
+    def from_result(cls, result: Mapping[str, Any], metric: str) -> Measurement:
+        """From a Tune result (or milestone row) holding a finite `metric`."""
+        stderr = result.get(STDERR_OF.get(metric, ""))
+        replicates = result.get(FID_REPLICATES.name) if metric == FID.name else None
+        num_samples = result.get(FID_NUM_SAMPLES.name)
+        paired = (
+            bool(replicates)
+            and all(map(is_finite_number, replicates))
+            and is_finite_number(num_samples)
+            and num_samples > 0
+        )
+        return cls(
+            value=float(result[metric]),
+            stderr=float(stderr) if is_finite_number(stderr) else None,
+            replicates=tuple(float(r) for r in replicates) if paired else (),
+            num_samples=int(num_samples) if paired else 0,
+        )
+
+
+def difference_stderr(a: Measurement, b: Measurement) -> float:
+    """Standard error of a.value − b.value: paired from the jackknife replicates when both have as
+    many at the same sample count (frechet.paired_stderr), else √(se_a² + se_b²) with an unknown
+    standard error taken as 0 (so two without one give 0: a plain comparison)."""
+    if a.replicates and len(a.replicates) == len(b.replicates) and a.num_samples == b.num_samples:
+        return paired_stderr(a.replicates, b.replicates, a.num_samples)
+    return math.hypot(a.stderr or 0.0, b.stderr or 0.0)
+
+
+def should_stop(
+    trial_id: str, recorded: Mapping[str, Measurement], reduction_factor: float, z: float, mode: str
+) -> bool:
+    """Whether `trial_id`, recorded at a rung with every other trial recorded there, is stopped:
+    the trials kept are the best ⌈n / reduction_factor⌉ of the n recorded (ASHA's share), and one
+    outside them is stopped only when it is worse than the worst kept one by more than z
+    standard errors of the difference. Trials with equal values are never told apart."""
+    sign = 1.0 if mode == "min" else -1.0
+    ranked = sorted(recorded, key=lambda t: sign * recorded[t].value)
+    kept = math.ceil(len(ranked) / reduction_factor)
+    if trial_id in ranked[:kept]:
+        return False
+    trial, threshold = recorded[trial_id], recorded[ranked[kept - 1]]
+    return sign * (trial.value - threshold.value) > z * difference_stderr(trial, threshold)
+
+
+def rung_steps(grace_period: float, reduction_factor: float, max_t: float) -> list[float]:
+    """ASHA's rungs below max_t: grace_period · reduction_factor^k (as SweepSpec.asha_rungs)."""
+    rungs, rung = [], float(grace_period)
+    while rung < max_t:
+        rungs.append(int(rung) if round(rung, 6).is_integer() else round(rung, 6))
+        rung *= reduction_factor
+    return rungs
+
+
+class RacingScheduler(FIFOScheduler):
+    """ASHA's rungs and keep share, with a trial stopped only when it is worse beyond noise
+    (`should_stop`). `metric` and `mode` may be left to Tune (TuneConfig), as with ASHA."""
+
+    def __init__(
+        self,
+        time_attr: str,
+        metric: str | None = None,
+        mode: str | None = None,
+        *,
+        max_t: float,
+        grace_period: float,
+        reduction_factor: float = 2,
+        z: float = DEFAULT_Z,
+    ):
+        if not 0 < grace_period <= max_t:
+            raise ValueError(f"grace_period must be in (0, max_t = {max_t}], got {grace_period}")
+        if reduction_factor <= 1:
+            raise ValueError(f"reduction_factor must be > 1, got {reduction_factor}")
+        if z < 0:
+            raise ValueError(f"z must be >= 0, got {z}")
+        if mode not in (None, "min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        super().__init__()
+        self._time_attr = time_attr
+        self._metric = metric
+        self._mode = mode
+        self._max_t = max_t
+        self._grace_period = grace_period
+        self._reduction_factor = reduction_factor
+        self._z = z
+        self._rungs: dict[float, dict[str, Measurement]] = {
+            r: {} for r in rung_steps(grace_period, reduction_factor, max_t)
+        }
+        self._num_stopped = 0
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
+        """Tune's metric and mode, unless the scheduler was given its own (ASHA's contract)."""
+        if (self._metric and metric) or (self._mode and mode):
+            return False
+        self._metric = metric or self._metric
+        self._mode = mode or self._mode
+        if self._metric is None and self._mode:
+            self._metric = DEFAULT_METRIC
+        return True
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if not self._metric or self._mode not in ("min", "max"):
+            raise ValueError(
+                f"RacingScheduler needs a metric ({self._metric}) and a mode ({self._mode}): pass them to the "
+                f"scheduler or to tune.TuneConfig()"
+            )
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        """STOP at max_t (each trial's budget, as in ASHA) or when the trial, at a rung it has
+        just reached, is worse than the kept trials beyond noise; else CONTINUE."""
+        if self._time_attr not in result or not is_finite_number(result.get(self._metric)):
+            return TrialScheduler.CONTINUE
+        if result[self._time_attr] >= self._max_t:
+            return TrialScheduler.STOP
+        rung = self._record(trial.trial_id, result)
+        if rung is not None and should_stop(
+            trial.trial_id, self._rungs[rung], self._reduction_factor, self._z, self._mode
+        ):
+            self._num_stopped += 1
+            return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        """The last result is recorded at its rung, if it is the trial's first there (as in ASHA),
+        for the trials that reach the rung later."""
+        if self._time_attr in result and is_finite_number(result.get(self._metric)):
+            self._record(trial.trial_id, result)
+
+    def _record(self, trial_id: str, result: dict) -> float | None:
+        """Record the result at the highest rung it has reached; that rung, or None when it has
+        reached none or the trial is recorded there already."""
+        reached = [r for r in self._rungs if r <= result[self._time_attr]]
+        if not reached or trial_id in self._rungs[reached[-1]]:
+            return None
+        self._rungs[reached[-1]][trial_id] = Measurement.from_result(result, self._metric)
+        return reached[-1]
+
+    def debug_string(self) -> str:
+        """The rungs with their recorded values, best first, each ± its standard error."""
+        head = f"Using racing (z = {self._z:g}, reduction factor {self._reduction_factor:g})"
+        lines = [f"{head}: num_stopped={self._num_stopped}"]
+        for rung, recorded in self._rungs.items():
+            values = sorted(recorded.values(), key=lambda m: m.value, reverse=self._mode == "max")
+            shown = ", ".join(f"{m.value:.4g}" + ("" if m.stderr is None else f" ± {m.stderr:.2g}") for m in values)
+            lines.append(f"Rung {self._time_attr} {rung:g} ({len(values)} trials): {shown or '-'}")
+        return "\n".join(lines)
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "time_attr": self._time_attr,
+            "metric": self._metric,
+            "mode": self._mode,
+            "max_t": self._max_t,
+            "grace_period": self._grace_period,
+            "reduction_factor": self._reduction_factor,
+            "z": self._z,
+        }
+
+    def state(self) -> dict[str, Any]:
+        """The settings and every recorded value, as JSON-ready data."""
+        return {
+            "settings": self._settings(),
+            "rungs": [[rung, {t: asdict(m) for t, m in recorded.items()}] for rung, recorded in self._rungs.items()],
+            "num_stopped": self._num_stopped,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Take over `state()` of a scheduler with the same settings (else ValueError: the recorded
+        values would mean something else)."""
+        settings = json.loads(json.dumps(self._settings()))
+        if state["settings"] != settings:
+            raise ValueError(
+                f"scheduler state saved with settings {state['settings']}, but this scheduler has {settings}"
+            )
+        self._rungs = {
+            rung: {
+                t: Measurement(m["value"], m["stderr"], tuple(m["replicates"]), m["num_samples"])
+                for t, m in recorded.items()
+            }
+            for rung, recorded in state["rungs"]
+        }
+        self._num_stopped = state["num_stopped"]
+
+    def save(self, checkpoint_path: str) -> None:
+        atomic_write_text(checkpoint_path, json.dumps(self.state()))
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, encoding="utf-8") as f:
+            self.load_state(json.load(f))
+
+
+class RacingStateCallback(Callback):
+    """Carries a RacingScheduler's state in Tune's experiment checkpoints, which Tune restores on
+    `Tuner.restore` (Ray calls no scheduler's save/restore; see the module docstring). Pass it in
+    the RunConfig's callbacks of the Tuner whose TuneConfig holds the scheduler."""
+
+    def __init__(self, scheduler: RacingScheduler):
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict[str, Any]:
+        return self.scheduler.state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state(state)

@@ -1,0 +1,276 @@
+"""Would early stopping have kept the grid's best, and what would it have saved? One full grid's
+recorded curves replayed through Ray's own ASHA and through `RacingScheduler`.
+
+Which trials ASHA cuts depends on which reach a rung first, so one sweep is one draw. The replay
+draws many: in each arrival order the trials start in a random order, at most `concurrency` at
+a time, each at a random speed, so their milestones arrive interleaved as in a real run, and a
+fresh instance of each scheduler is handed every milestone row through the methods Tune calls
+(`on_trial_add`, `on_trial_result`, `on_trial_complete`). A STOP ends that trial where it stands
+and frees its slot for the next. Both schedulers see the same orders and speeds.
+
+Per order and scheduler it records the trial-steps used (the last step each trial reached) as a
+share of the grid's, the best FID seen, whether that is the grid's best or within noise of it
+(the README's verdict rule: a gap within two standard errors, paired from the two milestones'
+jackknife replicates where they have them), and which trials were stopped where. `replay`
+computes a `ReplayInfo`; `render` writes it as a short table, ASHA beside racing.
+
+The grid's best is the lowest `val/fid` over every trial's milestones: the curves must hold FIDs
+measured at one sample count against one reference (the caller checks).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from diffusion_lib.milestone import FID, STEP
+from record.best import is_finite_number
+
+from .racing import DEFAULT_Z, Measurement, RacingScheduler, difference_stderr, rung_steps
+
+WITHIN_NOISE = 2.0  # a gap to the grid's best within this many standard errors counts as keeping it
+SPEEDS = (0.75, 1.25)  # each trial's steps per unit time, drawn uniformly from this range
+
+Curves = dict[str, list[dict[str, Any]]]  # trial id -> its milestone rows in step order
+
+
+@dataclass(frozen=True)
+class ReplayRun:
+    """One arrival order through one scheduler."""
+
+    arrival: tuple[str, ...]  # the order the trials started in
+    steps_share: float  # trial-steps used / the grid's
+    best_trial: str  # where the lowest FID seen in this run was
+    best_step: int
+    best_fid: float
+    kept_best: bool  # that FID is the grid's best or within noise of it
+    stopped: dict[str, int]  # trial -> the step at which the scheduler stopped it (before its end)
+
+
+@dataclass(frozen=True)
+class SchedulerReplay:
+    """Every arrival order through one scheduler."""
+
+    name: str
+    runs: tuple[ReplayRun, ...]
+
+    @property
+    def kept_best_share(self) -> float:
+        return statistics.fmean(run.kept_best for run in self.runs)
+
+    @property
+    def steps_share_mean(self) -> float:
+        return statistics.fmean(run.steps_share for run in self.runs)
+
+    @property
+    def steps_share_min(self) -> float:
+        return min(run.steps_share for run in self.runs)
+
+    @property
+    def steps_share_max(self) -> float:
+        return max(run.steps_share for run in self.runs)
+
+    @property
+    def stop_counts(self) -> Counter:
+        """(trial, step) -> in how many orders the trial was stopped at that step."""
+        return Counter(stop for run in self.runs for stop in run.stopped.items())
+
+
+@dataclass(frozen=True)
+class ReplayInfo:
+    """The replay's settings, the grid's own figures, and each scheduler's replays (ASHA, racing)."""
+
+    grace_period: float
+    reduction_factor: float
+    max_t: float
+    z: float
+    concurrency: int
+    num_orders: int
+    seed: int
+    num_trials: int
+    grid_trial_steps: int
+    best_trial: str
+    best_step: int
+    best_fid: float
+    best_stderr: float | None
+    schedulers: tuple[SchedulerReplay, ...]
+
+
+@dataclass(frozen=True)
+class _ReplayTrial:
+    """What the schedulers read of a Tune trial: its id."""
+
+    trial_id: str
+
+
+def _lowest_fid(rows: list[tuple[str, dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    """The (trial, row) with the lowest finite FID."""
+    finite = [(t, r) for t, r in rows if is_finite_number(r.get(FID.name))]
+    if not finite:
+        raise ValueError(f"no milestone holds a finite {FID.name}")
+    return min(finite, key=lambda tr: tr[1][FID.name])
+
+
+def _run_order(
+    curves: Curves,
+    arrival: tuple[str, ...],
+    speeds: dict[str, float],
+    concurrency: int,
+    scheduler: TrialScheduler,
+    grid_best: dict[str, Any],
+    grid_trial_steps: int,
+) -> ReplayRun:
+    """The trials through `scheduler` in `arrival` order: milestone events in time order, a
+    trial's row i at its start time + step_i / speed."""
+    waiting = list(arrival)
+    events: list[tuple[float, int, str, int]] = []  # (time, tie-break, trial, row index)
+    tie_break = itertools.count()
+    started: dict[str, float] = {}
+    reached: dict[str, int] = {}
+    stopped: dict[str, int] = {}
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    def start(trial_id: str, now: float) -> None:
+        scheduler.on_trial_add(None, _ReplayTrial(trial_id))
+        started[trial_id] = now
+        arrive(trial_id, 0)
+
+    def arrive(trial_id: str, index: int) -> None:
+        time = started[trial_id] + curves[trial_id][index][STEP.name] / speeds[trial_id]
+        heapq.heappush(events, (time, next(tie_break), trial_id, index))
+
+    while waiting and len(started) < concurrency:
+        start(waiting.pop(0), 0.0)
+    while events:
+        now, _, trial_id, index = heapq.heappop(events)
+        row = curves[trial_id][index]
+        seen.append((trial_id, row))
+        decision = scheduler.on_trial_result(None, _ReplayTrial(trial_id), dict(row))
+        last = index == len(curves[trial_id]) - 1
+        if decision == TrialScheduler.STOP or last:
+            scheduler.on_trial_complete(None, _ReplayTrial(trial_id), dict(row))
+            reached[trial_id] = row[STEP.name]
+            if not last:
+                stopped[trial_id] = row[STEP.name]
+            if waiting:
+                start(waiting.pop(0), now)
+        else:
+            arrive(trial_id, index + 1)
+
+    best_trial, best = _lowest_fid(seen)
+    gap = best[FID.name] - grid_best[FID.name]
+    noise = difference_stderr(Measurement.from_result(best, FID.name), Measurement.from_result(grid_best, FID.name))
+    return ReplayRun(
+        arrival=arrival,
+        steps_share=sum(reached.values()) / grid_trial_steps,
+        best_trial=best_trial,
+        best_step=best[STEP.name],
+        best_fid=best[FID.name],
+        kept_best=gap <= WITHIN_NOISE * noise,
+        stopped=stopped,
+    )
+
+
+def replay(
+    curves: Curves,
+    *,
+    grace_period: float,
+    reduction_factor: float,
+    max_t: float,
+    z: float = DEFAULT_Z,
+    concurrency: int = 2,
+    num_orders: int = 200,
+    seed: int = 0,
+) -> ReplayInfo:
+    """Replay the grid's `curves` in `num_orders` random arrival orders through a fresh ASHA and a
+    fresh RacingScheduler each (the same rungs: grace period, reduction factor, max_t in steps)."""
+    curves = {trial_id: rows for trial_id, rows in curves.items() if rows}  # no milestones: nothing to replay
+    best_trial, grid_best = _lowest_fid([(t, r) for t, rows in curves.items() for r in rows])
+    grid_trial_steps = sum(rows[-1][STEP.name] for rows in curves.values())
+    makers = {
+        "ASHA": lambda: ASHAScheduler(
+            time_attr=STEP.name,
+            metric=FID.name,
+            mode="min",
+            max_t=max_t,
+            grace_period=grace_period,
+            reduction_factor=reduction_factor,
+        ),
+        "racing": lambda: RacingScheduler(
+            STEP.name, FID.name, "min", max_t=max_t, grace_period=grace_period, reduction_factor=reduction_factor, z=z
+        ),
+    }
+    rng = np.random.default_rng(seed)
+    ids = list(curves)
+    runs: dict[str, list[ReplayRun]] = {name: [] for name in makers}
+    for _ in range(num_orders):
+        arrival = tuple(ids[i] for i in rng.permutation(len(ids)))
+        speeds = dict(zip(ids, rng.uniform(*SPEEDS, size=len(ids))))
+        for name, make in makers.items():
+            runs[name].append(_run_order(curves, arrival, speeds, concurrency, make(), grid_best, grid_trial_steps))
+    return ReplayInfo(
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+        max_t=max_t,
+        z=z,
+        concurrency=concurrency,
+        num_orders=num_orders,
+        seed=seed,
+        num_trials=len(curves),
+        grid_trial_steps=grid_trial_steps,
+        best_trial=best_trial,
+        best_step=grid_best[STEP.name],
+        best_fid=grid_best[FID.name],
+        best_stderr=Measurement.from_result(grid_best, FID.name).stderr,
+        schedulers=tuple(SchedulerReplay(name, tuple(found)) for name, found in runs.items()),
+    )
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    width = max(len(cell) for cell in [header[0], *(row[0] for row in rows)])
+    return [f"{row[0]:<{width}}" + "".join(f"  {cell:>9}" for cell in row[1:]) for row in [header, *rows]]
+
+
+def render(info: ReplayInfo) -> list[str]:
+    """The replay as plain-text lines: the settings, then ASHA beside racing."""
+    stderr = "" if info.best_stderr is None else f" ± {info.best_stderr:.2g}"
+    rungs = ", ".join(f"{r:g}" for r in rung_steps(info.grace_period, info.reduction_factor, info.max_t)) or "none"
+    schedulers = info.schedulers
+    orders = f"{info.num_orders} arrival orders (seed {info.seed})"
+    speeds = f"speeds {SPEEDS[0]:g}–{SPEEDS[1]:g}× at random"
+    settings = f"grace period {info.grace_period:g}, reduction factor {info.reduction_factor:g}, max_t {info.max_t:g}"
+    best = f"{FID.name} {info.best_fid:.4g}{stderr} ({info.best_trial} at {STEP.name} {info.best_step})"
+    lines = [
+        f"Early stopping replayed on {info.num_trials} trials: {orders}, {info.concurrency} at a time, {speeds}",
+        f"Rungs at {STEP.name} {rungs} ({settings}); racing stops only beyond z = {info.z:g} standard errors",
+        f"Grid: {info.grid_trial_steps} trial-steps; best {best}",
+        f"Kept: the best seen is within {WITHIN_NOISE:g} standard errors of the grid's best",
+        "",
+    ]
+    lines += _table(
+        ["", *(s.name for s in schedulers)],
+        [
+            ["kept the grid's best", *(f"{s.kept_best_share:.0%}" for s in schedulers)],
+            ["trial-steps, mean", *(f"{s.steps_share_mean:.0%}" for s in schedulers)],
+            ["trial-steps, min–max", *(f"{s.steps_share_min:.0%}–{s.steps_share_max:.0%}" for s in schedulers)],
+        ],
+    )
+    counts = [s.stop_counts for s in schedulers]
+    stops = sorted(set().union(*counts))
+    if stops:
+        lines.append("")
+        lines += _table(
+            ["stopped (share of orders)", *(s.name for s in schedulers)],
+            [
+                [f"{t} at {STEP.name} {step}", *(f"{c[t, step] / info.num_orders:.0%}" for c in counts)]
+                for t, step in stops
+            ],
+        )
+    return lines
