@@ -3,9 +3,13 @@ searched key called effects only beyond two standard errors, and whether ASHA's 
 trusted here (rank agreement between an early milestone and the end).
 
 The rule, used in every sentence: two numbers differ when their gap exceeds twice its standard
-error, √(se_a² + se_b²). A configuration's standard error is the seed spread, sd/√K, when it ran
-with K ≥ 2 seeds (that spread holds the sampling noise too), else the FID's own jackknife
-standard error at its best milestone (sampling noise only: training noise is then unmeasured).
+error. A configuration's standard error is the seed spread, sd/√K, when it ran with K ≥ 2 seeds
+(that spread holds the sampling noise too), else the FID's own jackknife standard error at its
+best milestone (sampling noise only: training noise is then unmeasured). The gap's standard
+error is √(se_a² + se_b²), except between two single-seed configurations whose best FIDs were
+sampled from the same noise (same `eval.seed`, count and reference): then it is the paired
+jackknife's, from the differences of their replicates (`frechet.paired_stderr`), in which the
+shared sampling noise cancels. Each sentence says which standard error it used.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from typing import Any
 
 from scipy import stats
 
-from diffusion_lib.config import SEED_KEY
-from diffusion_lib.milestone import FID, FID_STDERR, STEP
+from diffusion_lib.config import EVAL_SEED_KEY, SEED_KEY
+from diffusion_lib.metrics.frechet import paired_stderr
+from diffusion_lib.milestone import FID, FID_NUM_SAMPLES, FID_REPLICATES, FID_STDERR, STEP
 from record.best import comparable_rows, is_finite_number
 from record.experiment import Experiment, Trial
+
 
 NOISE_MULTIPLE = 2.0  # an effect is a gap beyond this many standard errors
 
@@ -33,6 +39,7 @@ class Configuration:
     trials: list[Trial] = field(default_factory=list)
     best_fids: list[float] = field(default_factory=list)  # same-count best FID of each finished seed
     stderrs: list[float] = field(default_factory=list)  # the FID's own standard error at that best
+    best_rows: list[dict[str, Any]] = field(default_factory=list)  # the milestone of each best FID
 
     @property
     def mean(self) -> float:
@@ -69,14 +76,31 @@ def configurations(experiment: Experiment) -> list[Configuration]:
         if best is not None:
             group.best_fids.append(best[FID.name])
             group.stderrs.append(best.get(FID_STDERR.name) if is_finite_number(best.get(FID_STDERR.name)) else math.nan)
+            group.best_rows.append({**best, EVAL_SEED_KEY: trial.config.get(EVAL_SEED_KEY)})
     return sorted(groups.values(), key=lambda c: (not c.best_fids, c.mean if c.best_fids else 0.0))
 
 
-def difference(a: Configuration, b: Configuration) -> tuple[float, float, bool]:
-    """(b − a, its standard error, whether it exceeds the noise)."""
+SEED_SPREAD, PAIRED, UNPAIRED = "seed spread", "paired jackknife", "jackknife"
+
+
+def difference(a: Configuration, b: Configuration) -> tuple[float, float, bool, str]:
+    """(b − a, its standard error, whether it exceeds the noise, which standard error it is)."""
     gap = b.mean - a.mean
-    stderr = math.hypot(a.stderr, b.stderr)
-    return gap, stderr, math.isfinite(stderr) and abs(gap) > NOISE_MULTIPLE * stderr
+    if len(a.best_fids) == len(b.best_fids) == 1 and _sampled_alike(a.best_rows[0], b.best_rows[0]):
+        row_a, row_b = a.best_rows[0], b.best_rows[0]
+        stderr, kind = paired_stderr(row_a[FID_REPLICATES.name], row_b[FID_REPLICATES.name], row_a[FID_NUM_SAMPLES.name]), PAIRED
+    else:
+        stderr, kind = math.hypot(a.stderr, b.stderr), SEED_SPREAD if len(a.best_fids) >= 2 or len(b.best_fids) >= 2 else UNPAIRED
+    return gap, stderr, math.isfinite(stderr) and abs(gap) > NOISE_MULTIPLE * stderr, kind
+
+
+def _sampled_alike(row_a: dict[str, Any], row_b: dict[str, Any]) -> bool:
+    """Two FIDs from the same sampling noise: the same eval seed, count and reference, and
+    jackknife replicates over the same groups (`record.best` has checked the basis)."""
+    replicates_a, replicates_b = row_a.get(FID_REPLICATES.name), row_b.get(FID_REPLICATES.name)
+    return (row_a[EVAL_SEED_KEY] is not None and row_a[EVAL_SEED_KEY] == row_b[EVAL_SEED_KEY]
+            and row_a.get(FID_NUM_SAMPLES.name) == row_b.get(FID_NUM_SAMPLES.name)
+            and isinstance(replicates_a, list) and isinstance(replicates_b, list) and len(replicates_a) == len(replicates_b) > 1)
 
 
 def fmt(value: float, stderr: float) -> str:
@@ -101,9 +125,10 @@ def effect_sentences(configs: list[Configuration], keys: list[str]) -> list[str]
         winner = ranked[0]
         parts = []
         for other in ranked[1:]:
-            gap, stderr, real = difference(winner, other)
+            gap, stderr, real, kind = difference(winner, other)
             verdict = "an effect" if real else "within noise"
-            parts.append(f"{name} = {other.searched[key]}: {fmt(other.mean, other.stderr)} ({verdict}: {gap:+.3g} ± {stderr:.2g})")
+            parts.append(f"{name} = {other.searched[key]}: {fmt(other.mean, other.stderr)} "
+                         f"({verdict}: {gap:+.3g} ± {stderr:.2g}, {kind})")
         sentences.append(
             f"Best {FID.name} is at {name} = {winner.searched[key]} ({fmt(winner.mean, winner.stderr)}); " + "; ".join(parts) + "."
         )

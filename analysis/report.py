@@ -167,8 +167,10 @@ def _configurations_section(report: ReportData) -> list[Block]:
 
 def _effects_section(report: ReportData) -> list[Block]:
     sentences = effect_sentences(report.configurations, report.experiment.searched_keys)
-    rule = (f"A difference is called an effect when it exceeds {NOISE_MULTIPLE:g} standard errors of the gap "
-            "(seed spread with repeats, else the FID's jackknife standard error); otherwise it is within noise.")
+    rule = (f"A difference is called an effect when it exceeds {NOISE_MULTIPLE:g} standard errors of the gap; otherwise it is "
+            "within noise. Each gap says its standard error: the seed spread (with repeats), the paired jackknife (two "
+            "single-seed configurations sampled from the same noise: the noise they share cancels), or the two FIDs' own "
+            "jackknife standard errors (sampling noise only).")
     return [Heading("Effects"), Paragraph(rule), BulletList(sentences or ["Too few finished trials to compare."])]
 
 

@@ -1,8 +1,8 @@
 """The FID jackknife on a torch device: `fid_jackknife` (torch.linalg, float64) on the CPU and,
 where there is one, on CUDA, against the numpy route it replaced (kept below as the reference
 implementation: every replicate's FID from scratch, one numpy eigenvalue problem each), at a
-milestone's size: a reference of 1,085 real images and N = 2,000 generated samples, G = 25
-groups. Prints the time of each route and how far its replicates and standard error are from
+milestone's sample count (N = 2,000 generated samples, G = 25 groups) against a reference of
+1,085 real images. Prints the time of each route and how far its replicates and standard error are from
 the reference implementation's (they must agree to 1e-9, relative).
 
 Features: the real Inception pool3 features of CIFAR-10 images when the file is there (reference:
@@ -90,11 +90,13 @@ def main() -> None:
     default_threads = torch.get_num_threads()
     print(f"{source}: reference of {args.reference_images} images, N = {len(generated)} generated, G = {args.groups}")
     print(
-        f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, torch {torch.__version__} "
-        f"({default_threads} intra-op threads by default), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
+        f"torch {torch.__version__} ({default_threads} intra-op threads by default), "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     print(f"numpy route (reference):     {numpy_s:6.1f} s  FID stderr {expected_stderr:.6f}")
-    # The CPU at one thread (a Ray trial with resources.cpu = 1) and at torch's default count.
+    # The CPU at one thread (a Ray trial with resources.cpu = 1: Ray sets OMP_NUM_THREADS to a worker's
+    # CPUs) and at torch's default count.
     runs = [("cpu", threads) for threads in sorted({1, default_threads})]
     runs += [("cuda", default_threads)] if torch.cuda.is_available() else []
     worst = 0.0

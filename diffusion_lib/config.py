@@ -51,6 +51,7 @@ UNIT_INTERVAL = Check(lambda v: 0 <= v < 1, "a number in [0, 1)")
 # Keys that code outside this module reads by name.
 TOTAL_STEPS_KEY = "train.total_steps"
 SEED_KEY = "train.seed"
+EVAL_SEED_KEY = "eval.seed"
 
 
 @dataclass

@@ -50,7 +50,6 @@ MILESTONE_METRICS: tuple[Metric, ...] = (
 )
 # The metrics TensorBoard's HParams view shows beside each trial's hyperparameters.
 HPARAMS_METRICS = (FID, FID_STDERR, KID, BEST_FID, TRAIN_LOSS, CURVATURE, FINAL_FID)
-BY_NAME = {m.name: m for m in MILESTONE_METRICS}
 RANKABLE = tuple(m.name for m in MILESTONE_METRICS if m.rankable)
 
 

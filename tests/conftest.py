@@ -110,14 +110,17 @@ def run_sweep_with_standin_fid(spec, *test_modules):
 
     from sweeps.runner import run_sweep
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for module in (sys.modules[__name__], *test_modules):
             ray.cloudpickle.register_pickle_by_value(module)  # workers cannot import tests
         driver_features = StandInFeatures()
         results = run_sweep(spec, make_trainer=trainer_with_standin_fid, features=driver_features)
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     assert not results.errors
     assert driver_features.calls == 1  # the sweep's one reference pass, in the launching process
     return results

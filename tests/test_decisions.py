@@ -34,12 +34,35 @@ def test_two_configurations_a_noise_apart_read_as_a_tie():
     """The research notes' E7a vs E7c: 203.6 vs 203.2, each ± 1.0."""
     (sentence,) = sentences(experiment(trial("e7a", {"model.base_channels": 32}, [203.6]), trial("e7c", {"model.base_channels": 64}, [203.2])))
     assert "Best val/fid is at base_channels = 64 (203.2 ± 1)" in sentence
-    assert "base_channels = 32: 203.6 ± 1 (within noise: +0.4 ± 1.4)" in sentence
+    assert "base_channels = 32: 203.6 ± 1 (within noise: +0.4 ± 1.4, jackknife)" in sentence
 
 
 def test_a_gap_of_many_standard_errors_is_stated_as_an_effect():
     (sentence,) = sentences(experiment(trial("a", {"optim.lr": 1e-4}, [203.6]), trial("b", {"optim.lr": 1e-3}, [180.0])))
-    assert "lr = 0.0001: 203.6 ± 1 (an effect: +23.6 ± 1.4)" in sentence
+    assert "lr = 0.0001: 203.6 ± 1 (an effect: +23.6 ± 1.4, jackknife)" in sentence
+
+
+def test_fids_sampled_from_the_same_noise_are_compared_paired():
+    """The issue's measurement in miniature: the two models' jackknife replicates move together
+    (shared sampling noise), so their gap of 11.3, within two unpaired standard errors, is an
+    effect paired; sampled from other noise (another eval.seed), it gets no such credit."""
+    rng = np.random.default_rng(1)
+    shared = rng.normal(0, 1.0, 25)
+
+    def paired_trial(name, lr, fid, replicates, eval_seed=0):
+        t = trial(name, {"optim.lr": lr}, [fid], stderr=4.5)
+        t.milestones[0].update({"val/fid_jackknife": list(fid + replicates), "val/fid_num_samples": 250})
+        t.config["eval.seed"] = eval_seed
+        return t
+
+    a = paired_trial("a", 1e-4, 340.0, shared)
+    b = paired_trial("b", 1e-3, 351.3, 1.02 * shared + rng.normal(0, 0.1, 25))
+    (sentence,) = sentences(experiment(a, b))
+    gap_se = float(sentence.split("+11.3 ± ")[1].split(",")[0])
+    assert "(an effect: +11.3" in sentence and "paired jackknife" in sentence and gap_se < 11.3 / 4
+    other_noise = paired_trial("b", 1e-3, 351.3, 1.02 * shared + rng.normal(0, 0.1, 25), eval_seed=1)
+    (unpaired,) = sentences(experiment(a, other_noise))
+    assert "(within noise: +11.3 ± 6.4, jackknife)" in unpaired
 
 
 def test_seed_repeats_are_grouped_and_their_spread_is_the_noise():

@@ -1,15 +1,18 @@
 """FID and KID as statistics: the fast FID against pytorch-fid and closed forms, KID against the
-unbiased MMD² written out and a closed-form population value, and both standard errors against
-the spread actually observed over independent sets of generated samples."""
+unbiased MMD² written out and a closed-form population value, both standard errors (and the
+paired one of a difference of FIDs) against the spread actually observed over independent sets
+of generated samples, and the jackknife on a torch device against numpy."""
 
 from math import comb
 
 import numpy as np
 import pytest
+import torch
+
+from diffusion_lib.metrics.frechet import FrechetReference, fid_jackknife, paired_stderr, replicate_stderr
+from diffusion_lib.metrics.kid import kernel_inception_distance
 
 from conftest import SHARED
-from diffusion_lib.metrics.frechet import FrechetReference, fid_jackknife
-from diffusion_lib.metrics.kid import kernel_inception_distance
 
 POOL3 = SHARED / "data" / "inception_pool3_train_subset.npy"
 needs_pool3 = pytest.mark.skipif(
@@ -17,10 +20,35 @@ needs_pool3 = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread for the jackknife's torch.linalg, as conftest gives numpy one BLAS
+    thread: beside a sweep on 2 cores, MKL's threaded eigensolver waits for descheduled threads,
+    and a jackknife ran up to 20× slower on two threads than on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pool3() -> np.ndarray:
     """5,085 × 2,048 float64 Inception pool3 features of CIFAR-10 training images."""
     return np.load(POOL3).astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def reference_1085(pool3) -> FrechetReference:
+    """The first 1,085 images: fewer than the 2,048 dimensions, so Σ_r has 964 zero eigenvalues."""
+    return FrechetReference.from_features(pool3[:1085])
+
+
+@pytest.fixture(scope="module")
+def disjoint_sets(pool3, reference_1085) -> tuple[np.ndarray, np.ndarray, list]:
+    """16 disjoint sets of 250 generated samples (the images after the reference's), each set's
+    FID and its jackknife."""
+    sets = pool3[1085 : 1085 + 16 * 250].reshape(16, 250, -1)
+    return sets, np.array([reference_1085.fid(x) for x in sets]), [fid_jackknife(reference_1085, x) for x in sets]
 
 
 def sqrt_psd(matrix: np.ndarray) -> np.ndarray:
@@ -81,17 +109,18 @@ def test_fid_from_stats_equals_the_closed_form_for_commuting_covariances():
     mu1, mu2 = rng.normal(size=50), rng.normal(size=50)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
     rotation = np.linalg.qr(rng.normal(size=(50, 50)))[0]  # a shared basis keeps them commuting
-    fid = FrechetReference.from_stats(mu1, rotation @ np.diag(a) @ rotation.T).fid_from_stats(mu2, rotation @ np.diag(b) @ rotation.T)
+    fid = FrechetReference.from_stats(mu1, rotation @ np.diag(a) @ rotation.T).fid_from_stats(
+        mu2, rotation @ np.diag(b) @ rotation.T
+    )
     assert fid == pytest.approx(expected, rel=1e-9)
 
 
 @needs_pool3
-def test_fid_standard_error_matches_the_spread_over_disjoint_sample_sets(pool3):
+def test_fid_standard_error_matches_the_spread_over_disjoint_sample_sets(disjoint_sets):
     """Reference fixed (1,085 images); 16 disjoint sets of 250 generated samples."""
-    reference = FrechetReference.from_features(pool3[:1085])
-    sets = pool3[1085 : 1085 + 16 * 250].reshape(16, 250, -1)
-    observed = np.std([reference.fid(x) for x in sets], ddof=1)
-    reported = np.array([fid_jackknife(reference, x).stderr for x in sets])
+    _, fids, jackknifes = disjoint_sets
+    observed = np.std(fids, ddof=1)
+    reported = np.array([jackknife.stderr for jackknife in jackknifes])
     assert 1 / 1.5 < reported.mean() / observed < 1.5
     assert np.all((reported > observed / 2) & (reported < observed * 2))  # each set on its own
 
@@ -107,11 +136,126 @@ def test_fid_standard_error_matches_the_spread_over_200_synthetic_sample_sets(di
     assert 0.8 < reported / observed < 1.25
 
 
+# --- the jackknife on a torch device; paired standard errors ---------------------------------
+
+
+def jackknife_replicates_by_svd(reference: FrechetReference, features: np.ndarray, num_groups: int) -> np.ndarray:
+    """`fid_jackknife`'s replicates computed independently in numpy: its groups (the first d·G of
+    a permutation seeded with 0, d = N // G), each replicate's tr (Σ_r^½ Σ Σ_r^½)^½ the sum of the
+    singular values of (X − μ) Σ_r^½ / √(N − 1), which needs no rule for zero eigenvalues."""
+    n = len(features)
+    d = n // num_groups
+    replicates = []
+    for group in np.random.default_rng(0).permutation(n)[: d * num_groups].reshape(num_groups, d):
+        kept = np.delete(features, group, axis=0)
+        centered = kept - kept.mean(0)
+        trace_sqrt = np.linalg.svd(centered @ reference.sqrt_sigma, compute_uv=False).sum() / np.sqrt(n - d - 1)
+        trace_sigma = np.sum(centered**2) / (n - d - 1)
+        replicates.append(
+            np.sum((reference.mu - kept.mean(0)) ** 2) + np.trace(reference.sigma) + trace_sigma - 2 * trace_sqrt
+        )
+    return np.array(replicates)
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dims, num_reference, n",
+    [(16, 500, 100), (64, 500, 40), (64, 40, 100)],
+    ids=["N>D", "N<D", "N>D, rank-deficient reference"],
+)
+def test_jackknife_on_a_torch_device_equals_an_independent_numpy_computation(device, dims, num_reference, n):
+    """Both eigenvalue problems (D×D, and the N×N Gram matrix), and a reference of fewer images
+    than dimensions, whose 25 zero eigenvalues must add exactly 0 (their square roots taken as
+    √round-off would add ~1e-8 of the FID). From an array with `device`, and from a tensor, whose
+    device it runs on. Well-conditioned features (a rotation, scales 0.5–2): a nearly singular
+    mixing would leave eigenvalues so small that √λ from any eigensolver is off by ~1e-9."""
+    rng = np.random.default_rng(dims + num_reference)
+    mixing = np.linalg.qr(rng.normal(size=(dims, dims)))[0] * np.linspace(0.5, 2, dims)
+    reference = FrechetReference.from_features(rng.normal(size=(num_reference, dims)) @ mixing)
+    features = rng.normal(size=(n, dims)) @ mixing + 0.3
+    expected = jackknife_replicates_by_svd(reference, features, num_groups=25)
+    for jackknife in (
+        fid_jackknife(reference, features, device=device),
+        fid_jackknife(reference, torch.from_numpy(features).to(device)),
+    ):
+        assert isinstance(jackknife.replicates, np.ndarray) and jackknife.replicates.dtype == np.float64
+        np.testing.assert_allclose(jackknife.replicates, expected, rtol=1e-9, atol=0)
+        assert jackknife.stderr == pytest.approx(replicate_stderr(expected, n), rel=1e-9)
+
+
+def synthetic_reference_and_mixing(dims: int, seed: int) -> tuple[FrechetReference, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return FrechetReference.from_features(rng.normal(size=(5000, dims))), rng.normal(size=(dims, dims)) / np.sqrt(dims)
+
+
+def test_paired_stderr_of_independent_sample_sets_adds_their_variances():
+    """Disjoint draws share no noise, so the paired SE² has the expectation se_a² + se_b² (its
+    cross term Σ (a_g − ā)(b_g − b̄) averages to 0): the ratio of the means over 200 draws is 1
+    within ~1% (one draw's ratio scatters by ~17%). se_b ≈ 2 se_a here, so dropping either term
+    (ratio 0.2 or 0.8) or adding the standard errors instead of their squares (1.8) is far
+    outside ±10%. N < D: the Gram side, as at a milestone."""
+    reference, mixing = synthetic_reference_and_mixing(64, seed=10)
+    rng = np.random.default_rng(11)
+    paired_squares, unpaired_squares = [], []
+    for _ in range(200):
+        a = fid_jackknife(reference, rng.normal(size=(50, 64)) @ mixing + 0.3)
+        b = fid_jackknife(reference, rng.normal(size=(50, 64)) @ mixing * 1.3 + 0.5)
+        paired_squares.append(paired_stderr(a.replicates, b.replicates, 50) ** 2)
+        unpaired_squares.append(a.stderr**2 + b.stderr**2)
+    assert 0.9 < np.mean(paired_squares) / np.mean(unpaired_squares) < 1.1
+
+
+def test_paired_stderr_of_sample_sets_sharing_their_noise_is_much_smaller_and_right():
+    """Model B's features are model A's scaled and shifted, plus a small perturbation of their
+    own: the sampling noise both FIDs share cancels in FID_A − FID_B. The paired SE is under
+    half the unpaired √(se_a² + se_b²) in every draw (0.3 on average), and matches the spread
+    of the difference over 200 draws, which the unpaired one overstates ~4×."""
+    reference, mixing = synthetic_reference_and_mixing(64, seed=20)
+    rng = np.random.default_rng(21)
+    differences, paired, unpaired = [], [], []
+    for _ in range(200):
+        features_a = rng.normal(size=(50, 64)) @ mixing + 0.3
+        features_b = features_a * 1.1 + 0.2 + 0.05 * rng.normal(size=(50, 64))
+        a, b = fid_jackknife(reference, features_a), fid_jackknife(reference, features_b)
+        differences.append(reference.fid(features_a) - reference.fid(features_b))
+        paired.append(paired_stderr(a.replicates, b.replicates, 50))
+        unpaired.append(np.hypot(a.stderr, b.stderr))
+    paired, unpaired = np.array(paired), np.array(unpaired)
+    assert np.all(paired < unpaired / 2)
+    assert 0.8 < paired.mean() / np.std(differences, ddof=1) < 1.25
+
+
+@needs_pool3
+def test_paired_stderr_matches_the_spread_of_fid_differences_over_disjoint_real_sample_sets(
+    disjoint_sets, reference_1085
+):
+    """A second model seeing the same noise: model B's features are each set's own, shrunk by 10%
+    and perturbed by a fixed draw of 0.2 × each feature's standard deviation (the unpaired SE
+    overstates the spread of FID_A − FID_B ~2× here). Reference fixed (1,085 images); 16
+    disjoint sets of 250 samples."""
+    sets, fids_a, jackknifes_a = disjoint_sets
+    perturbation = np.random.default_rng(0).normal(size=sets.shape[1:]) * sets.reshape(-1, sets.shape[2]).std(0)
+    differences, paired = [], []
+    for features_a, fid_a, jackknife_a in zip(sets, fids_a, jackknifes_a):
+        features_b = 0.9 * features_a + 0.2 * perturbation
+        differences.append(fid_a - reference_1085.fid(features_b))
+        jackknife_b = fid_jackknife(reference_1085, features_b)
+        paired.append(paired_stderr(jackknife_a.replicates, jackknife_b.replicates, len(features_a)))
+    assert 1 / 1.5 < np.mean(paired) / np.std(differences, ddof=1) < 1.5
+
+
 # --- KID -------------------------------------------------------------------------------------
 
 
 def unbiased_mmd2(x: np.ndarray, y: np.ndarray) -> float:
     """Gretton et al. (2012) MMD²_u with the KID kernel, pair by pair."""
+
     def k(a, b):
         return (a @ b / len(a) + 1) ** 3
 
@@ -177,8 +321,12 @@ def test_kid_standard_error_matches_the_spread_over_100_sample_sets():
     rng = np.random.default_rng(3)
     d = 4
     reference = rng.normal(size=(400, d))
-    results = np.array([
-        kernel_inception_distance(rng.normal(size=(200, d)) + 0.5, reference, num_subsets=10, subset_size=100, seed=s)
-        for s in range(100)
-    ])
+    results = np.array(
+        [
+            kernel_inception_distance(
+                rng.normal(size=(200, d)) + 0.5, reference, num_subsets=10, subset_size=100, seed=s
+            )
+            for s in range(100)
+        ]
+    )
     assert 0.75 < results[:, 1].mean() / results[:, 0].std(ddof=1) < 1.33

@@ -21,10 +21,16 @@ def clean_env() -> dict[str, str]:
 
 
 def test_kill_minus_9_then_resume_finishes_without_recomputing(tmp_path):
+    """The racing scheduler's rungs survive the kill too: z = 100 stops nothing, so every trial
+    runs to its end, and its rung at step 20 ends up holding all three trials only if the
+    records made before the kill were restored (the interrupted trial resumes past step 20)."""
     spec = write_spec(
         tmp_path,
-        base={**TINY_RUN, "train": {"total_steps": 200, "batch_size": 8}, "eval": {**TINY_RUN["eval"], "every": 20}},
+        base={**TINY_RUN, "train": {"total_steps": 200, "batch_size": 8}, "eval": {**TINY_RUN["eval"], "every": 20},
+              "curvature": {"probes": 2, "batch_size": 4}},
         search={"optim.lr": {"grid": [1e-4, 2e-4, 3e-4]}},
+        metric="curvature/hutch_trace_mean",
+        scheduler={"type": "racing", "grace_period": 20, "reduction_factor": 2, "z": 100},
         max_concurrent=1,
     )
     experiment = tmp_path / "runs" / "tiny"
@@ -77,6 +83,7 @@ def test_kill_minus_9_then_resume_finishes_without_recomputing(tmp_path):
     assert (experiment / done[0] / "metrics.jsonl").read_text() == finished_before  # not recomputed
     interrupted = started[0]
     assert after[interrupted][0] == before[interrupted][0]  # resumed from a checkpoint, not step 0 (wall time included)
+    assert "Rung step 20 (3 trials)" in resumed.stdout  # not (1 trials): the records before the kill were restored
     # Without --resume, the existing experiment is refused rather than overwritten.
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "--resume" in again.stderr

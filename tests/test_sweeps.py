@@ -13,12 +13,14 @@ import torch
 from typer.testing import CliRunner
 
 import conftest
-from conftest import TINY_RUN, trainer_with_parts, write_spec
+from conftest import TINY_RUN, run_sweep_with_standin_fid, trainer_with_parts, write_spec
 from diffusion_lib.losses import DiffusionLoss
 from diffusion_lib.trainer import Trainer
 from cli.main import app
-from sweeps.spec import load_spec
+from record.experiment import load_experiment
+from record.files import REFERENCE_DIR
 from sweeps.runner import run_sweep
+from sweeps.spec import load_spec
 
 runner = CliRunner()
 
@@ -31,21 +33,41 @@ def local_ray():
     ray.shutdown()
 
 
-def test_grid_sweep_reports_every_milestone_key(tmp_path, local_ray):
-    spec = load_spec(write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4, 1e-3]}, "loss": {"grid": [{"weighting": "constant"}, {"weighting": "min_snr", "minsnr_gamma": 5}]}}))
-    results = run_sweep(spec)
+def test_grid_sweep_reports_every_milestone_key_against_one_stored_reference(tmp_path, local_ray):
+    base = {**TINY_RUN, "fid": {"num_samples": 8, "final_num_samples": 0, "cache_dir": str(tmp_path / "fid_cache")}}
+    spec = load_spec(write_spec(tmp_path, base=base, metric="val/fid", search={
+        "optim.lr": {"grid": [1e-4, 1e-3]}, "loss": {"grid": [{"weighting": "constant"}, {"weighting": "min_snr", "minsnr_gamma": 5}]}}))
+    results = run_sweep_with_standin_fid(spec)  # asserts the one reference pass, in the launcher
     assert len(results) == 4 and not results.errors
+    assert not (tmp_path / "fid_cache").exists()  # no trial computed a reference of its own
     frame = results.get_dataframe()
-    assert {"step", "train/loss", "wall_time_s", "images_seen", "loss/t_bucket_0"} <= set(frame.columns)
+    assert {"step", "train/loss", "wall_time_s", "images_seen", "loss/t_bucket_0", "val/fid_jackknife"} <= set(frame.columns)
     assert sorted(frame["config/optim.lr"]) == [1e-4, 1e-4, 1e-3, 1e-3]
     assert all(r.metrics["step"] == 20 for r in results)
-    # One TensorBoard run (and trainer log) per trial, named by its searched values.
-    experiment = Path(results.experiment_path)
-    trial_dirs = sorted(p.name for p in experiment.iterdir() if (p / "metrics.jsonl").is_file())
-    assert len(trial_dirs) == 4 and any("minsnr_gamma=5" in d and "weighting=min_snr" in d for d in trial_dirs)
-    for name in trial_dirs:
-        assert list((experiment / name).glob("events.out.tfevents.*"))
-        assert json.loads((experiment / name / "trial.json").read_text())["config"]["train.total_steps"] == 20
+    # One TensorBoard run (and trainer log) per trial, named by its searched values; every FID row
+    # names the one reference stored with the experiment.
+    experiment = load_experiment(Path(results.experiment_path))
+    assert len(experiment.trials) == 4 and any("minsnr_gamma=5" in t.trial_id and "weighting=min_snr" in t.trial_id for t in experiment.trials)
+    assert {t.state for t in experiment.trials} == {"finished"}
+    for trial in experiment.trials:
+        assert list(trial.path.glob("events.out.tfevents.*")) and trial.config["train.total_steps"] == 20
+        (name,) = {row["val/fid_reference"] for row in trial.milestones}
+        assert (experiment.path / REFERENCE_DIR / name).is_file()
+        assert {row["val/fid_num_samples"] for row in trial.milestones} == {8} and len(trial.milestones[-1]["val/fid_jackknife"]) == 6
+
+
+def test_racing_stops_the_clearly_worse_arm_and_the_record_says_stopped(tmp_path, local_ray):
+    base = {**TINY_RUN, "train": {"total_steps": 60, "batch_size": 8}, "fid": {"num_samples": 64, "final_num_samples": 0}}
+    spec = load_spec(write_spec(
+        tmp_path, base=base, metric="val/fid", max_concurrent=1,
+        search={"optim.lr": {"grid": [3e-3, 1e-8]}},  # 1e-8 cannot learn in 60 steps
+        scheduler={"type": "racing", "grace_period": 30, "reduction_factor": 2, "z": 2.5},
+    ))
+    results = run_sweep_with_standin_fid(spec)
+    steps = {r.config["optim.lr"]: r.metrics["step"] for r in results}
+    assert steps == {3e-3: 60, 1e-8: 30}  # the first arm to the rung goes on; the clearly worse one is cut there
+    summary = json.loads((Path(results.experiment_path) / "experiment_summary.json").read_text())["trials"]
+    assert sorted(t["state"] for t in summary.values()) == ["finished", "stopped"]
 
 
 def test_optuna_with_asha_stops_the_clearly_worse_arm_early(tmp_path, local_ray):

@@ -34,7 +34,7 @@ from .kid import kernel_inception_distance
 FEATURE_DIMS = 2048
 CIFAR10_TRAIN_IMAGES = 50_000  # the reference every published CIFAR-10 FID uses
 FID_JACKKNIFE_GROUPS = 25  # fewer with fewer samples; see frechet.fid_jackknife
-KID_REFERENCE_IMAGES = 5_000  # reference features kept for KID (its subsets draw 1,000 at a time; 10,000 cost 14 s per milestone on a CPU)
+KID_REFERENCE_IMAGES = 5_000  # reference features kept for KID: its subsets draw 1,000 at a time, and more cost time at every milestone
 
 # uint8 images (N, 3, H, W) on any device -> float64 features (N, D)
 FeatureExtractor = Callable[[torch.Tensor], np.ndarray]

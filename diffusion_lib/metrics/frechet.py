@@ -163,10 +163,10 @@ def fid_jackknife(
     sample to sample at the cost of one FID of N − d samples per group (README: calibration).
 
     Computed in float64 with torch.linalg on `device` (default: the features' own when they are
-    a tensor, else the CPU), the same code on a CPU and a GPU. The Gram matrix of all N samples
-    is formed once and each replicate's is cut out of it, so a replicate costs one eigenvalue
-    problem; its eigenvalues come back to the host, where `FrechetReference._fid` turns them into
-    the FID with the same round-off rule as `fid`.
+    a tensor, else the CPU), the same code on a CPU and a GPU. The N×N Gram (or D×D scatter)
+    matrix of all N samples is formed once and each replicate's derived from it, so a replicate
+    costs one eigenvalue problem; its eigenvalues come back to the host, where
+    `FrechetReference._fid` turns them into the FID with the same round-off rule as `fid`.
     """
     if device is None:
         device = features.device if isinstance(features, torch.Tensor) else torch.device("cpu")
@@ -178,7 +178,11 @@ def fid_jackknife(
     d = n // num_groups
     m = n - d  # samples in each replicate
     order = np.random.default_rng(seed).permutation(n)
-    groups = torch.from_numpy(order[: d * num_groups].reshape(num_groups, d)).to(device)
+    deleted = order[: d * num_groups].reshape(num_groups, d)
+    keep = np.ones((num_groups, n), dtype=bool)
+    keep[np.arange(num_groups)[:, None], deleted] = False
+    kept_rows = torch.from_numpy(np.nonzero(keep)[1].reshape(num_groups, m)).to(device)
+    deleted_rows = torch.from_numpy(deleted).to(device)
 
     # Rows y_iᵀ = x_iᵀ Σ_r^½, centered on all N samples: a replicate's own mean is then a small
     # fraction of the spread, so re-centering below loses no precision to cancellation.
@@ -187,20 +191,19 @@ def fid_jackknife(
     rows_side = m < dims  # the smaller of the two eigenvalue problems, as `FrechetReference.fid` picks
     product = y @ y.T if rows_side else y.T @ y
     means, traces, eigenvalues = [], [], []
-    for group in groups:
-        keep = torch.ones(n, dtype=torch.bool, device=device)
-        keep[group] = False
-        kept = x[keep]
-        mu = kept.mean(dim=0)
+    for kept, group in zip(kept_rows, deleted_rows):
+        x_kept = x.index_select(0, kept)
+        mu = x_kept.mean(dim=0)
         means.append(mu)
-        traces.append(torch.sum((kept - mu) ** 2) / (m - 1))
+        traces.append(torch.sum((x_kept - mu) ** 2) / (m - 1))
         if rows_side:  # C K C with C = I − 11ᵀ/m the centering matrix: the Gram of the re-centered rows
-            gram = product[keep][:, keep]
+            gram = product.index_select(0, kept).index_select(1, kept)
             row_means = gram.mean(dim=1)
             gram = gram - row_means[:, None] - row_means[None, :] + row_means.mean()
         else:  # Σ_kept (y − ȳ)(y − ȳ)ᵀ = Σ_all yyᵀ − Σ_group yyᵀ − m ȳȳᵀ
-            y_mean = y[keep].mean(dim=0)
-            gram = product - y[group].T @ y[group] - m * torch.outer(y_mean, y_mean)
+            y_mean = y.index_select(0, kept).mean(dim=0)
+            y_group = y.index_select(0, group)
+            gram = product - y_group.T @ y_group - m * torch.outer(y_mean, y_mean)
         eigenvalues.append(torch.linalg.eigvalsh(gram / (m - 1)))
     host = [torch.stack(values).cpu().numpy() for values in (means, traces, eigenvalues)]
     replicates = [reference._fid(mu, trace, values) for mu, trace, values in zip(*host)]
