@@ -61,7 +61,13 @@ class Image:
 
 Block = Union[Heading, Paragraph, BulletList, Table, Image]
 
-MIME_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".svg": "image/svg+xml"}
+MIME_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+    ".svg": "image/svg+xml",
+}
 
 
 def _pieces(text: Text) -> Sequence[str]:
@@ -116,7 +122,11 @@ def _md_image(block: Image, base: Path) -> list[str]:
 
 
 _MARKDOWN: dict[type, Callable[..., list[str]]] = {
-    Heading: _md_heading, Paragraph: _md_paragraph, BulletList: _md_list, Table: _md_table, Image: _md_image,
+    Heading: _md_heading,
+    Paragraph: _md_paragraph,
+    BulletList: _md_list,
+    Table: _md_table,
+    Image: _md_image,
 }
 
 
@@ -129,7 +139,8 @@ def to_markdown(blocks: Sequence[Block], base: Path) -> str:
 # --- HTML -----------------------------------------------------------------------------------
 
 CSS = """
-body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; max-width: 75rem; margin: 2rem auto; padding: 0 1rem; }
+body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; max-width: 75rem;
+       margin: 2rem auto; padding: 0 1rem; }
 h1 { font-size: 1.6rem; } h2 { margin-top: 2rem; border-bottom: 1px solid #ddd; }
 code { background: #f2f2f2; padding: 0 .25em; border-radius: 3px; font-size: .92em; }
 .table { overflow-x: auto; }
@@ -172,7 +183,9 @@ def _html_table(block: Table) -> str:
     table_id = f' id="{_esc(block.id)}"' if block.id else ""
     head = "".join(f"<th>{_html_inline(cell)}</th>" for cell in block.header)
     body = "".join("<tr>" + "".join(f"<td>{_html_inline(cell)}</td>" for cell in row) + "</tr>\n" for row in block.rows)
-    return f'<div class="table"><table{table_id}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table></div>'
+    return (
+        f'<div class="table"><table{table_id}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table></div>'
+    )
 
 
 def data_uri(path: Path) -> str:
@@ -181,12 +194,18 @@ def data_uri(path: Path) -> str:
 
 
 def _html_image(block: Image) -> str:
-    return (f"<figure>\n<figcaption>{_esc(block.caption)}</figcaption>\n"
-            f'<img alt="{_esc(block.caption)}" src="{data_uri(block.path)}">\n</figure>')
+    return (
+        f"<figure>\n<figcaption>{_esc(block.caption)}</figcaption>\n"
+        f'<img alt="{_esc(block.caption)}" src="{data_uri(block.path)}">\n</figure>'
+    )
 
 
 _HTML: dict[type, Callable[..., str]] = {
-    Heading: _html_heading, Paragraph: _html_paragraph, BulletList: _html_list, Table: _html_table, Image: _html_image,
+    Heading: _html_heading,
+    Paragraph: _html_paragraph,
+    BulletList: _html_list,
+    Table: _html_table,
+    Image: _html_image,
 }
 
 
@@ -196,7 +215,7 @@ def to_html(blocks: Sequence[Block]) -> str:
     title = next((plain_text(b.text) for b in blocks if isinstance(b, Heading)), "Report")
     body = "\n".join(_HTML[type(block)](block) for block in blocks)
     page = (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{_esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"

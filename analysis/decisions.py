@@ -27,7 +27,6 @@ from diffusion_lib.milestone import FID, FID_NUM_SAMPLES, FID_REPLICATES, FID_ST
 from record.best import comparable_rows, is_finite_number
 from record.experiment import Experiment, Trial
 
-
 NOISE_MULTIPLE = 2.0  # an effect is a gap beyond this many standard errors
 
 
@@ -61,8 +60,10 @@ def basis_warnings(experiment: Experiment) -> list[str]:
     if not experiment.off_basis:
         return []
     count, reference = experiment.basis
-    return [f"FIDs measured at another sample count or against another reference than {count} samples / "
-            f"reference {reference} are not ranked with the others: {', '.join(experiment.off_basis)}"]
+    return [
+        f"FIDs measured at another sample count or against another reference than {count} samples / "
+        f"reference {reference} are not ranked with the others: {', '.join(experiment.off_basis)}"
+    ]
 
 
 def configurations(experiment: Experiment) -> list[Configuration]:
@@ -88,9 +89,15 @@ def difference(a: Configuration, b: Configuration) -> tuple[float, float, bool, 
     gap = b.mean - a.mean
     if len(a.best_fids) == len(b.best_fids) == 1 and _sampled_alike(a.best_rows[0], b.best_rows[0]):
         row_a, row_b = a.best_rows[0], b.best_rows[0]
-        stderr, kind = paired_stderr(row_a[FID_REPLICATES.name], row_b[FID_REPLICATES.name], row_a[FID_NUM_SAMPLES.name]), PAIRED
+        stderr, kind = (
+            paired_stderr(row_a[FID_REPLICATES.name], row_b[FID_REPLICATES.name], row_a[FID_NUM_SAMPLES.name]),
+            PAIRED,
+        )
     else:
-        stderr, kind = math.hypot(a.stderr, b.stderr), SEED_SPREAD if len(a.best_fids) >= 2 or len(b.best_fids) >= 2 else UNPAIRED
+        stderr, kind = (
+            math.hypot(a.stderr, b.stderr),
+            SEED_SPREAD if len(a.best_fids) >= 2 or len(b.best_fids) >= 2 else UNPAIRED,
+        )
     return gap, stderr, math.isfinite(stderr) and abs(gap) > NOISE_MULTIPLE * stderr, kind
 
 
@@ -98,9 +105,14 @@ def _sampled_alike(row_a: dict[str, Any], row_b: dict[str, Any]) -> bool:
     """Two FIDs from the same sampling noise: the same eval seed, count and reference, and
     jackknife replicates over the same groups (`record.best` has checked the basis)."""
     replicates_a, replicates_b = row_a.get(FID_REPLICATES.name), row_b.get(FID_REPLICATES.name)
-    return (row_a[EVAL_SEED_KEY] is not None and row_a[EVAL_SEED_KEY] == row_b[EVAL_SEED_KEY]
-            and row_a.get(FID_NUM_SAMPLES.name) == row_b.get(FID_NUM_SAMPLES.name)
-            and isinstance(replicates_a, list) and isinstance(replicates_b, list) and len(replicates_a) == len(replicates_b) > 1)
+    return (
+        row_a[EVAL_SEED_KEY] is not None
+        and row_a[EVAL_SEED_KEY] == row_b[EVAL_SEED_KEY]
+        and row_a.get(FID_NUM_SAMPLES.name) == row_b.get(FID_NUM_SAMPLES.name)
+        and isinstance(replicates_a, list)
+        and isinstance(replicates_b, list)
+        and len(replicates_a) == len(replicates_b) > 1
+    )
 
 
 def fmt(value: float, stderr: float) -> str:
@@ -127,10 +139,14 @@ def effect_sentences(configs: list[Configuration], keys: list[str]) -> list[str]
         for other in ranked[1:]:
             gap, stderr, real, kind = difference(winner, other)
             verdict = "an effect" if real else "within noise"
-            parts.append(f"{name} = {other.searched[key]}: {fmt(other.mean, other.stderr)} "
-                         f"({verdict}: {gap:+.3g} ± {stderr:.2g}, {kind})")
+            parts.append(
+                f"{name} = {other.searched[key]}: {fmt(other.mean, other.stderr)} "
+                f"({verdict}: {gap:+.3g} ± {stderr:.2g}, {kind})"
+            )
         sentences.append(
-            f"Best {FID.name} is at {name} = {winner.searched[key]} ({fmt(winner.mean, winner.stderr)}); " + "; ".join(parts) + "."
+            f"Best {FID.name} is at {name} = {winner.searched[key]} ({fmt(winner.mean, winner.stderr)}); "
+            + "; ".join(parts)
+            + "."
         )
     return sentences
 
@@ -144,8 +160,10 @@ class RankAgreement:
 
     @property
     def sentence(self) -> str:
-        base = (f"Early stopping: FID at step {self.step} and at the end agree in rank with Kendall's τ = {self.tau:.2f} "
-                f"over {self.num_trials} trials (p = {self.p_value:.2g})")
+        base = (
+            f"Early stopping: FID at step {self.step} and at the end agree in rank with Kendall's τ = {self.tau:.2f} "
+            f"over {self.num_trials} trials (p = {self.p_value:.2g})"
+        )
         if self.num_trials >= 4 and self.tau >= 0.6 and self.p_value < 0.05:
             return base + ": strong agreement, so cuts at this step keep the trials that end best."
         return base + ": too weak to trust ASHA's cuts at this step."

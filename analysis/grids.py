@@ -32,9 +32,15 @@ def sample_grid(checkpoint: Path, out: Path, num_images: int = 64, seed: int = G
     """A square grid (8×8 by default) with a fixed seed and the trial's own sampler, NFE and η."""
     config, model, diffusion = load_ema(checkpoint)
     images = sample_images(
-        model, diffusion, num_images,
-        sampler=config.eval.sampler, nfe=config.eval.nfe, eta=config.eval.eta, batch_size=num_images,
-        generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"),
+        model,
+        diffusion,
+        num_images,
+        sampler=config.eval.sampler,
+        nfe=config.eval.nfe,
+        eta=config.eval.eta,
+        batch_size=num_images,
+        generator=torch.Generator().manual_seed(seed),
+        device=torch.device("cpu"),
     )
     save_png(make_grid(images), out)
 

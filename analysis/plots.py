@@ -11,7 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from diffusion_lib.atomic import atomic_path  # noqa: E402
-
 from record.best import is_finite_number  # noqa: E402
 from record.experiment import Experiment, Trial  # noqa: E402
 
@@ -24,7 +23,15 @@ def _save(fig, path: Path) -> Path:
 
 
 def overlay(
-    experiment: Experiment, x: str, y: str, xlabel: str, ylabel: str, title: str, path: Path, *, count: Optional[str] = None
+    experiment: Experiment,
+    x: str,
+    y: str,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    path: Path,
+    *,
+    count: Optional[str] = None,
 ) -> Optional[Path]:
     """Lines of `y` against `x` for every trial that reported `y`; None when none did. With
     `count` (e.g. `val/fid_num_samples`), points measured at different counts are never joined:

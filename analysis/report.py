@@ -11,21 +11,27 @@ from typing import Any, Callable, Optional
 from optuna import load_study
 
 from diffusion_lib.atomic import atomic_write_text
-from diffusion_lib.config import ConfigError
-
-from . import plots
-from .blocks import Block, BulletList, Code, Heading, Image, Paragraph, Table, to_html, to_markdown
-from diffusion_lib.config import SEED_KEY
+from diffusion_lib.config import SEED_KEY, ConfigError
 from diffusion_lib.milestone import CURVATURE, FID, FID_NUM_SAMPLES, FID_STDERR, STEP, TRAIN_LOSS, WALL_TIME
-from record.best import is_finite_number
 from record import storage
+from record.best import is_finite_number
 from record.experiment import Experiment, Trial, load_experiment
 from record.files import ANALYSIS_DIR
 from record.mirror import mirror_experiment
 
-from .decisions import NOISE_MULTIPLE, Configuration, RankAgreement, basis_warnings, configurations, effect_sentences, rank_agreement
+from . import plots
+from .blocks import Block, BulletList, Code, Heading, Image, Paragraph, Table, to_html, to_markdown
+from .decisions import (
+    NOISE_MULTIPLE,
+    Configuration,
+    RankAgreement,
+    basis_warnings,
+    configurations,
+    effect_sentences,
+    rank_agreement,
+)
 from .grids import denoising_diagnostic, sample_grid
-from .study import STUDY_FILE, param_importances, parallel_coordinates, write_optuna_study
+from .study import STUDY_FILE, parallel_coordinates, param_importances, write_optuna_study
 from .tables import configurations_table, milestones_table, trials_table, write_table
 
 TOP_K = 3
@@ -74,33 +80,95 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
     with_checkpoint = [(t, m) for t, m in with_checkpoint if m is not None]
     for trial, best in ranked:
         if best is not None and best[STEP.name] not in trial.checkpoints:
-            warnings.append(f"{trial.trial_id}: no checkpoint for its best milestone (step {best['step']}); its grid uses the best one kept")
+            warnings.append(
+                f"{trial.trial_id}: no checkpoint for its best milestone (step {best['step']}); its grid uses the "
+                "best one kept"
+            )
     for rank, (trial, milestone) in enumerate(with_checkpoint[:top_k]):
         checkpoint = trial.checkpoints[milestone[STEP.name]]
         try:
             name = "best_grid.png" if rank == 0 else f"grid_rank{rank + 1}.png"
             sample_grid(checkpoint, out / name)
-            images.append((f"{'Best' if rank == 0 else f'Rank {rank + 1}'}: {trial.label}, step {milestone['step']}, {metric} {_fmt(milestone[metric])}", out / name))
+            images.append(
+                (
+                    f"{'Best' if rank == 0 else f'Rank {rank + 1}'}: {trial.label}, step {milestone['step']}, "
+                    f"{metric} {_fmt(milestone[metric])}",
+                    out / name,
+                )
+            )
             if rank == 0:
                 denoising_diagnostic(checkpoint, out / "denoise.png")
-                images.append(("Denoising diagnostic of the best checkpoint: x0 | x_t | x̂0, rows t = 0, T/4, T/2, 3T/4, T−1", out / "denoise.png"))
+                images.append(
+                    (
+                        "Denoising diagnostic of the best checkpoint: x0 | x_t | x̂0, rows t = 0, T/4, T/2, 3T/4, T−1",
+                        out / "denoise.png",
+                    )
+                )
         except ConfigError as err:
             warnings.append(f"{trial.trial_id}: {err}")
     if not with_checkpoint:
         warnings.append(f"no trial has a checkpoint for a milestone with {metric}; no sample grids")
 
     figures = [
-        plots.overlay(experiment, STEP.name, FID.name, "training step", "FID", "FID vs step", out / "fid_vs_step.png", count=FID_NUM_SAMPLES.name),
-        plots.overlay(experiment, STEP.name, TRAIN_LOSS.name, "training step", "training loss", "Loss vs step", out / "loss_vs_step.png"),
-        plots.overlay(experiment, STEP.name, CURVATURE.name, "training step", "Hutchinson tr(H)", "Curvature vs step", out / "curvature_vs_step.png"),
-        plots.overlay(experiment, WALL_TIME.name, FID.name, "wall time (s)", "FID", "FID vs wall time", out / "fid_vs_wall_time.png", count=FID_NUM_SAMPLES.name),
-        *[plots.best_by_key(experiment, key, out / f"best_by_{key.replace('/', '_')}.png") for key in experiment.searched_keys],
+        plots.overlay(
+            experiment,
+            STEP.name,
+            FID.name,
+            "training step",
+            "FID",
+            "FID vs step",
+            out / "fid_vs_step.png",
+            count=FID_NUM_SAMPLES.name,
+        ),
+        plots.overlay(
+            experiment,
+            STEP.name,
+            TRAIN_LOSS.name,
+            "training step",
+            "training loss",
+            "Loss vs step",
+            out / "loss_vs_step.png",
+        ),
+        plots.overlay(
+            experiment,
+            STEP.name,
+            CURVATURE.name,
+            "training step",
+            "Hutchinson tr(H)",
+            "Curvature vs step",
+            out / "curvature_vs_step.png",
+        ),
+        plots.overlay(
+            experiment,
+            WALL_TIME.name,
+            FID.name,
+            "wall time (s)",
+            "FID",
+            "FID vs wall time",
+            out / "fid_vs_wall_time.png",
+            count=FID_NUM_SAMPLES.name,
+        ),
+        *[
+            plots.best_by_key(experiment, key, out / f"best_by_{key.replace('/', '_')}.png")
+            for key in experiment.searched_keys
+        ],
         parallel_coordinates(study, out / "parallel_coordinates.png"),
     ]
     plot_images = [(p.stem.replace("_", " "), p) for p in figures if p is not None]
 
-    write_report(ReportData(experiment, ranked, plot_images + images, warnings, configs, importances, importance_trials,
-                            rank_agreement(experiment)), out)
+    write_report(
+        ReportData(
+            experiment,
+            ranked,
+            plot_images + images,
+            warnings,
+            configs,
+            importances,
+            importance_trials,
+            rank_agreement(experiment),
+        ),
+        out,
+    )
     return warnings
 
 
@@ -128,29 +196,60 @@ def _summary_section(report: ReportData) -> list[Block]:
     experiment = report.experiment
     return [
         Heading(f"Sweep report: {experiment.path.name}", level=1),
-        Paragraph((f"{len(experiment.trials)} trials; metric ", Code(experiment.metric), f" ({experiment.mode}). Tables: ",
-                   Code("trials.parquet"), " / ", Code("trials.arrow"), ", ", Code("milestones.parquet"), ".")),
+        Paragraph(
+            (
+                f"{len(experiment.trials)} trials; metric ",
+                Code(experiment.metric),
+                f" ({experiment.mode}). Tables: ",
+                Code("trials.parquet"),
+                " / ",
+                Code("trials.arrow"),
+                ", ",
+                Code("milestones.parquet"),
+                ".",
+            )
+        ),
     ]
 
 
 def _trials_section(report: ReportData) -> list[Block]:
     experiment = report.experiment
     metric, keys = experiment.metric, experiment.searched_keys
-    header = ["trial", "state", *(k.split(".")[-1] for k in keys), f"best {metric}", "at step", "final train/loss", "wall time (s)"]
+    header = [
+        "trial",
+        "state",
+        *(k.split(".")[-1] for k in keys),
+        f"best {metric}",
+        "at step",
+        "final train/loss",
+        "wall time (s)",
+    ]
     rows = []
     for trial, best in report.ranked:
         last = trial.milestones[-1] if trial.milestones else {}
         value = _fmt(best[metric] if best else None)
         if best is not None and metric == FID.name and is_finite_number(best.get(FID_STDERR.name)):
             value = f"{value} ± {best[FID_STDERR.name]:.2g}"
-        rows.append([trial.trial_id, trial.state, *(_fmt(trial.searched.get(k)) for k in keys),
-                     value, _fmt(best[STEP.name] if best else None),
-                     _fmt(last.get(TRAIN_LOSS.name)), _fmt(last.get(WALL_TIME.name))])
+        rows.append(
+            [
+                trial.trial_id,
+                trial.state,
+                *(_fmt(trial.searched.get(k)) for k in keys),
+                value,
+                _fmt(best[STEP.name] if best else None),
+                _fmt(last.get(TRAIN_LOSS.name)),
+                _fmt(last.get(WALL_TIME.name)),
+            ]
+        )
     blocks: list[Block] = [Heading("Trials, best first"), Table(header, rows, id="trials")]
     errors = [t for t in experiment.trials if t.error]
     if errors:
-        blocks.append(BulletList([(Code(t.trial_id), f": {t.error}") for t in errors],
-                                 intro="Errors (full tracebacks in each trial's error.txt):"))
+        blocks.append(
+            BulletList(
+                [(Code(t.trial_id), f": {t.error}") for t in errors],
+                intro="Errors (full tracebacks in each trial's error.txt):",
+            )
+        )
     return blocks
 
 
@@ -160,17 +259,29 @@ def _configurations_section(report: ReportData) -> list[Block]:
     if not any(len(c.trials) > 1 for c in configs):
         return []
     keys = [k for k in report.experiment.searched_keys if k != SEED_KEY]
-    rows = [[*(_fmt(c.searched.get(k)) for k in keys), str(len(c.best_fids)), _fmt(c.mean), _fmt(c.sd), _fmt(c.stderr)] for c in configs]
-    return [Heading("Configurations over seeds, best first"),
-            Table([*(k.split(".")[-1] for k in keys), "seeds", f"mean best {FID.name}", "sd", "standard error"], rows, id="configurations")]
+    rows = [
+        [*(_fmt(c.searched.get(k)) for k in keys), str(len(c.best_fids)), _fmt(c.mean), _fmt(c.sd), _fmt(c.stderr)]
+        for c in configs
+    ]
+    return [
+        Heading("Configurations over seeds, best first"),
+        Table(
+            [*(k.split(".")[-1] for k in keys), "seeds", f"mean best {FID.name}", "sd", "standard error"],
+            rows,
+            id="configurations",
+        ),
+    ]
 
 
 def _effects_section(report: ReportData) -> list[Block]:
     sentences = effect_sentences(report.configurations, report.experiment.searched_keys)
-    rule = (f"A difference is called an effect when it exceeds {NOISE_MULTIPLE:g} standard errors of the gap; otherwise it is "
-            "within noise. Each gap says its standard error: the seed spread (with repeats), the paired jackknife (two "
-            "single-seed configurations sampled from the same noise: the noise they share cancels), or the two FIDs' own "
-            "jackknife standard errors (sampling noise only).")
+    rule = (
+        f"A difference is called an effect when it exceeds {NOISE_MULTIPLE:g} standard errors of the gap; otherwise "
+        "it is "
+        "within noise. Each gap says its standard error: the seed spread (with repeats), the paired jackknife (two "
+        "single-seed configurations sampled from the same noise: the noise they share cancels), or the two FIDs' own "
+        "jackknife standard errors (sampling noise only)."
+    )
     return [Heading("Effects"), Paragraph(rule), BulletList(sentences or ["Too few finished trials to compare."])]
 
 
@@ -178,9 +289,14 @@ def _importance_section(report: ReportData) -> list[Block]:
     if not report.importances:
         return []
     ranked = ", ".join(f"{key} {share:.2f}" for key, share in report.importances.items())
-    return [Heading("Which knob matters"),
-            Paragraph(f"Optuna's PED-ANOVA importance of each searched key for {report.experiment.metric}, over "
-                      f"{report.importance_trials} finished trials (a ranking, not a test: with few trials it is a hint): {ranked}.")]
+    return [
+        Heading("Which knob matters"),
+        Paragraph(
+            f"Optuna's PED-ANOVA importance of each searched key for {report.experiment.metric}, over "
+            f"{report.importance_trials} finished trials (a ranking, not a test: with few trials it is a hint): "
+            f"{ranked}."
+        ),
+    ]
 
 
 def _early_stopping_section(report: ReportData) -> list[Block]:
@@ -198,8 +314,14 @@ def _problems_section(report: ReportData) -> list[Block]:
 
 
 SECTIONS: list[Callable[[ReportData], list[Block]]] = [
-    _summary_section, _trials_section, _configurations_section, _effects_section, _importance_section,
-    _early_stopping_section, _figures_section, _problems_section,
+    _summary_section,
+    _trials_section,
+    _configurations_section,
+    _effects_section,
+    _importance_section,
+    _early_stopping_section,
+    _figures_section,
+    _problems_section,
 ]
 
 

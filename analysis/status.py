@@ -65,7 +65,9 @@ class StatusInfo:
         return [self.header, *table(self), totals_line(self.trials), best_line(self)]
 
 
-def experiment_status(path: Path, *, now: Optional[float] = None, stale_after_s: float = states.STALE_AFTER_S) -> StatusInfo:
+def experiment_status(
+    path: Path, *, now: Optional[float] = None, stale_after_s: float = states.STALE_AFTER_S
+) -> StatusInfo:
     """Each trial's state read from an experiment directory. Raises ConfigError for a directory
     that is not an experiment."""
     path = Path(path)
@@ -77,8 +79,10 @@ def experiment_status(path: Path, *, now: Optional[float] = None, stale_after_s:
     elif experiment.driver_alive:
         header = f"{path}: sweep running (Ray's driver wrote its state {_ago(now - experiment.ray_mtime)} ago)"
     elif experiment.driver_alive is False:
-        header = (f"{path}: sweep not running: nothing from Ray for {_ago(now - experiment.ray_mtime)} and no {SUMMARY_FILE} "
-                  "(killed or crashed?); `sweep run SPEC --resume` finishes it")
+        header = (
+            f"{path}: sweep not running: nothing from Ray for {_ago(now - experiment.ray_mtime)} and no {SUMMARY_FILE} "
+            "(killed or crashed?); `sweep run SPEC --resume` finishes it"
+        )
     else:
         header = f"{path}: no Ray state yet; running or interrupted judged from each trial's file times"
     return StatusInfo(experiment, f"{stamp} {header}")
@@ -125,18 +129,22 @@ def table(info: StatusInfo) -> list[str]:
     for t in info.trials:
         fid = info.fid_progress(t)
         wall = t.milestones[-1].get(WALL_TIME.name) if t.milestones else None
-        rows.append((
-            t.trial_id,
-            t.state,
-            f"{'-' if t.last_step is None else t.last_step}/{'?' if t.total_steps is None else t.total_steps}",
-            f"{fid.latest:.2f}" if fid else "-",
-            f"{fid.best:.2f} ({fid.best_step})" if fid else "-",
-            str(fid.num_samples) if fid and fid.num_samples is not None else "-",
-            _duration(wall if is_finite_number(wall) else None),
-        ))
+        rows.append(
+            (
+                t.trial_id,
+                t.state,
+                f"{'-' if t.last_step is None else t.last_step}/{'?' if t.total_steps is None else t.total_steps}",
+                f"{fid.latest:.2f}" if fid else "-",
+                f"{fid.best:.2f} ({fid.best_step})" if fid else "-",
+                str(fid.num_samples) if fid and fid.num_samples is not None else "-",
+                _duration(wall if is_finite_number(wall) else None),
+            )
+        )
         notes.append(t.note)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return [("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + note).rstrip() for r, note in zip(rows, notes)]
+    return [
+        ("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + note).rstrip() for r, note in zip(rows, notes)
+    ]
 
 
 def totals_line(trials: list[Trial]) -> str:
@@ -154,8 +162,11 @@ def best_line(info: StatusInfo) -> str:
     best, fid = min(compared, key=lambda tp: tp[1].best)
     searched = ", ".join(f"{k}={v}" for k, v in best.searched.items()) or "(no searched values)"
     left_out = sum(1 for t in info.trials if t.trial_id in info.experiment.off_basis and info.fid_progress(t) is None)
-    return (f"best so far: {best.trial_id}: {FID.name} {fid.best:.2f} at step {fid.best_step} ({fid.num_samples} samples); {searched}"
-            + (f" [{left_out} trial(s) with FIDs at other sample counts not compared]" if left_out else ""))
+    return (
+        f"best so far: {best.trial_id}: {FID.name} {fid.best:.2f} at step {fid.best_step} ({fid.num_samples} "
+        f"samples); {searched}"
+        + (f" [{left_out} trial(s) with FIDs at other sample counts not compared]" if left_out else "")
+    )
 
 
 # ---- watching -------------------------------------------------------------------------------
@@ -171,8 +182,15 @@ def refresh(path: Path, echo: Callable[[str], None], warn: Callable[[str], None]
         warn(f"warning: {warning}")
 
 
-def watch(path: Path, interval: float, echo: Callable[[str], None], warn: Callable[[str], None], *,
-          clear: bool, sleep: Optional[Callable[[float], None]] = None) -> None:
+def watch(
+    path: Path,
+    interval: float,
+    echo: Callable[[str], None],
+    warn: Callable[[str], None],
+    *,
+    clear: bool,
+    sleep: Optional[Callable[[float], None]] = None,
+) -> None:
     """Refresh every `interval` seconds until Ctrl-C (which ends it normally). A directory that
     is not an experiment fails at once; a later read error is shown and retried."""
     sleep = sleep or time.sleep

@@ -36,8 +36,12 @@ from record.experiment import Experiment, Trial  # noqa: E402
 STUDY_FILE = "study.db"
 
 _OPTUNA_STATES = {
-    states.FINISHED: TrialState.COMPLETE, states.STOPPED: TrialState.PRUNED, states.ERRORED: TrialState.FAIL,
-    states.RUNNING: TrialState.RUNNING, states.INTERRUPTED: TrialState.RUNNING, states.PENDING: TrialState.WAITING,
+    states.FINISHED: TrialState.COMPLETE,
+    states.STOPPED: TrialState.PRUNED,
+    states.ERRORED: TrialState.FAIL,
+    states.RUNNING: TrialState.RUNNING,
+    states.INTERRUPTED: TrialState.RUNNING,
+    states.PENDING: TrialState.WAITING,
 }
 _CATEGORY_TYPES = (type(None), bool, int, float, str)  # what a CategoricalDistribution may hold
 
@@ -112,7 +116,9 @@ def _build_study(experiment: Experiment, storage: Optional[optuna.storages.BaseS
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
     try:
         study = optuna.create_study(
-            storage=storage, study_name=experiment.path.name, direction="minimize" if experiment.mode == "min" else "maximize"
+            storage=storage,
+            study_name=experiment.path.name,
+            direction="minimize" if experiment.mode == "min" else "maximize",
         )
     finally:
         optuna.logging.set_verbosity(verbosity)
@@ -136,7 +142,9 @@ def write_optuna_study(experiment: Experiment, path: Path) -> Path:
 
 
 def param_importances(
-    study_or_experiment: Union[optuna.Study, Experiment], *, evaluator: Optional[optuna.importance.BaseImportanceEvaluator] = None
+    study_or_experiment: Union[optuna.Study, Experiment],
+    *,
+    evaluator: Optional[optuna.importance.BaseImportanceEvaluator] = None,
 ) -> tuple[dict[str, float], int]:
     """The searched keys by importance to the objective, most important first (shares summing
     to 1), and the number of COMPLETE trials they rest on.
@@ -154,7 +162,11 @@ def param_importances(
     only about keys that varied); when nothing can be told apart (no key varied, every trial
     scored the same) every key gets 0.0, not Optuna's equal shares.
     """
-    study = study_or_experiment if isinstance(study_or_experiment, optuna.Study) else _build_study(study_or_experiment, None)
+    study = (
+        study_or_experiment
+        if isinstance(study_or_experiment, optuna.Study)
+        else _build_study(study_or_experiment, None)
+    )
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < 2:
         return {}, len(complete)
@@ -167,7 +179,9 @@ def param_importances(
     if varied:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna's notes on thin data and on `normalize`: handled here
-            raw = get_param_importances(study, evaluator=evaluator or PedAnovaImportanceEvaluator(), params=varied, normalize=False)
+            raw = get_param_importances(
+                study, evaluator=evaluator or PedAnovaImportanceEvaluator(), params=varied, normalize=False
+            )
     total = sum(raw.values())
     shares = {k: raw.get(k, 0.0) / total if total > 0 else 0.0 for k in taken}
     return dict(sorted(shares.items(), key=lambda kv: -kv[1])), len(complete)

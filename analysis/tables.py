@@ -17,9 +17,21 @@ import pyarrow.parquet as pq
 
 from diffusion_lib.atomic import atomic_path
 from diffusion_lib.milestone import (
-    CURVATURE, FID, FID_NUM_SAMPLES, FID_REF_NUM_IMAGES, FID_STDERR, FINAL_FID, FINAL_FID_NUM_SAMPLES, FINAL_FID_STDERR, IMAGES_SEEN, MILESTONE_METRICS, STEP, TRAIN_LOSS, WALL_TIME, Metric,
+    CURVATURE,
+    FID,
+    FID_NUM_SAMPLES,
+    FID_REF_NUM_IMAGES,
+    FID_STDERR,
+    FINAL_FID,
+    FINAL_FID_NUM_SAMPLES,
+    FINAL_FID_STDERR,
+    IMAGES_SEEN,
+    MILESTONE_METRICS,
+    STEP,
+    TRAIN_LOSS,
+    WALL_TIME,
+    Metric,
 )
-
 from record.experiment import Experiment
 
 from .decisions import Configuration
@@ -30,7 +42,16 @@ def arrow_type(metric: Metric) -> pa.DataType:
 
 
 MILESTONES_SCHEMA = pa.schema([("trial_id", pa.string()), *[(m.name, arrow_type(m)) for m in MILESTONE_METRICS]])
-FINAL_METRICS = [TRAIN_LOSS, FID, FID_NUM_SAMPLES, CURVATURE, FINAL_FID, FINAL_FID_STDERR, FINAL_FID_NUM_SAMPLES, FID_REF_NUM_IMAGES]
+FINAL_METRICS = [
+    TRAIN_LOSS,
+    FID,
+    FID_NUM_SAMPLES,
+    CURVATURE,
+    FINAL_FID,
+    FINAL_FID_STDERR,
+    FINAL_FID_NUM_SAMPLES,
+    FID_REF_NUM_IMAGES,
+]
 TRIAL_COLUMNS = pa.schema(
     [
         ("trial_id", pa.string()),
@@ -85,22 +106,24 @@ def trials_table(experiment: Experiment) -> pa.Table:
         best_fid = experiment.best(trial, FID.name)
         best_saved = experiment.best(trial, checkpointed=True)
         last = trial.milestones[-1] if trial.milestones else {}
-        rows.append({
-            "trial_id": trial.trial_id,
-            "state": trial.state,
-            "error": trial.error,
-            "best.metric": metric,
-            "best.value": best[metric] if best else None,
-            "best.step": best[STEP.name] if best else None,
-            "best.val/fid": best_fid[FID.name] if best_fid else None,
-            "best.val/fid_stderr": best_fid.get(FID_STDERR.name) if best_fid else None,
-            "best.val/fid_step": best_fid[STEP.name] if best_fid else None,
-            "final.step": last.get(STEP.name),
-            **{f"final.{m.name}": last.get(m.name) for m in FINAL_METRICS},
-            WALL_TIME.name: last.get(WALL_TIME.name),
-            IMAGES_SEEN.name: last.get(IMAGES_SEEN.name),
-            "best_checkpoint": str(trial.checkpoints[best_saved[STEP.name]]) if best_saved else None,
-        })
+        rows.append(
+            {
+                "trial_id": trial.trial_id,
+                "state": trial.state,
+                "error": trial.error,
+                "best.metric": metric,
+                "best.value": best[metric] if best else None,
+                "best.step": best[STEP.name] if best else None,
+                "best.val/fid": best_fid[FID.name] if best_fid else None,
+                "best.val/fid_stderr": best_fid.get(FID_STDERR.name) if best_fid else None,
+                "best.val/fid_step": best_fid[STEP.name] if best_fid else None,
+                "final.step": last.get(STEP.name),
+                **{f"final.{m.name}": last.get(m.name) for m in FINAL_METRICS},
+                WALL_TIME.name: last.get(WALL_TIME.name),
+                IMAGES_SEEN.name: last.get(IMAGES_SEEN.name),
+                "best_checkpoint": str(trial.checkpoints[best_saved[STEP.name]]) if best_saved else None,
+            }
+        )
     table = pa.Table.from_pylist(rows, schema=TRIAL_COLUMNS)
     config_keys = sorted({k for t in experiment.trials for k in t.config})
     for key in config_keys:
@@ -122,10 +145,27 @@ def write_table(table: pa.Table, out_dir: Path, stem: str, arrow_too: bool = Fal
 def configurations_table(configs: list[Configuration]) -> pa.Table:
     """One row per configuration (trials sharing every searched value but the seed): its searched
     values as JSON, the seeds behind it, and mean, sd and standard error of the best FID."""
-    rows = [{"searched": json.dumps(c.searched, sort_keys=True), "trials": ",".join(t.trial_id for t in c.trials),
-             "seeds": len(c.best_fids), "mean_best_fid": c.mean, "sd_best_fid": c.sd, "stderr_best_fid": c.stderr} for c in configs]
+    rows = [
+        {
+            "searched": json.dumps(c.searched, sort_keys=True),
+            "trials": ",".join(t.trial_id for t in c.trials),
+            "seeds": len(c.best_fids),
+            "mean_best_fid": c.mean,
+            "sd_best_fid": c.sd,
+            "stderr_best_fid": c.stderr,
+        }
+        for c in configs
+    ]
     return pa.Table.from_pylist(rows, schema=CONFIGURATIONS_SCHEMA)
 
 
-CONFIGURATIONS_SCHEMA = pa.schema([("searched", pa.string()), ("trials", pa.string()), ("seeds", pa.int64()),
-                                   ("mean_best_fid", pa.float64()), ("sd_best_fid", pa.float64()), ("stderr_best_fid", pa.float64())])
+CONFIGURATIONS_SCHEMA = pa.schema(
+    [
+        ("searched", pa.string()),
+        ("trials", pa.string()),
+        ("seeds", pa.int64()),
+        ("mean_best_fid", pa.float64()),
+        ("sd_best_fid", pa.float64()),
+        ("stderr_best_fid", pa.float64()),
+    ]
+)

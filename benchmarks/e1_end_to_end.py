@@ -14,16 +14,17 @@ import os
 import tempfile
 import time
 
-from diffusion_lib.config import RunConfig
-from diffusion_lib.config import WEIGHTS_ENV
 from diffusion_lib.build import create_trainer
+from diffusion_lib.config import WEIGHTS_ENV, RunConfig
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV))
     parser.add_argument("--data-root", default=None, help="CIFAR-10 root (default: procedural shapes, same image size)")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply steps and sample counts (e.g. 0.05 on a CPU)")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="multiply steps and sample counts (e.g. 0.05 on a CPU)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="train.compile: true")
     args = parser.parse_args()
@@ -49,8 +50,11 @@ def main() -> None:
         start = time.perf_counter()
         summary = trainer.fit()
         total_s = time.perf_counter() - start
-    print(f"E1 at scale {args.scale:g} on {trainer.device}: {config.train.total_steps} steps, FID {config.fid.num_samples} "
-          f"samples every {config.eval.every} steps, final FID on {config.fid.final_num_samples}")
+    print(
+        f"E1 at scale {args.scale:g} on {trainer.device}: {config.train.total_steps} steps, FID "
+        f"{config.fid.num_samples} "
+        f"samples every {config.eval.every} steps, final FID on {config.fid.final_num_samples}"
+    )
     print(f"setup (data, Inception, reference statistics): {setup_s:.1f} s")
     print(f"training + milestones: {total_s:.1f} s; {json.dumps(summary)}")
 

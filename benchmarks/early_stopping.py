@@ -26,7 +26,9 @@ SPEC = REPO / "search_spaces" / "cpu_early_stopping.yaml"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="data.root holding cifar-10-batches-py")
+    parser.add_argument(
+        "--data", default=str(REPO.parent / "shared" / "data"), help="data.root holding cifar-10-batches-py"
+    )
     parser.add_argument("--storage", default="runs", help="where the grid's experiment folder is made")
     parser.add_argument("--experiment", help="a finished cpu_early_stopping grid to replay instead of running one")
     parser.add_argument("--orders", type=int, default=500, help="random arrival orders per scheduler")
@@ -41,7 +43,17 @@ def main() -> None:
         subprocess.run(run, check=True)
         print(f"grid: {time.perf_counter() - start:.0f} s of wall time")
     # The racing scheduler's rungs are ASHA's: every milestone from the first, halving the field.
-    replay = ["sweep", "replay", str(experiment), "--orders", str(args.orders), "--reduction-factor", "2", "--concurrency", "2"]
+    replay = [
+        "sweep",
+        "replay",
+        str(experiment),
+        "--orders",
+        str(args.orders),
+        "--reduction-factor",
+        "2",
+        "--concurrency",
+        "2",
+    ]
     sys.exit(subprocess.run(replay).returncode)
 
 

@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from pytorch_fid.fid_score import calculate_frechet_distance
 
-from diffusion_lib.config import DataConfig
+from diffusion_lib.config import WEIGHTS_ENV, DataConfig
 from diffusion_lib.data import load_dataset
-from diffusion_lib.config import WEIGHTS_ENV
 from diffusion_lib.metrics.fid import FeatureStats, InceptionFeatures, reference_statistics
 from diffusion_lib.metrics.frechet import FrechetReference
-from pytorch_fid.fid_score import calculate_frechet_distance
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
@@ -71,8 +70,18 @@ def main() -> None:
             hub.mkdir(parents=True)
             (hub / WEIGHTS_NAME).symlink_to(Path(args.weights).resolve())
             env["TORCH_HOME"] = str(tmp / "torch_home")
-        cli = [sys.executable, "-m", "pytorch_fid", "--device", str(device), "--batch-size", str(batch),
-               "--save-stats", str(folder), str(tmp / "cli.npz")]
+        cli = [
+            sys.executable,
+            "-m",
+            "pytorch_fid",
+            "--device",
+            str(device),
+            "--batch-size",
+            str(batch),
+            "--save-stats",
+            str(folder),
+            str(tmp / "cli.npz"),
+        ]
         start = time.perf_counter()
         subprocess.run(cli, env=env, check=True, capture_output=True)
         cli_s = time.perf_counter() - start
@@ -99,9 +108,13 @@ def main() -> None:
     print(f"in-memory features:        {n / ours_s:8.1f} images/s  ({ours_s:.1f} s)")
     print(f"python -m pytorch_fid:     {n / cli_s:8.1f} images/s  ({cli_s:.1f} s, PNG decode and model load included)")
     print(f"speed-up:                  {cli_s / ours_s:8.2f}x")
-    print(f"statistics agree:          max|Δμ| = {np.abs(ours.mu - theirs.mu).max():.2e}, "
-          f"FID(ours, theirs) = {fast:.2e} (pytorch-fid: {slow:.2e})")
-    print(f"Fréchet distance:          ours {fast_s:.2f} s (reference's Σ^½ included), pytorch-fid's sqrtm {slow_s:.2f} s")
+    print(
+        f"statistics agree:          max|Δμ| = {np.abs(ours.mu - theirs.mu).max():.2e}, "
+        f"FID(ours, theirs) = {fast:.2e} (pytorch-fid: {slow:.2e})"
+    )
+    print(
+        f"Fréchet distance:          ours {fast_s:.2f} s (reference's Σ^½ included), pytorch-fid's sqrtm {slow_s:.2f} s"
+    )
     print(f"reference statistics:      cold {cold_s:.2f} s, cached {cached_s:.3f} s")
 
 

@@ -16,8 +16,8 @@ import torch
 
 
 def worker(device: str, batch_size: int, compiled: bool, seconds: float, start_at: float, out) -> None:
-    from diffusion_lib.config import RunConfig
     from diffusion_lib.build import create_trainer
+    from diffusion_lib.config import RunConfig
 
     if device == "cpu":
         torch.set_num_threads(1)  # as Ray gives a trial with resources.cpu = 1
@@ -62,8 +62,10 @@ def main() -> None:
     args = parser.parse_args()
     one = aggregate(1, args.device, args.batch_size, args.compile, args.seconds)
     many = aggregate(args.trials, args.device, args.batch_size, args.compile, args.seconds)
-    print(f"device {args.device}, batch {args.batch_size}: 1 trial {one:.1f} images/s; "
-          f"{args.trials} trials {many:.1f} images/s in all ({many / one:.2f}x)")
+    print(
+        f"device {args.device}, batch {args.batch_size}: 1 trial {one:.1f} images/s; "
+        f"{args.trials} trials {many:.1f} images/s in all ({many / one:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

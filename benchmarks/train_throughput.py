@@ -40,7 +40,9 @@ class PerImageDataset(Dataset):
 
     def __init__(self, images: torch.Tensor):
         self.images = images
-        self.transform = T.Compose([T.ToPILImage(), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+        self.transform = T.Compose(
+            [T.ToPILImage(), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]
+        )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -113,7 +115,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 128])
-    parser.add_argument("--sample-batch", type=int, default=None, help="sampling batch (default 500 on CUDA, 32 on CPU)")
+    parser.add_argument(
+        "--sample-batch", type=int, default=None, help="sampling batch (default 500 on CUDA, 32 on CPU)"
+    )
     parser.add_argument("--compile", action="store_true", help="also time the step with train.compile")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     args = parser.parse_args()
@@ -129,9 +133,11 @@ def main() -> None:
         return c
 
     flops = training_flops_per_image(config())
-    print(f"device: {device} ({name if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"torch {torch.__version__}; network forward+backward {flops / 1e9:.2f} GFLOP per image"
-          + (f"; MFU against {peak:g} TFLOP/s" if peak else ""))
+    print(
+        f"device: {device} ({name if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+        f"torch {torch.__version__}; network forward+backward {flops / 1e9:.2f} GFLOP per image"
+        + (f"; MFU against {peak:g} TFLOP/s" if peak else "")
+    )
     print(f"{'training images/s':<20}{'ours':>9}{'compiled':>10}{'plain':>9}{'speed-up':>10}{'TFLOP/s':>9}{'MFU':>7}")
     for b in args.batch_sizes:
         ours = ours_images_per_s(config(), device, b, args.steps)
@@ -143,8 +149,10 @@ def main() -> None:
         plain = plain_loop_images_per_s(config(), device, b, args.steps)
         best = max(ours, compiled or 0.0)
         tflops = best * flops / 1e12
-        print(f"{'  batch ' + str(b):<20}{ours:>9.1f}{compiled or float('nan'):>10.1f}{plain:>9.1f}{best / plain:>9.2f}x"
-              f"{tflops:>9.3f}{f'{tflops / peak:.1%}' if peak else '-':>7}")
+        print(
+            f"{'  batch ' + str(b):<20}{ours:>9.1f}{compiled or float('nan'):>10.1f}{plain:>9.1f}{best / plain:>9.2f}x"
+            f"{tflops:>9.3f}{f'{tflops / peak:.1%}' if peak else '-':>7}"
+        )
     sample_batch = args.sample_batch or (500 if device.type == "cuda" else 32)
     for sampler in ("ddpm", "ddim"):
         rate = sampling_images_per_s(config(), device, sampler, sample_batch)

@@ -31,7 +31,7 @@ def exits_2_on_bad_input(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except ConfigError as err:
             typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(code=2)
+            raise typer.Exit(code=2) from None
 
     return wrapper
 
@@ -66,7 +66,9 @@ def _features(weights: Optional[str], device: str, batch_size: int):
     return InceptionFeatures(fid_weights(weights)[0], resolve_device(device), batch_size)
 
 
-WeightsOption = typer.Option(None, "--weights", help="pytorch-fid Inception weights file (default: $SWEEP_FID_WEIGHTS or download).")
+WeightsOption = typer.Option(
+    None, "--weights", help="pytorch-fid Inception weights file (default: $SWEEP_FID_WEIGHTS or download)."
+)
 
 
 @app.command()
@@ -119,8 +121,13 @@ def describe(spec) -> str:
     lines = [
         f"experiment: {spec.name} at {spec.experiment_path}",
         f"algorithm: {spec.algorithm}; scheduler: "
-        + (f"{scheduler.type} (rungs at steps {', '.join(map(str, spec.rungs()))}, reduction {scheduler.reduction_factor:g}, "
-           f"max_t {spec.max_total_steps()}{rule})" if scheduler.type != "none" else "none")
+        + (
+            f"{scheduler.type} (rungs at steps {', '.join(map(str, spec.rungs()))}, reduction "
+            f"{scheduler.reduction_factor:g}, "
+            f"max_t {spec.max_total_steps()}{rule})"
+            if scheduler.type != "none"
+            else "none"
+        )
         + f"; metric: {spec.metric} ({spec.mode})",
         f"resources per trial: {spec.resources.cpu:g} cpu, {spec.resources.gpu:g} gpu; "
         f"max concurrent: {spec.max_concurrent or 'unlimited'}; max failures: {spec.max_failures}",
@@ -140,10 +147,15 @@ def describe(spec) -> str:
                     lines.append(f"  {n:>3}  {label}" + ("  + sampled" if sampled else ""))
     costs = [("without early stopping", spec.cost())]
     if scheduler.type == "asha":
-        costs.append((f"with ASHA's nominal cuts (1/{scheduler.reduction_factor:g} promoted at each rung)", spec.asha_cost()))
+        costs.append(
+            (f"with ASHA's nominal cuts (1/{scheduler.reduction_factor:g} promoted at each rung)", spec.asha_cost())
+        )
     for what, cost in costs:
-        lines.append(f"cost {what}: {cost['steps']:,} training steps ({cost['images']:,} images), "
-                     f"{cost['fid_samples']:,} FID samples, {cost['inception_images']:,} images through Inception (reference included)")
+        lines.append(
+            f"cost {what}: {cost['steps']:,} training steps ({cost['images']:,} images), "
+            f"{cost['fid_samples']:,} FID samples, {cost['inception_images']:,} images through Inception (reference "
+            "included)"
+        )
     lines.append(f"{spec.num_trials} trials")
     return "\n".join(lines)
 
@@ -151,14 +163,18 @@ def describe(spec) -> str:
 @app.command()
 @exits_2_on_bad_input
 def run(
-    spec_path: Path = typer.Argument(..., metavar="SPEC", help="Search-space file (YAML), e.g. search_spaces/smoke.yaml."),
+    spec_path: Path = typer.Argument(
+        ..., metavar="SPEC", help="Search-space file (YAML), e.g. search_spaces/smoke.yaml."
+    ),
     name: Optional[str] = typer.Option(None, help="Experiment name (default: the spec's, else its file name)."),
     storage: Optional[str] = typer.Option(None, help="Where experiments live: a local path or a URI Ray Tune accepts."),
     set_: Optional[List[str]] = SetOption,
     address: Optional[str] = typer.Option(None, help="Attach to a running Ray cluster (also $RAY_ADDRESS)."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted experiment."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the trial list; start nothing."),
-    analyze_after: bool = typer.Option(True, "--analyze/--no-analyze", help="Write tables, plots and report.md at the end."),
+    analyze_after: bool = typer.Option(
+        True, "--analyze/--no-analyze", help="Write tables, plots and report.md at the end."
+    ),
 ):
     """Run a grid, random or Optuna search with Ray Tune; resume it with --resume."""
     from sweeps.runner import SweepInterrupted, run_sweep
@@ -176,7 +192,7 @@ def run(
         results = run_sweep(spec, address=address, resume=resume)
     except SweepInterrupted as interrupted:
         typer.echo(f"{interrupted}", err=True)
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=130) from None
     raise typer.Exit(code=report_results(spec, results, analyze=analyze_after))
 
 
@@ -212,16 +228,22 @@ def dry_run_warnings(spec, address: Optional[str]) -> list[str]:
     import torch
 
     if spec.resources.gpu > 0 and address is None and torch.cuda.device_count() == 0:
-        return [f"resources.gpu: each trial asks for {spec.resources.gpu:g} GPU but this machine has none; "
-                "a run here would be refused (set resources.gpu: 0, or attach to a cluster with --address)"]
+        return [
+            f"resources.gpu: each trial asks for {spec.resources.gpu:g} GPU but this machine has none; "
+            "a run here would be refused (set resources.gpu: 0, or attach to a cluster with --address)"
+        ]
     return []
 
 
 @app.command()
 @exits_2_on_bad_input
 def analyze(
-    experiment_dir: str = typer.Argument(..., metavar="EXPERIMENT", help="An experiment directory (storage/name), or its URI (s3://bucket/prefix/name)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: EXPERIMENT/analysis, uploaded there for a URI)."),
+    experiment_dir: str = typer.Argument(
+        ..., metavar="EXPERIMENT", help="An experiment directory (storage/name), or its URI (s3://bucket/prefix/name)."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Output folder (default: EXPERIMENT/analysis, uploaded there for a URI)."
+    ),
 ):
     """Tables (Parquet/Arrow), sample grids, plots and report.md from an experiment's files.
 
@@ -252,26 +274,38 @@ def replay(
     from record import states
     from record.best import comparable_rows
     from record.experiment import load_experiment
-    from sweeps.replay import render, replay as replay_grid
+    from sweeps.replay import render
+    from sweeps.replay import replay as replay_grid
 
     experiment = load_experiment(experiment_dir)
     curves = {t.trial_id: comparable_rows(t.milestones, FID.name, experiment.basis) for t in experiment.trials}
     # An errored trial (a diverged learning rate) is part of the grid's outcome; its curve ends where it failed.
     unfinished = [t.trial_id for t in experiment.trials if t.state not in (states.FINISHED, states.ERRORED)]
     if unfinished or not any(curves.values()):
-        raise ConfigError(f"{experiment_dir}: a replay needs a grid whose every trial ended with {FID.name} at its "
-                          f"milestones; not ended: {', '.join(unfinished) or 'none'}")
+        raise ConfigError(
+            f"{experiment_dir}: a replay needs a grid whose every trial ended with {FID.name} at its "
+            f"milestones; not ended: {', '.join(unfinished) or 'none'}"
+        )
     first = min(rows[0][STEP.name] for rows in curves.values() if rows)
-    info = replay_grid(curves, grace_period=grace_period or first, reduction_factor=reduction_factor,
-                       max_t=max(t.total_steps or 0 for t in experiment.trials), z=z, concurrency=concurrency,
-                       num_orders=orders, seed=seed)
+    info = replay_grid(
+        curves,
+        grace_period=grace_period or first,
+        reduction_factor=reduction_factor,
+        max_t=max(t.total_steps or 0 for t in experiment.trials),
+        z=z,
+        concurrency=concurrency,
+        num_orders=orders,
+        seed=seed,
+    )
     typer.echo("\n".join(render(info)))
 
 
 @app.command()
 @exits_2_on_bad_input
 def status(
-    experiment_dir: str = typer.Argument(..., metavar="EXPERIMENT", help="An experiment directory (storage/name), or its URI (s3://bucket/prefix/name)."),
+    experiment_dir: str = typer.Argument(
+        ..., metavar="EXPERIMENT", help="An experiment directory (storage/name), or its URI (s3://bucket/prefix/name)."
+    ),
     watch: bool = typer.Option(False, "--watch", help="Refresh every --interval seconds until Ctrl-C."),
     interval: float = typer.Option(10.0, "--interval", min=0.1, help="Seconds between refreshes with --watch."),
 ):
@@ -284,7 +318,8 @@ def status(
     import tempfile
     import time
 
-    from analysis.status import refresh, watch as watch_status
+    from analysis.status import refresh
+    from analysis.status import watch as watch_status
     from record import storage
     from record.mirror import mirror_experiment
 
@@ -292,7 +327,9 @@ def status(
         path, shown, sync = Path(experiment_dir), None, None
         if storage.is_uri(experiment_dir):
             storage.validate_storage(experiment_dir, "EXPERIMENT")
-            path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sweep-status-"))) / storage.name_of(experiment_dir)
+            path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sweep-status-"))) / storage.name_of(
+                experiment_dir
+            )
             shown = (str(path), experiment_dir)
             sync = functools.partial(mirror_experiment, experiment_dir, path)  # again before each refresh
             sync()

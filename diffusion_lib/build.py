@@ -32,7 +32,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def create_model(config: ModelConfig) -> UNetCifar32:
-    return UNetCifar32(config.base_channels, config.channel_mults, config.num_res_blocks, config.attention_resolutions, config.dropout)
+    return UNetCifar32(
+        config.base_channels, config.channel_mults, config.num_res_blocks, config.attention_resolutions, config.dropout
+    )
 
 
 def create_diffusion(config: DiffusionConfig, device: torch.device | str = "cpu") -> GaussianDiffusion:
@@ -43,7 +45,9 @@ def create_loss(config: LossConfig, diffusion: GaussianDiffusion) -> DiffusionLo
     return DiffusionLoss(diffusion, config.weighting, config.minsnr_gamma)
 
 
-def create_model_and_diffusion(config: RunConfig, device: torch.device) -> tuple[UNetCifar32, GaussianDiffusion, DiffusionLoss]:
+def create_model_and_diffusion(
+    config: RunConfig, device: torch.device
+) -> tuple[UNetCifar32, GaussianDiffusion, DiffusionLoss]:
     """The network (on `device`, channels-last on CUDA), its diffusion and its training loss."""
     model = create_model(config.model)
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
@@ -72,11 +76,21 @@ def create_trainer(
         features = features or InceptionFeatures(config.fid.weights, device, config.fid.batch_size)
         if fid_reference is None:
             fid_reference = (
-                FidReference.load(config.fid.reference) if config.fid.reference
+                FidReference.load(config.fid.reference)
+                if config.fid.reference
                 else reference_statistics(data, features, config.fid.ref_num_images, config.fid.cache_dir)
             )
     model, diffusion, loss = create_model_and_diffusion(config, device)
     return Trainer(
-        config, run_dir, model=model, diffusion=diffusion, loss=loss, data=data, features=features, fid_reference=fid_reference,
-        checkpoint_dir=checkpoint_dir, resume_from=resume_from, progress=progress,
+        config,
+        run_dir,
+        model=model,
+        diffusion=diffusion,
+        loss=loss,
+        data=data,
+        features=features,
+        fid_reference=fid_reference,
+        checkpoint_dir=checkpoint_dir,
+        resume_from=resume_from,
+        progress=progress,
     )

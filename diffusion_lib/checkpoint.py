@@ -37,8 +37,14 @@ class RunProgress:
 
 
 def save_checkpoint(
-    folder: Path, progress: RunProgress, *, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
-    generator: torch.Generator, config: RunConfig,
+    folder: Path,
+    progress: RunProgress,
+    *,
+    model: nn.Module,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    config: RunConfig,
 ) -> Path:
     """Write the checkpoint of `progress.step` into `folder`; return its path."""
     state = {
@@ -80,13 +86,23 @@ def checkpoint_config(state: dict[str, Any]) -> RunConfig:
 
 
 def restore_checkpoint(
-    path: Path, *, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, generator: torch.Generator, config: RunConfig,
+    path: Path,
+    *,
+    model: nn.Module,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    config: RunConfig,
 ) -> RunProgress:
     """Load a checkpoint into the run's parts, refusing one trained with a different trajectory."""
     state = load_checkpoint(path)
     saved = RunConfig().flat() | flatten(state["config"])
     now = config.flat()
-    changed = [k for k, v in now.items() if saved.get(k) != v and k not in RESUMABLE_KEYS and not k.startswith(RESUMABLE_SECTIONS)]
+    changed = [
+        k
+        for k, v in now.items()
+        if saved.get(k) != v and k not in RESUMABLE_KEYS and not k.startswith(RESUMABLE_SECTIONS)
+    ]
     if changed:
         raise ConfigError(
             f"{path}: cannot resume from this checkpoint, it was trained with different "
@@ -100,7 +116,9 @@ def restore_checkpoint(
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     generator.set_state(state["rng"]["train"])
-    return RunProgress(state["step"], state["wall_time_s"], tuple(state["best"]) if state["best"] else None, state["final_fid"])
+    return RunProgress(
+        state["step"], state["wall_time_s"], tuple(state["best"]) if state["best"] else None, state["final_fid"]
+    )
 
 
 def prune_checkpoints(folder: Path, progress: RunProgress) -> None:

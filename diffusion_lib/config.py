@@ -34,7 +34,9 @@ class Check:
     allowed: str
 
 
-def opt(default: Any = dataclasses.MISSING, check: Optional[Check] = None, *, factory: Any = dataclasses.MISSING) -> Any:
+def opt(
+    default: Any = dataclasses.MISSING, check: Optional[Check] = None, *, factory: Any = dataclasses.MISSING
+) -> Any:
     """A dataclass field with its range check attached (read by `load_dataclass`)."""
     metadata = {"check": check} if check else {}
     return field(default=default, default_factory=factory, metadata=metadata)
@@ -59,18 +61,27 @@ class DataConfig:
     name: Literal["cifar10", "shapes", "folder"] = "cifar10"
     root: str = "data"
     download: bool = False
-    num_images: Optional[int] = opt(None, Check(lambda v: v is None or v > 0, "a positive integer or null"))  # None: all; shapes: 10,000
+    num_images: Optional[int] = opt(
+        None, Check(lambda v: v is None or v > 0, "a positive integer or null")
+    )  # None: all; shapes: 10,000
 
 
 @dataclass
 class ModelConfig:
-    base_channels: int = opt(32, Check(lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8 (GroupNorm uses 8 groups)"))
+    base_channels: int = opt(
+        32, Check(lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8 (GroupNorm uses 8 groups)")
+    )
     channel_mults: list[int] = opt(
-        check=Check(lambda v: 0 < len(v) <= 6 and all(m > 0 for m in v), "1 to 6 positive integers (32x32 images halve at most 5 times)"),
+        check=Check(
+            lambda v: 0 < len(v) <= 6 and all(m > 0 for m in v),
+            "1 to 6 positive integers (32x32 images halve at most 5 times)",
+        ),
         factory=lambda: [1, 2, 2, 2],
     )
     num_res_blocks: int = opt(2, AT_LEAST_1)
-    attention_resolutions: list[int] = opt(check=Check(lambda v: all(r in (32, 16, 8, 4) for r in v), "a list drawn from 32, 16, 8, 4"), factory=list)
+    attention_resolutions: list[int] = opt(
+        check=Check(lambda v: all(r in (32, 16, 8, 4) for r in v), "a list drawn from 32, 16, 8, 4"), factory=list
+    )
     dropout: float = opt(0.1, UNIT_INTERVAL)
 
 
@@ -121,7 +132,9 @@ class EmaConfig:
 class EvalConfig:
     sampler: Literal["ddpm", "ddim"] = "ddpm"
     nfe: int = opt(50, AT_LEAST_1)
-    eta: float = opt(0.0, Check(lambda v: 0 <= v <= 1, "a number in [0, 1]"))  # DDIM stochasticity; 0 is deterministic DDIM
+    eta: float = opt(
+        0.0, Check(lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    )  # DDIM stochasticity; 0 is deterministic DDIM
     every: int = opt(2_000, AT_LEAST_1)  # milestone interval in training steps
     grid_size: int = opt(64, AT_LEAST_1)  # images in the milestone sample grid
     batch_size: int = opt(500, AT_LEAST_1)  # sampling batch for FID
@@ -135,7 +148,9 @@ class FidConfig:
     num_samples: int = opt(2_000, OFF_OR_AT_LEAST_2)  # samples per milestone FID; 0 turns FID off
     final_num_samples: int = opt(10_000, OFF_OR_AT_LEAST_2)  # samples for the FID after the last step
     weights: Optional[str] = None  # local pytorch-fid Inception weights; env SWEEP_FID_WEIGHTS
-    ref_num_images: Optional[int] = opt(None, Check(lambda v: v is None or v >= 2, "an integer >= 2 or null"))  # None: all
+    ref_num_images: Optional[int] = opt(
+        None, Check(lambda v: v is None or v >= 2, "an integer >= 2 or null")
+    )  # None: all
     reference: Optional[str] = None  # reference statistics (.npz) computed beforehand, e.g. once per sweep
     cache_dir: Optional[str] = None  # reference-statistics cache; default ~/.cache/diffusion_sweeps/fid
     batch_size: int = opt(200, AT_LEAST_1)  # Inception batch
@@ -344,7 +359,9 @@ def resolve_paths(config: RunConfig) -> RunConfig:
     weights, source = fid_weights(config.fid.weights)
     config.fid.weights = absolute(weights)
     if config.fid.enabled and config.fid.weights is not None and not Path(config.fid.weights).is_file():
-        raise ConfigError(f"{source}: no such file {config.fid.weights}; point it at pt_inception-2015-12-05-6726825d.pth")
+        raise ConfigError(
+            f"{source}: no such file {config.fid.weights}; point it at pt_inception-2015-12-05-6726825d.pth"
+        )
     reference = config.fid.reference
     if config.fid.enabled and reference is not None and "://" not in reference and not Path(reference).is_file():
         raise ConfigError(f"fid.reference: no such file {config.fid.reference}")

@@ -81,7 +81,8 @@ class CifarBatchUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
             raise ConfigError(
-                f"{self.path}: refused to load: the pickle references {module}.{name}, which a CIFAR-10 batch never holds"
+                f"{self.path}: refused to load: the pickle references {module}.{name}, which a CIFAR-10 batch never "
+                "holds"
             )
         return super().find_class(module, name)
 
@@ -164,6 +165,9 @@ def load_dataset(config: DataConfig, seed: int = 0) -> ImageDataset:
         images = load_folder(Path(config.root))
     if config.num_images is not None:
         if config.num_images > images.shape[0]:
-            raise ConfigError(f"data.num_images={config.num_images} but {config.name} at {config.root} has only {images.shape[0]} images")
+            raise ConfigError(
+                f"data.num_images={config.num_images} but {config.name} at {config.root} has only {images.shape[0]} "
+                "images"
+            )
         images = images[: config.num_images]
     return ImageDataset(config.name, images.contiguous())

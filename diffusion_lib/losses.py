@@ -48,7 +48,9 @@ class DiffusionLoss:
         return self.weights[t] * mse
 
 
-def eps_mse(model: nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def eps_mse(
+    model: nn.Module, diffusion: GaussianDiffusion, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
     """Unweighted ε-space MSE per sample, ‖ε̂_θ(x_t, t) − ε‖² (Ho et al. 2020, eq. 14), whatever the
     network predicts and however training weights it: one objective on which every run's
     curvature can be compared."""

@@ -114,6 +114,15 @@ def sample_images(
     batches = []
     for start in range(0, num_images, batch_size):
         n = min(batch_size, num_images - start)
-        x = sample(eps_fn, diffusion.schedule, (n, 3, 32, 32), sampler=sampler, nfe=nfe, eta=eta, generator=generator, device=device)
+        x = sample(
+            eps_fn,
+            diffusion.schedule,
+            (n, 3, 32, 32),
+            sampler=sampler,
+            nfe=nfe,
+            eta=eta,
+            generator=generator,
+            device=device,
+        )
         batches.append(float_to_uint8(x))
     return torch.cat(batches)

@@ -42,6 +42,7 @@ def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float =
 
 def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
     """Nichol & Dhariwal 2021, eq. 17: ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2), β clipped at 0.999."""
+
     def alpha_bar(u: float) -> float:
         return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
 

@@ -27,9 +27,29 @@ from .metrics import full_fp32
 from .metrics.curvature import hutchinson_trace
 from .metrics.fid import CIFAR10_TRAIN_IMAGES, FEATURE_DIMS, FeatureExtractor, FidReference, evaluate_features
 from .milestone import (
-    BEST_FID, CURVATURE, CURVATURE_STDERR, FID, FID_NUM_SAMPLES, FID_REF_NUM_IMAGES, FID_REFERENCE, FID_REPLICATES, FID_STDERR, FINAL_FID,
-    FINAL_FID_NUM_SAMPLES, FINAL_FID_STDERR, FINAL_KID, FINAL_KID_STDERR, IMAGES_SEEN, KID, KID_STDERR, NUM_T_BUCKETS, STEP,
-    T_BUCKETS, TRAIN_LOSS, WALL_TIME, t_bucket,
+    BEST_FID,
+    CURVATURE,
+    CURVATURE_STDERR,
+    FID,
+    FID_NUM_SAMPLES,
+    FID_REF_NUM_IMAGES,
+    FID_REFERENCE,
+    FID_REPLICATES,
+    FID_STDERR,
+    FINAL_FID,
+    FINAL_FID_NUM_SAMPLES,
+    FINAL_FID_STDERR,
+    FINAL_KID,
+    FINAL_KID_STDERR,
+    IMAGES_SEEN,
+    KID,
+    KID_STDERR,
+    NUM_T_BUCKETS,
+    STEP,
+    T_BUCKETS,
+    TRAIN_LOSS,
+    WALL_TIME,
+    t_bucket,
 )
 from .run_files import CHECKPOINT_DIR
 from .run_log import RunLog, make_grid
@@ -82,7 +102,9 @@ class Trainer:
         self.device = data.images.device
         cuda = self.device.type == "cuda"
         if config.fid.enabled and (features is None or fid_reference is None):
-            raise ValueError("FID is on (fid.num_samples or fid.final_num_samples > 0): hand in features and fid_reference")
+            raise ValueError(
+                "FID is on (fid.num_samples or fid.final_num_samples > 0): hand in features and fid_reference"
+            )
         self.features, self.fid_reference = features, fid_reference
         if config.fid.enabled:
             self._warn_about_fid_comparability()
@@ -90,11 +112,14 @@ class Trainer:
         self.ema = EMA(self.model, config.ema.decay)
         # Only the training step runs compiled; curvature needs double backward, which compiled
         # graphs do not support, and checkpoints hold the plain module's state.
-        self.train_model = train_model or (compile_network(self.model, self.device) if config.train.compile else self.model)
+        self.train_model = train_model or (
+            compile_network(self.model, self.device) if config.train.compile else self.model
+        )
         leftover = config.ema.initialisation_left(config.train.total_steps)
         if leftover > EMA_INITIALISATION_WARN_SHARE:
             warnings.warn(
-                f"ema.decay={config.ema.decay} over {config.train.total_steps} steps leaves {leftover:.0%} of the random "
+                f"ema.decay={config.ema.decay} over {config.train.total_steps} steps leaves {leftover:.0%} of the "
+                "random "
                 "initialisation in the EMA weights that samples and FID use; lower ema.decay for short runs",
                 stacklevel=2,
             )
@@ -106,7 +131,12 @@ class Trainer:
         checkpoint = resume_from or latest_checkpoint(self.checkpoint_dir)
         if checkpoint is not None:
             self.progress = restore_checkpoint(
-                Path(checkpoint), model=self.model, ema=self.ema, optimizer=self.optimizer, generator=self.generator, config=config
+                Path(checkpoint),
+                model=self.model,
+                ema=self.ema,
+                optimizer=self.optimizer,
+                generator=self.generator,
+                config=config,
             )
         self._reset_accumulators()
 
@@ -120,14 +150,18 @@ class Trainer:
         smallest = min(n for n in (fid.num_samples, fid.final_num_samples) if n)
         if smallest < FEATURE_DIMS:
             warnings.warn(
-                f"FID from {smallest} samples, fewer than the {FEATURE_DIMS} Inception features: the sample covariance is "
-                "singular and FID is biased upward, so FIDs are comparable only at equal sample counts (KID is unbiased)",
+                f"FID from {smallest} samples, fewer than the {FEATURE_DIMS} Inception features: the sample "
+                "covariance is "
+                "singular and FID is biased upward, so FIDs are comparable only at equal sample counts (KID is "
+                "unbiased)",
                 stacklevel=3,
             )
         if self.fid_reference.num_images < CIFAR10_TRAIN_IMAGES:
             warnings.warn(
-                f"the FID reference holds {self.fid_reference.num_images} {self.data.name} images, not the {CIFAR10_TRAIN_IMAGES:,} "
-                "CIFAR-10 training images published FIDs use: compare these FIDs only with FIDs against the same reference",
+                f"the FID reference holds {self.fid_reference.num_images} {self.data.name} images, not the "
+                f"{CIFAR10_TRAIN_IMAGES:,} "
+                "CIFAR-10 training images published FIDs use: compare these FIDs only with FIDs against the same "
+                "reference",
                 stacklevel=3,
             )
 
@@ -149,7 +183,10 @@ class Trainer:
             if self.train_model is self.model:
                 raise
             reason = (str(error).strip().splitlines() or [""])[0]
-            warnings.warn(f"train.compile: torch.compile failed ({type(error).__name__}: {reason}); training eagerly", stacklevel=2)
+            warnings.warn(
+                f"train.compile: torch.compile failed ({type(error).__name__}: {reason}); training eagerly",
+                stacklevel=2,
+            )
             self.train_model = self.model
             losses = self.forward_backward(x0, t, noise)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -244,18 +281,36 @@ class Trainer:
         grid = make_grid(samples[: cfg.eval.grid_size].cpu())
         if num_milestone or num_final:
             features = self.features(samples[: max(num_milestone, num_final)])
-            row[FID_REFERENCE.name], row[FID_REF_NUM_IMAGES.name] = self.fid_reference.name, self.fid_reference.num_images
+            row[FID_REFERENCE.name], row[FID_REF_NUM_IMAGES.name] = (
+                self.fid_reference.name,
+                self.fid_reference.num_images,
+            )
         if num_milestone:
             result = evaluate_features(features[:num_milestone], self.fid_reference, self.device)
-            row.update({FID.name: result.fid, FID_STDERR.name: result.fid_stderr, FID_REPLICATES.name: result.fid_replicates,
-                        FID_NUM_SAMPLES.name: num_milestone, KID.name: result.kid, KID_STDERR.name: result.kid_stderr})
+            row.update(
+                {
+                    FID.name: result.fid,
+                    FID_STDERR.name: result.fid_stderr,
+                    FID_REPLICATES.name: result.fid_replicates,
+                    FID_NUM_SAMPLES.name: num_milestone,
+                    KID.name: result.kid,
+                    KID_STDERR.name: result.kid_stderr,
+                }
+            )
             if self.progress.best is None or result.fid < self.progress.best[0]:
                 self.progress.best = (result.fid, self.step)
             row[BEST_FID.name] = self.progress.best[0]
         if num_final:
             result = evaluate_features(features[:num_final], self.fid_reference, self.device)
-            row.update({FINAL_FID.name: result.fid, FINAL_FID_STDERR.name: result.fid_stderr, FINAL_FID_NUM_SAMPLES.name: num_final,
-                        FINAL_KID.name: result.kid, FINAL_KID_STDERR.name: result.kid_stderr})
+            row.update(
+                {
+                    FINAL_FID.name: result.fid,
+                    FINAL_FID_STDERR.name: result.fid_stderr,
+                    FINAL_FID_NUM_SAMPLES.name: num_final,
+                    FINAL_KID.name: result.kid,
+                    FINAL_KID_STDERR.name: result.kid_stderr,
+                }
+            )
             self.progress.final_fid = result.fid
         if cfg.curvature.probes:
             row[CURVATURE.name], row[CURVATURE_STDERR.name] = self.curvature()
@@ -267,10 +322,16 @@ class Trainer:
         milestone and in every run that shares the seed, so their FIDs are paired."""
         cfg = self.config.eval
         return sample_images(
-            self.ema.model, self.diffusion, num_samples,
-            sampler=cfg.sampler, nfe=cfg.nfe, eta=cfg.eta, batch_size=cfg.batch_size,
+            self.ema.model,
+            self.diffusion,
+            num_samples,
+            sampler=cfg.sampler,
+            nfe=cfg.nfe,
+            eta=cfg.eta,
+            batch_size=cfg.batch_size,
             generator=torch.Generator(self.device).manual_seed(cfg.seed),
-            device=self.device, autocast=self.autocast,
+            device=self.device,
+            autocast=self.autocast,
         )
 
     def curvature(self) -> tuple[float, float]:
@@ -299,8 +360,13 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step, keeping only what `prune_checkpoints` keeps."""
         path = save_checkpoint(
-            self.checkpoint_dir, self.progress,
-            model=self.model, ema=self.ema, optimizer=self.optimizer, generator=self.generator, config=self.config,
+            self.checkpoint_dir,
+            self.progress,
+            model=self.model,
+            ema=self.ema,
+            optimizer=self.optimizer,
+            generator=self.generator,
+            config=self.config,
         )
         prune_checkpoints(self.checkpoint_dir, self.progress)
         return path

@@ -20,8 +20,16 @@ from diffusion_lib.run_files import CHECKPOINT_DIR, METRICS_FILE, list_checkpoin
 from . import states
 from .best import Row, best_milestone, common_basis, is_finite_number
 from .files import (
-    RAY_CHECKPOINT_GLOB, RAY_STATE_GLOB, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE, Summary, SweepFile, TrialFile,
-    read_error_line, trial_label,
+    RAY_CHECKPOINT_GLOB,
+    RAY_STATE_GLOB,
+    SUMMARY_FILE,
+    SWEEP_FILE,
+    TRIAL_FILE,
+    Summary,
+    SweepFile,
+    TrialFile,
+    read_error_line,
+    trial_label,
 )
 
 
@@ -79,7 +87,9 @@ class Experiment:
         with `checkpointed`, the best whose checkpoint was kept (Ray keeps the best and newest)."""
         metric = metric or self.metric
         steps = set(trial.checkpoints) if checkpointed else None
-        return best_milestone(trial.milestones, metric, self.mode if metric == self.metric else "min", self.basis, steps=steps)
+        return best_milestone(
+            trial.milestones, metric, self.mode if metric == self.metric else "min", self.basis, steps=steps
+        )
 
     def searched_on_log_scale(self, key: str) -> bool:
         """Drawn from a loguniform range, or a listed search spanning two decades or more."""
@@ -89,7 +99,9 @@ class Experiment:
         return bool(values) and min(values) > 0 and max(values) / min(values) >= 100
 
 
-def load_experiment(path: Path, *, now: Optional[float] = None, stale_after_s: float = states.STALE_AFTER_S) -> Experiment:
+def load_experiment(
+    path: Path, *, now: Optional[float] = None, stale_after_s: float = states.STALE_AFTER_S
+) -> Experiment:
     """Read an experiment folder (or a single run folder with metrics.jsonl); `now` and
     `stale_after_s` decide whether the sweep is alive (`states`)."""
     path = Path(path)
@@ -100,11 +112,18 @@ def load_experiment(path: Path, *, now: Optional[float] = None, stale_after_s: f
     sweep = SweepFile.read(path, warnings)
     ray_mtime, ray_trials = _read_ray_state(path, warnings)
     summary = _current_summary(path, warnings)
-    trial_dirs = [path] if (path / METRICS_FILE).is_file() else sorted(
-        p for p in path.iterdir() if p.is_dir() and ((p / METRICS_FILE).is_file() or (p / TRIAL_FILE).is_file())
+    trial_dirs = (
+        [path]
+        if (path / METRICS_FILE).is_file()
+        else sorted(
+            p for p in path.iterdir() if p.is_dir() and ((p / METRICS_FILE).is_file() or (p / TRIAL_FILE).is_file())
+        )
     )
     if not trial_dirs and sweep is None and not ray_trials:
-        raise ConfigError(f"{path}: not an experiment directory (no {SWEEP_FILE} and no trial folders with {TRIAL_FILE} or {METRICS_FILE})")
+        raise ConfigError(
+            f"{path}: not an experiment directory (no {SWEEP_FILE} and no trial folders with {TRIAL_FILE} or "
+            f"{METRICS_FILE})"
+        )
 
     driver_alive = None
     if ray_mtime is not None:  # sweep.json is the driver's too: written as each `sweep run` starts
@@ -114,7 +133,9 @@ def load_experiment(path: Path, *, now: Optional[float] = None, stale_after_s: f
     read = {d.name: _read_trial(d, warnings) for d in trial_dirs}
     trials = []
     for name in sorted({*read, *(ray_trials or {}), *(summary.trials if summary else {})}):
-        trial = read.get(name) or Trial(name, path / name, searched=(ray_trials or {}).get(name, {}).get("searched", {}))
+        trial = read.get(name) or Trial(
+            name, path / name, searched=(ray_trials or {}).get(name, {}).get("searched", {})
+        )
         ray_status = (ray_trials or {}).get(name, {}).get("status")
         outcome = summary.trials.get(name) if summary else None
         alive = driver_alive if driver_alive is not None else _trial_alive(trial, now, stale_after_s)
@@ -123,7 +144,9 @@ def load_experiment(path: Path, *, now: Optional[float] = None, stale_after_s: f
             recorded_error=outcome.error if outcome else None,
             ray_status=ray_status,
             error_line=read_error_line(trial.path),
-            reached_end=trial.total_steps is not None and trial.last_step is not None and trial.last_step >= trial.total_steps,
+            reached_end=trial.total_steps is not None
+            and trial.last_step is not None
+            and trial.last_step >= trial.total_steps,
             total_known=trial.total_steps is not None,
             started=bool(trial.milestones) or (trial.path / TRIAL_FILE).is_file(),
             has_milestone=bool(trial.milestones),
@@ -132,9 +155,15 @@ def load_experiment(path: Path, *, now: Optional[float] = None, stale_after_s: f
         trial.state, trial.note = states.classify(evidence)
         trials.append(trial)
     return Experiment(
-        path, metric=sweep.metric if sweep and sweep.metric else FID.name, mode=sweep.mode if sweep else "min",
-        search=sweep.search if sweep else {}, trials=trials, warnings=warnings,
-        summary_mtime=_mtime(path / SUMMARY_FILE) if summary else None, ray_mtime=ray_mtime, driver_alive=driver_alive,
+        path,
+        metric=sweep.metric if sweep and sweep.metric else FID.name,
+        mode=sweep.mode if sweep else "min",
+        search=sweep.search if sweep else {},
+        trials=trials,
+        warnings=warnings,
+        summary_mtime=_mtime(path / SUMMARY_FILE) if summary else None,
+        ray_mtime=ray_mtime,
+        driver_alive=driver_alive,
     )
 
 
@@ -183,10 +212,15 @@ def _read_ray_state(path: Path, warnings: list[str]) -> tuple[Optional[float], O
             name = state.get("relative_logdir") or trial_id
             config = state.get("config")
             searched = flatten(config) if isinstance(config, dict) else {}
-            trials[str(name)] = {"status": status, "searched": {k: v for k, v in searched.items() if not isinstance(v, dict)}}
+            trials[str(name)] = {
+                "status": status,
+                "searched": {k: v for k, v in searched.items() if not isinstance(v, dict)},
+            }
         return mtime, trials
     except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
-        warnings.append(f"{newest}: Ray's experiment state unreadable ({type(err).__name__}: {err}); pending trials not listed")
+        warnings.append(
+            f"{newest}: Ray's experiment state unreadable ({type(err).__name__}: {err}); pending trials not listed"
+        )
         return mtime, None
 
 

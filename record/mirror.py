@@ -11,7 +11,15 @@ from typing import Callable, Iterable, Optional
 from diffusion_lib.config import ConfigError
 from diffusion_lib.run_files import CHECKPOINT_DIR, CHECKPOINT_GLOB, METRICS_FILE
 
-from .files import ANALYSIS_DIR, RAY_CHECKPOINT_GLOB, RAY_ERROR_FILE, RAY_STATE_GLOB, SUMMARY_FILE, SWEEP_FILE, TRIAL_FILE
+from .files import (
+    ANALYSIS_DIR,
+    RAY_CHECKPOINT_GLOB,
+    RAY_ERROR_FILE,
+    RAY_STATE_GLOB,
+    SUMMARY_FILE,
+    SWEEP_FILE,
+    TRIAL_FILE,
+)
 from .storage import fetch_all, resolve, set_mtime
 
 # What each file of the experiment is to a mirror, by its path relative to the experiment.
@@ -29,15 +37,18 @@ def experiment_file_kind(parts: tuple[str, ...]) -> str:
         return SMALL if name in (SWEEP_FILE, SUMMARY_FILE, *per_run) or fnmatch.fnmatch(name, RAY_STATE_GLOB) else SKIP
     if len(parts) == 2 and name in per_run and parts[0] != ANALYSIS_DIR:
         return SMALL
-    if fnmatch.fnmatch(name, CHECKPOINT_GLOB) and len(parts) in (2, 3) and (
-        fnmatch.fnmatch(parts[-2], RAY_CHECKPOINT_GLOB) or parts[-2] == CHECKPOINT_DIR
+    if (
+        fnmatch.fnmatch(name, CHECKPOINT_GLOB)
+        and len(parts) in (2, 3)
+        and (fnmatch.fnmatch(parts[-2], RAY_CHECKPOINT_GLOB) or parts[-2] == CHECKPOINT_DIR)
     ):
         return CHECKPOINT
     return SKIP
 
 
-def mirror_experiment(location: str, local_dir: str | os.PathLike, *,
-                      checkpoints: Optional[Callable[[Path], Iterable[Path]]] = None) -> Path:
+def mirror_experiment(
+    location: str, local_dir: str | os.PathLike, *, checkpoints: Optional[Callable[[Path], Iterable[Path]]] = None
+) -> Path:
     """Bring the experiment at `location` (a URI) into `local_dir`, or bring an existing mirror up
     to date: the SMALL files, each with its object's time as its mtime (what `sweep status`
     judges freshness by), files gone from the storage removed. Checkpoints are left out unless
@@ -60,7 +71,7 @@ def mirror_experiment(location: str, local_dir: str | os.PathLike, *,
 
     wanted: dict[Path, tuple[str, object]] = {}
     for info in files:
-        parts = tuple(p for p in info.path[len(root):].split("/") if p)
+        parts = tuple(p for p in info.path[len(root) :].split("/") if p)
         kind = experiment_file_kind(parts)
         if kind == SMALL or (kind == CHECKPOINT and checkpoints is not None):
             wanted[local_dir.joinpath(*parts)] = (kind, info)
@@ -70,7 +81,9 @@ def mirror_experiment(location: str, local_dir: str | os.PathLike, *,
             stat = local.stat()
         except FileNotFoundError:
             return True
-        return stat.st_size != info.size or (info.mtime is not None and abs(stat.st_mtime - info.mtime.timestamp()) > 1e-3)
+        return stat.st_size != info.size or (
+            info.mtime is not None and abs(stat.st_mtime - info.mtime.timestamp()) > 1e-3
+        )
 
     small = [(local, info) for local, (kind, info) in wanted.items() if kind == SMALL and stale(local, info)]
     fetch_all(fs, small)
@@ -81,7 +94,14 @@ def mirror_experiment(location: str, local_dir: str | os.PathLike, *,
             set_mtime(local, info)
     if checkpoints is not None:
         chosen = {Path(p) for p in checkpoints(local_dir)}
-        fetch_all(fs, [(local, info) for local, (kind, info) in wanted.items() if kind == CHECKPOINT and local in chosen and stale(local, info)])
+        fetch_all(
+            fs,
+            [
+                (local, info)
+                for local, (kind, info) in wanted.items()
+                if kind == CHECKPOINT and local in chosen and stale(local, info)
+            ],
+        )
     for local in [p for p in local_dir.rglob("*") if p.is_file()]:  # gone from the storage
         if local not in wanted and experiment_file_kind(local.relative_to(local_dir).parts) != SKIP:
             local.unlink(missing_ok=True)

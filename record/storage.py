@@ -77,7 +77,9 @@ def validate_storage(location: str, what: str = "storage") -> None:
     fs, path = resolve(location, what)
     bucket = path.strip("/").split("/", 1)[0]
     if fs.type_name in _BUCKETED and not bucket:
-        raise ConfigError(f"{what}: {location} names no bucket; expected e.g. {fs.type_name.replace('gcs', 'gs')}://bucket/prefix")
+        raise ConfigError(
+            f"{what}: {location} names no bucket; expected e.g. {fs.type_name.replace('gcs', 'gs')}://bucket/prefix"
+        )
     probe = bucket if fs.type_name in _BUCKETED else path
     try:
         info = fs.get_file_info(probe)
@@ -89,7 +91,10 @@ def validate_storage(location: str, what: str = "storage") -> None:
     import pyarrow.fs
 
     if fs.type_name in _BUCKETED and info.type == pyarrow.fs.FileType.NotFound:
-        raise ConfigError(f"{what}: {location}: bucket {bucket!r} does not exist (or these credentials cannot see it); create it first")
+        raise ConfigError(
+            f"{what}: {location}: bucket {bucket!r} does not exist (or these credentials cannot see it); create it "
+            "first"
+        )
     if info.type == pyarrow.fs.FileType.File:
         raise ConfigError(f"{what}: {location} is a file, not a folder")
 
@@ -174,8 +179,11 @@ def download_tree(location: str, local_dir: str | os.PathLike) -> Path:
     fs, root = resolve(location)
     root = root.rstrip("/")
     infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
-    items = [(Path(local_dir).joinpath(*[p for p in i.path[len(root):].split("/") if p]), i)
-             for i in infos if i.type == pyarrow.fs.FileType.File]
+    items = [
+        (Path(local_dir).joinpath(*[p for p in i.path[len(root) :].split("/") if p]), i)
+        for i in infos
+        if i.type == pyarrow.fs.FileType.File
+    ]
     fetch_all(fs, items)
     return Path(local_dir)
 

@@ -67,7 +67,9 @@ def make_tuner_parts(spec: SweepSpec, make_trainer: TrainerFactory) -> tuple[Any
         storage_path=storage_root(spec),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         # The newest checkpoint is always kept (for resume) plus the best by the metric (for analysis).
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=spec.metric, checkpoint_score_order=spec.mode),
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute=spec.metric, checkpoint_score_order=spec.mode
+        ),
         sync_config=tune.SyncConfig(sync_artifacts=True),
         # Ray's result.json/progress.csv back the ResultGrid; its TensorBoard logger is left out
         # because the trainer writes the trial's TensorBoard log itself (with grids and hparams).
@@ -89,8 +91,12 @@ def make_scheduler(spec: SweepSpec) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     settings = spec.scheduler
-    rungs = dict(time_attr=STEP.name, max_t=spec.max_total_steps(), grace_period=settings.grace_period,
-                 reduction_factor=settings.reduction_factor)
+    rungs = dict(
+        time_attr=STEP.name,
+        max_t=spec.max_total_steps(),
+        grace_period=settings.grace_period,
+        reduction_factor=settings.reduction_factor,
+    )
     if settings.type == "asha":
         return ASHAScheduler(**rungs)
     if settings.type == "racing":
@@ -131,8 +137,10 @@ def run_sweep(
     results = tuner.fit()
     finished = results.num_terminated + results.num_errors  # early-stopped trials count as terminated
     if finished < spec.num_trials:  # Ctrl-C: Ray saved its state and returned early
-        raise SweepInterrupted(f"interrupted with {spec.num_trials - finished} of {spec.num_trials} trials unfinished; "
-                               f"the state is saved: `sweep run SPEC --resume` finishes it")
+        raise SweepInterrupted(
+            f"interrupted with {spec.num_trials - finished} of {spec.num_trials} trials unfinished; "
+            f"the state is saved: `sweep run SPEC --resume` finishes it"
+        )
     summary(results, spec).write(path)
     return results
 
@@ -146,7 +154,10 @@ def check_experiment_location(spec: SweepSpec, resume: bool) -> None:
     if resume and not exists:
         raise ConfigError(f"--resume: no experiment to resume at {spec.experiment_path}")
     if not resume and exists:
-        raise ConfigError(f"{spec.experiment_path} already holds experiment {spec.name!r}; pass --resume to finish it or --name to start another")
+        raise ConfigError(
+            f"{spec.experiment_path} already holds experiment {spec.name!r}; pass --resume to finish it or --name to "
+            "start another"
+        )
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
@@ -183,12 +194,16 @@ def with_shared_fid_reference(spec: SweepSpec, data: ImageDataset, features: Opt
     per_trial = any(key in ("data", "fid.ref_num_images") or key.startswith("data.") for key in spec.dotted_keys())
     if not spec.fid_enabled or per_trial or config.fid.reference:
         return spec
-    features = features or InceptionFeatures(config.fid.weights, resolve_device(config.train.device), config.fid.batch_size)
+    features = features or InceptionFeatures(
+        config.fid.weights, resolve_device(config.train.device), config.fid.batch_size
+    )
     experiment = spec.experiment_path
     if not storage.is_uri(experiment):
         folder = Path(experiment) / REFERENCE_DIR
         reference = reference_statistics(data, features, config.fid.ref_num_images, folder)
-        return dataclasses.replace(spec, run_config=config.with_overrides({"fid.reference": str(folder / reference.name)}))
+        return dataclasses.replace(
+            spec, run_config=config.with_overrides({"fid.reference": str(folder / reference.name)})
+        )
     stored = storage.join(experiment, REFERENCE_DIR)
     with tempfile.TemporaryDirectory(prefix="sweep-fid-reference-") as scratch:
         storage.download_tree(stored, scratch)
@@ -234,7 +249,8 @@ def check_resources(spec: SweepSpec, cluster: dict[str, float]) -> None:
         available = cluster.get(name.upper(), 0.0)
         if wanted > available:
             raise ConfigError(
-                f"resources.{name}: each trial asks for {wanted:g} {name.upper()} but the Ray cluster has {available:g}; "
+                f"resources.{name}: each trial asks for {wanted:g} {name.upper()} but the Ray cluster has "
+                f"{available:g}; "
                 f"lower resources.{name} in the spec (e.g. 0 to run on CPU) or attach to a cluster with --address"
             )
 

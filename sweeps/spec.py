@@ -25,9 +25,22 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from diffusion_lib.config import (
-    EMA_INITIALISATION_WARN_SHARE, SEED_KEY, TOTAL_STEPS_KEY, EmaConfig,
-    AT_LEAST_1, POSITIVE, Check, ConfigError, RunConfig, flatten, load_dataclass, opt, parse_override, read_yaml,
-    resolve_paths, set_dotted,
+    AT_LEAST_1,
+    EMA_INITIALISATION_WARN_SHARE,
+    POSITIVE,
+    SEED_KEY,
+    TOTAL_STEPS_KEY,
+    Check,
+    ConfigError,
+    EmaConfig,
+    RunConfig,
+    flatten,
+    load_dataclass,
+    opt,
+    parse_override,
+    read_yaml,
+    resolve_paths,
+    set_dotted,
 )
 from diffusion_lib.milestone import CURVATURE, FID, RANKABLE
 from record import storage
@@ -132,7 +145,9 @@ class SectionSearch:
     def parse(cls, section: str, raw: Any) -> "SectionSearch":
         dist = Distribution.parse(section, raw)
         if not dist.is_listed or not all(isinstance(v, dict) and v for v in dist.args):
-            raise ConfigError(f"search.{section}: a whole section is searched with grid or choice over mappings of its keys")
+            raise ConfigError(
+                f"search.{section}: a whole section is searched with grid or choice over mappings of its keys"
+            )
         return cls(section, dist.kind, dist.args)
 
     @property
@@ -159,8 +174,10 @@ class SectionSearch:
 
     def recorded(self) -> dict[str, dict[str, list]]:
         """sweep.json's record: a `choice` over the values each dotted key takes in the variants."""
-        return {key: {"choice": list(dict.fromkeys(v[key.split(".")[1]] for v in self.args if key.split(".")[1] in v))}
-                for key in self.dotted_keys()}
+        return {
+            key: {"choice": list(dict.fromkeys(v[key.split(".")[1]] for v in self.args if key.split(".")[1] in v))}
+            for key in self.dotted_keys()
+        }
 
     def values_of(self, key: str, base: RunConfig) -> list[Any]:
         """The values a dotted key of this section takes across the variants."""
@@ -178,7 +195,9 @@ class Scheduler:
     errors of the difference."""
 
     type: Literal["none", "asha", "racing"] = "none"
-    grace_period: Optional[int] = opt(None, Check(lambda v: v is None or v >= 1, "an integer >= 1"))  # steps; default eval.every
+    grace_period: Optional[int] = opt(
+        None, Check(lambda v: v is None or v >= 1, "an integer >= 1")
+    )  # steps; default eval.every
     reduction_factor: float = opt(2.0, Check(lambda v: v > 1, "a number > 1"))
     z: float = opt(2.5, POSITIVE)  # racing only
 
@@ -186,7 +205,9 @@ class Scheduler:
 @dataclass
 class Resources:
     cpu: float = opt(1.0, POSITIVE)
-    gpu: float = opt(0.0, Check(lambda v: v >= 0, "a number >= 0"))  # fractional packs trials onto one GPU, e.g. 0.25 for four
+    gpu: float = opt(
+        0.0, Check(lambda v: v >= 0, "a number >= 0")
+    )  # fractional packs trials onto one GPU, e.g. 0.25 for four
 
 
 @dataclass
@@ -218,13 +239,17 @@ class SweepSpec:
             raise ConfigError(f"search.{self.grid_keys[0]}: grid is not supported with algorithm optuna; use choice")
         if self.algorithm == "grid" and len(self.grid_keys) != len(self.search):
             sampled = next(k for k in self.search if k not in self.grid_keys)
-            raise ConfigError(f"search.{sampled}: algorithm grid takes only grid entries; use algorithm random to sample")
+            raise ConfigError(
+                f"search.{sampled}: algorithm grid takes only grid entries; use algorithm random to sample"
+            )
         if self.metric == FID.name and not any(self.candidates("fid.num_samples")):
             raise ConfigError("metric: val/fid needs fid.num_samples > 0 in the run config")
         if self.metric == CURVATURE.name and self.run_config.curvature.probes == 0:
             raise ConfigError("metric: curvature/hutch_trace_mean needs curvature.probes > 0 in the run config")
         if self.repeats > 1 and (self.algorithm != "grid" or SEED_KEY in self.search):
-            raise ConfigError("repeats: seed repeats need algorithm grid and train.seed not searched (repeats set the seeds)")
+            raise ConfigError(
+                "repeats: seed repeats need algorithm grid and train.seed not searched (repeats set the seeds)"
+            )
         if self.scheduler.type != "none":
             if self.scheduler.grace_period is None:
                 self.scheduler.grace_period = self.run_config.eval.every
@@ -232,8 +257,10 @@ class SweepSpec:
                 off = [rung for rung in self.rungs() if rung % every]
                 if off:
                     raise ConfigError(
-                        f"scheduler.grace_period: {self.scheduler.type} would compare trials at step {off[0]}, which is not a "
-                        f"milestone (eval.every = {every}); use a grace period that is a multiple of eval.every (and a whole "
+                        f"scheduler.grace_period: {self.scheduler.type} would compare trials at step {off[0]}, which "
+                        "is not a "
+                        f"milestone (eval.every = {every}); use a grace period that is a multiple of eval.every (and "
+                        "a whole "
                         "reduction_factor)"
                     )
 
@@ -266,6 +293,7 @@ class SweepSpec:
         or larger): training steps and images, generated FID samples, and images through
         Inception (the reference once, then every FID sample). Exact for grids; a sampled key
         counts at its largest value, so Optuna and random searches get an upper bound."""
+
         def largest(dist: Distribution) -> Any:
             numbers = [v for v in dist.candidates() if isinstance(v, (int, float)) and not isinstance(v, bool)]
             return max(numbers) if numbers else dist.candidates()[0]
@@ -280,19 +308,26 @@ class SweepSpec:
             finished = steps == config.train.total_steps
             totals["steps"] += per_point * steps
             totals["images"] += per_point * steps * config.train.batch_size
-            totals["fid_samples"] += per_point * (milestones * config.fid.num_samples + (config.fid.final_num_samples if finished else 0))
+            totals["fid_samples"] += per_point * (
+                milestones * config.fid.num_samples + (config.fid.final_num_samples if finished else 0)
+            )
         fid, data = self.run_config.fid, self.run_config.data
-        reference = (fid.ref_num_images or data.num_images or 50_000) if totals["fid_samples"] else 0  # 50,000: CIFAR-10's
+        reference = (
+            (fid.ref_num_images or data.num_images or 50_000) if totals["fid_samples"] else 0
+        )  # 50,000: CIFAR-10's
         return {"trials": self.num_trials, **totals, "inception_images": reference + totals["fid_samples"]}
 
     def asha_cost(self) -> dict[str, int]:
         """`cost()` if ASHA promoted exactly 1/reduction_factor of the trials at each rung (its
         nominal schedule; asynchronous promotion can let more through early on)."""
         rungs = [int(r) for r in self.rungs()] + [self.max_total_steps()]
-        shares = [self.scheduler.reduction_factor ** -k for k in range(len(rungs))]
+        shares = [self.scheduler.reduction_factor**-k for k in range(len(rungs))]
         stopping = [a - b for a, b in zip(shares, shares[1:] + [0.0])]  # trials that stop at each rung
         totals = [self.cost(stop_at=r) for r in rungs]
-        return {key: round(sum(s * t[key] for s, t in zip(stopping, totals))) if key != "trials" else totals[0][key] for key in totals[0]}
+        return {
+            key: round(sum(s * t[key] for s, t in zip(stopping, totals))) if key != "trials" else totals[0][key]
+            for key in totals[0]
+        }
 
     def warnings(self) -> list[str]:
         """What makes a search measure something else than it claims, short of an error."""
@@ -303,7 +338,8 @@ class SweepSpec:
                 left = EmaConfig(decay).initialisation_left(grace)
                 if left > EMA_INITIALISATION_WARN_SHARE:
                     found.append(
-                        f"ema.decay={decay}: at the scheduler's first rung (step {grace}) {left:.0%} of the EMA weights that FID "
+                        f"ema.decay={decay}: at the scheduler's first rung (step {grace}) {left:.0%} of the EMA "
+                        "weights that FID "
                         "is measured on are still the random initialisation, so the rung compares EMA lag, not models; "
                         "lower ema.decay or raise scheduler.grace_period"
                     )
@@ -350,7 +386,9 @@ def short_params(searched: dict[str, Any]) -> str:
     return trial_label(flatten(searched))
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None, *, name: Optional[str] = None, storage: Optional[str] = None) -> SweepSpec:
+def load_spec(
+    path: str | Path, overrides: list[str] | None = None, *, name: Optional[str] = None, storage: Optional[str] = None
+) -> SweepSpec:
     """Read and validate a search-space file. `overrides` are `--set key=value` on the run
     config; `name` and `storage` (the CLI's options) replace the spec's own."""
     path = Path(path)
@@ -374,7 +412,9 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, *, name: Opt
         elif key in run_config.flat():
             distributions[key] = searched = Distribution.parse(key, value)
         else:
-            raise ConfigError(f"search.{key}: not a run-config key (e.g. loss.minsnr_gamma, train.total_steps) or section")
+            raise ConfigError(
+                f"search.{key}: not a run-config key (e.g. loss.minsnr_gamma, train.total_steps) or section"
+            )
         for candidate in searched.candidates():
             try:
                 run_config.with_overrides({key: candidate})

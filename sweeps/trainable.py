@@ -50,14 +50,20 @@ def train_trial(searched: dict[str, Any], *, base: RunConfig, make_trainer: Trai
             shutil.copy(scratch / "restored" / METRICS_FILE, run_dir / METRICS_FILE)
 
         trainer = make_trainer(
-            with_local_fid_reference(config, scratch), run_dir, resume_from=resume_from, checkpoint_dir=scratch / CHECKPOINT_DIR, progress=False,
+            with_local_fid_reference(config, scratch),
+            run_dir,
+            resume_from=resume_from,
+            checkpoint_dir=scratch / CHECKPOINT_DIR,
+            progress=False,
         )
 
         def report(row: dict[str, Any], checkpoint_path: Path) -> None:
             staged = Path(tempfile.mkdtemp(dir=scratch, prefix="report-"))
             os.link(checkpoint_path, staged / checkpoint_path.name)
             shutil.copy(run_dir / METRICS_FILE, staged / METRICS_FILE)
-            tune.report({k: v for k, v in row.items() if v is not None}, checkpoint=tune.Checkpoint.from_directory(str(staged)))
+            tune.report(
+                {k: v for k, v in row.items() if v is not None}, checkpoint=tune.Checkpoint.from_directory(str(staged))
+            )
             shutil.rmtree(staged, ignore_errors=True)
 
         trainer.fit(on_milestone=report)

@@ -67,7 +67,9 @@ def write_spec(tmp_path: Path, **fields) -> Path:
     return path
 
 
-def trainer_with_parts(config: RunConfig, run_dir: Path, *, trainer_class: type = Trainer, loss_class: type | None = None, **kwargs) -> Trainer:
+def trainer_with_parts(
+    config: RunConfig, run_dir: Path, *, trainer_class: type = Trainer, loss_class: type | None = None, **kwargs
+) -> Trainer:
     """A CPU Trainer built the way `create_trainer` builds one, with a Trainer subclass or a loss
     class of the test's choosing; FID is handed the stand-in feature extractor."""
     torch.manual_seed(config.train.seed)
@@ -77,7 +79,10 @@ def trainer_with_parts(config: RunConfig, run_dir: Path, *, trainer_class: type 
         from diffusion_lib.metrics.fid import reference_statistics
 
         kwargs.setdefault("features", StandInFeatures())
-        kwargs.setdefault("fid_reference", reference_statistics(data, kwargs["features"], config.fid.ref_num_images, config.fid.cache_dir))
+        kwargs.setdefault(
+            "fid_reference",
+            reference_statistics(data, kwargs["features"], config.fid.ref_num_images, config.fid.cache_dir),
+        )
     loss = loss_class(diffusion, config.loss.weighting, config.loss.minsnr_gamma) if loss_class else default_loss
     return trainer_class(config, run_dir, model=model, diffusion=diffusion, loss=loss, data=data, **kwargs)
 
@@ -129,8 +134,18 @@ def run_sweep_with_standin_fid(spec, *test_modules):
 # ---- experiment folders, written with the record's own writers (no Ray) -----------------------
 
 
-def write_trial(experiment: Path, name: str, rows=(), *, searched: dict, total_steps: int = 30, torn: str = "",
-                error: str | None = None, metrics: bool = True, config: dict | None = None) -> Path:
+def write_trial(
+    experiment: Path,
+    name: str,
+    rows=(),
+    *,
+    searched: dict,
+    total_steps: int = 30,
+    torn: str = "",
+    error: str | None = None,
+    metrics: bool = True,
+    config: dict | None = None,
+) -> Path:
     """A trial folder as a sweep leaves it: trial.json, metrics.jsonl (with `torn` appended, as a
     run killed mid-write leaves it) and Ray's error.txt when `error` is given."""
     folder = experiment / name
@@ -146,8 +161,12 @@ def write_sweep_file(experiment: Path, search: dict, metric: str = "val/fid") ->
     SweepFile(metric, "min", search).write(str(experiment))
 
 
-def write_summary(experiment: Path, states: dict[str, str], error: str = "NonFiniteLossError: non-finite training loss at step 14") -> None:
-    Summary({name: TrialOutcome(state, error if state == "errored" else None) for name, state in states.items()}).write(str(experiment))
+def write_summary(
+    experiment: Path, states: dict[str, str], error: str = "NonFiniteLossError: non-finite training loss at step 14"
+) -> None:
+    Summary({name: TrialOutcome(state, error if state == "errored" else None) for name, state in states.items()}).write(
+        str(experiment)
+    )
 
 
 def write_ray_state(experiment: Path, trials: dict[str, str], *, age_s: float = 0.0) -> Path:
@@ -157,9 +176,22 @@ def write_ray_state(experiment: Path, trials: dict[str, str], *, age_s: float = 
     import json
     import time
 
-    data = [[json.dumps({"trial_id": name.split("_")[0], "status": status, "relative_logdir": name, "config": {"optim.lr": 5e-4},
-                         "stub": False, "storage": {"_type": "CLOUDPICKLE_FALLBACK", "value": "80"}}),
-             json.dumps({"num_failures": 0, "error_filename": None})] for name, status in trials.items()]
+    data = [
+        [
+            json.dumps(
+                {
+                    "trial_id": name.split("_")[0],
+                    "status": status,
+                    "relative_logdir": name,
+                    "config": {"optim.lr": 5e-4},
+                    "stub": False,
+                    "storage": {"_type": "CLOUDPICKLE_FALLBACK", "value": "80"},
+                }
+            ),
+            json.dumps({"num_failures": 0, "error_filename": None}),
+        ]
+        for name, status in trials.items()
+    ]
     path = experiment / "experiment_state-2026-01-01_00-00-00.json"
     path.write_text(json.dumps({"trial_data": data, "runner_data": {}, "stats": {"start_time": 0}}))
     past = time.time() - age_s
@@ -174,8 +206,13 @@ def train_into_experiment(experiment: Path, name: str, config: RunConfig, search
     extractor against `reference`), its checkpoints where Ray keeps a trial's."""
     folder = experiment / name
     TrialFile(searched, config.flat(), "node-1").write(folder)
-    trainer_with_parts(config, folder, checkpoint_dir=folder / "checkpoint_000000", progress=False,
-                       **({"fid_reference": reference} if reference is not None else {})).fit()
+    trainer_with_parts(
+        config,
+        folder,
+        checkpoint_dir=folder / "checkpoint_000000",
+        progress=False,
+        **({"fid_reference": reference} if reference is not None else {}),
+    ).fit()
     return folder
 
 

@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 from analysis.grids import sample_grid
 from analysis.report import analyze_experiment
 from cli.main import app
-from conftest import StandInFeatures, tiny_config, train_into_experiment, write_summary, write_sweep_file
 from diffusion_lib.data import load_dataset
 from diffusion_lib.metrics.fid import reference_statistics
 from record.files import REFERENCE_DIR
+
+from conftest import StandInFeatures, tiny_config, train_into_experiment, write_summary, write_sweep_file
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -29,12 +30,17 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def experiment(tmp_path_factory) -> Path:
     """Two tiny runs trained without Ray into an experiment folder, as a finished grid leaves it."""
     path = tmp_path_factory.mktemp("sweep") / "tiny"
-    config = tiny_config(train={"total_steps": 30, "batch_size": 8}, fid={"num_samples": 8, "final_num_samples": 16},
-                         curvature={"probes": 2, "batch_size": 4})
+    config = tiny_config(
+        train={"total_steps": 30, "batch_size": 8},
+        fid={"num_samples": 8, "final_num_samples": 16},
+        curvature={"probes": 2, "batch_size": 4},
+    )
     reference = reference_statistics(load_dataset(config.data), StandInFeatures(), None, path / REFERENCE_DIR)
     write_sweep_file(path, {"optim.lr": {"grid": [1e-4, 2e-3]}})
     for i, lr in enumerate([1e-4, 2e-3]):
-        train_into_experiment(path, f"t{i}_lr={lr:g}", config.with_overrides({"optim.lr": lr}), {"optim.lr": lr}, reference)
+        train_into_experiment(
+            path, f"t{i}_lr={lr:g}", config.with_overrides({"optim.lr": lr}), {"optim.lr": lr}, reference
+        )
     write_summary(path, {"t0_lr=0.0001": "finished", "t1_lr=0.002": "finished"})
     return path
 
@@ -62,12 +68,14 @@ def test_tables_have_one_row_per_trial_and_milestone_with_documented_dtypes(anal
     assert trials.column("state").to_pylist() == ["finished", "finished"]
     assert sorted(pd.read_parquet(analysed / "milestones.parquet")["step"].unique()) == [10, 20, 30]
     counts = duckdb.sql(
-        f"select trial_id, count(*) as n, min(\"val/fid\") as best from '{analysed / 'milestones.parquet'}' group by trial_id"
+        f"select trial_id, count(*) as n, min(\"val/fid\") as best from '{analysed / 'milestones.parquet'}' group by "
+        "trial_id"
     ).fetchall()
     assert sorted(n for _, n, _ in counts) == [3, 3]
     joined = duckdb.sql(
         f"select t.\"best.val/fid\", m.best from '{analysed / 'trials.parquet'}' t join "
-        f"(select trial_id, min(\"val/fid\") as best from '{analysed / 'milestones.parquet'}' group by trial_id) m using (trial_id)"
+        f"(select trial_id, min(\"val/fid\") as best from '{analysed / 'milestones.parquet'}' group by trial_id) m "
+        "using (trial_id)"
     ).fetchall()
     assert all(a == pytest.approx(b) for a, b in joined)
 
@@ -92,14 +100,27 @@ def test_best_grid_comes_from_the_lowest_fid_checkpoint_and_is_reproducible(anal
     assert checkpoint.name == f"step_{int(best['step']):07d}.pt" and checkpoint.parent.parent.name == best["trial_id"]
     sample_grid(checkpoint, tmp_path / "a.png")
     sample_grid(checkpoint, tmp_path / "b.png")
-    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes() == (analysed / "best_grid.png").read_bytes()
+    assert (
+        (tmp_path / "a.png").read_bytes()
+        == (tmp_path / "b.png").read_bytes()
+        == (analysed / "best_grid.png").read_bytes()
+    )
     sample_grid(checkpoint, tmp_path / "c.png", seed=1)
     assert (tmp_path / "c.png").read_bytes() != (tmp_path / "a.png").read_bytes()
 
 
 def test_plots_are_valid_pngs_and_the_report_links_only_existing_files(analysed):
-    for name in ["fid_vs_step", "loss_vs_step", "curvature_vs_step", "fid_vs_wall_time", "best_by_optim.lr", "best_grid", "grid_rank2", "denoise",
-                 "parallel_coordinates"]:
+    for name in [
+        "fid_vs_step",
+        "loss_vs_step",
+        "curvature_vs_step",
+        "fid_vs_wall_time",
+        "best_by_optim.lr",
+        "best_grid",
+        "grid_rank2",
+        "denoise",
+        "parallel_coordinates",
+    ]:
         data = (analysed / f"{name}.png").read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 2000, name
     report = (analysed / "report.md").read_text()

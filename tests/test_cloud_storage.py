@@ -22,16 +22,25 @@ import pytest
 import ray
 from typer.testing import CliRunner
 
-from conftest import TINY_RUN, run_sweep_with_standin_fid, write_spec
-from record import storage
 from cli.main import app
+from record import storage
 from sweeps.spec import load_spec
+
+from conftest import TINY_RUN, run_sweep_with_standin_fid, write_spec
 
 BUCKET = "sweeps-test"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 # Settings from the developer's shell that would send requests elsewhere or change how they are signed.
-FOREIGN = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
-           "AWS_SHARED_CREDENTIALS_FILE", "AWS_REGION", "RAY_ADDRESS")
+FOREIGN = (
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_REGION",
+    "RAY_ADDRESS",
+)
 
 
 def free_port() -> int:
@@ -45,15 +54,19 @@ class S3Server:
         self.port = port
         self.endpoint = f"http://127.0.0.1:{port}"
         self.fs = pafs.S3FileSystem(
-            access_key=CREDENTIALS["AWS_ACCESS_KEY_ID"], secret_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region="us-east-1",
-            endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True,
+            access_key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            secret_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            region="us-east-1",
+            endpoint_override=f"127.0.0.1:{port}",
+            scheme="http",
+            allow_bucket_creation=True,
         )
 
     def files(self, prefix: str) -> list[str]:
         """Object keys under `BUCKET/prefix`, relative to it."""
         root = f"{BUCKET}/{prefix}".rstrip("/")
         infos = self.fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-        return sorted(i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File)
+        return sorted(i.path[len(root) + 1 :] for i in infos if i.type == pafs.FileType.File)
 
     def read(self, key: str) -> str:
         with self.fs.open_input_stream(f"{BUCKET}/{key}") as f:
@@ -64,13 +77,19 @@ class S3Server:
 def s3(tmp_path_factory):
     """moto's S3 server on a free port, with an empty bucket; skipped only if it cannot start."""
     if tuple(int(p) for p in version("moto").split(".")[:3]) < (5, 2, 2):
-        pytest.fail(f"moto {version('moto')}: its server answers CompleteMultipartUpload with a root element pyarrow "
-                    "rejects (getmoto/moto#10055, fixed in 5.2.2); install the test extra: pip install -e '.[test]'")
+        pytest.fail(
+            f"moto {version('moto')}: its server answers CompleteMultipartUpload with a root element pyarrow "
+            "rejects (getmoto/moto#10055, fixed in 5.2.2); install the test extra: pip install -e '.[test]'"
+        )
     port = free_port()
     log = tmp_path_factory.mktemp("moto") / "server.log"
     with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.time() + 60
         while True:
@@ -130,7 +149,10 @@ def test_bad_storage_is_exit_2_before_ray_starts(aws_env, tmp_path, monkeypatch,
         "unknown scheme": ("nosuchscheme://x/runs", "storage: nosuchscheme://x/runs is not a location pyarrow"),
         "malformed": ("s3:///runs", "storage: s3:///runs is not a location pyarrow"),
         "unreachable endpoint": (f"s3://{BUCKET}/runs", f"storage: cannot reach s3://{BUCKET}/runs"),
-        "missing bucket": ("s3://no-such-bucket/runs", "storage: s3://no-such-bucket/runs: bucket 'no-such-bucket' does not exist"),
+        "missing bucket": (
+            "s3://no-such-bucket/runs",
+            "storage: s3://no-such-bucket/runs: bucket 'no-such-bucket' does not exist",
+        ),
     }[case]
     if case == "unreachable endpoint":
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
@@ -145,7 +167,11 @@ def test_bad_storage_is_exit_2_before_ray_starts(aws_env, tmp_path, monkeypatch,
     if case != "unreachable endpoint":  # the same check (each try there waits out pyarrow's retries)
         for command in ("status", "analyze"):
             result = CliRunner().invoke(app, [command, storage_uri.replace("/runs", "/runs/tiny")])
-            assert result.exit_code == 2 and f"error: {expected.replace('storage: ', 'EXPERIMENT: ').replace('/runs', '/runs/tiny')}" in result.output, result.output
+            assert (
+                result.exit_code == 2
+                and f"error: {expected.replace('storage: ', 'EXPERIMENT: ').replace('/runs', '/runs/tiny')}"
+                in result.output
+            ), result.output
 
 
 def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
@@ -161,14 +187,20 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
     prefix, uri = "sweeps/tiny", f"s3://{BUCKET}/sweeps/tiny"
     cmd = [sys.executable, "-m", "cli", "run", str(spec), "--no-analyze"]
     env = dict(os.environ)
-    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
 
     # Kill once Ray's state in the bucket records a checkpoint of an unfinished trial (then --resume
     # must restore that trial from it, or from a later one), i.e. mid-sweep with a checkpoint stored.
     deadline = time.time() + 150
     try:
         while True:
-            known = [(t, r) for t, r in newest_ray_state(s3, prefix) if r.get("checkpoint_dir_name") and r.get("step", total) < total]
+            known = [
+                (t, r)
+                for t, r in newest_ray_state(s3, prefix)
+                if r.get("checkpoint_dir_name") and r.get("step", total) < total
+            ]
             if known:
                 interrupted, last = known[0]
                 try:  # the milestones that checkpoint holds
@@ -177,7 +209,10 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
                 except OSError:  # already replaced by a newer checkpoint: look again
                     pass
             if driver.poll() is not None or time.time() > deadline:
-                pytest.fail(f"the sweep did not reach the kill point (exit code {driver.poll()}); in the bucket: {s3.files(prefix)}")
+                pytest.fail(
+                    f"the sweep did not reach the kill point (exit code {driver.poll()}); in the bucket: "
+                    f"{s3.files(prefix)}"
+                )
             time.sleep(0.3)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
@@ -185,7 +220,9 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
     # Just killed: Ray's state in the bucket is seconds old, so status (reading the mirror's times,
     # which are the objects') still calls the sweep running; after 5 minutes it would say killed.
     status = CliRunner().invoke(app, ["status", uri])
-    assert status.exit_code == 0 and f"{uri}: sweep running (Ray's driver wrote its state" in status.output, status.output
+    assert status.exit_code == 0 and f"{uri}: sweep running (Ray's driver wrote its state" in status.output, (
+        status.output
+    )
     assert before and before[-1]["step"] == last["step"]
 
     resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -194,7 +231,9 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
     trials = sorted({key.split("/")[0] for key in files if key.endswith("/trial.json")})
     assert len(trials) == 2 and interrupted in trials
     for trial in trials:
-        assert [r["step"] for r in rows(s3.read(f"{prefix}/{trial}/metrics.jsonl"))] == list(range(20, total + 1, 20)), trial
+        assert [r["step"] for r in rows(s3.read(f"{prefix}/{trial}/metrics.jsonl"))] == list(
+            range(20, total + 1, 20)
+        ), trial
     after = rows(s3.read(f"{prefix}/{interrupted}/metrics.jsonl"))
     assert after[: len(before)] == before  # resumed from its checkpoint (same rows, same wall times), not from step 0
     assert {"sweep.json", "experiment_summary.json"} <= set(files)
@@ -206,7 +245,14 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
     out = tmp_path / "analysis"
     analysed = CliRunner().invoke(app, ["analyze", uri, "--out", str(out)])
     assert analysed.exit_code == 0, analysed.output
-    for name in ("report.md", "report.html", "trials.parquet", "milestones.parquet", "best_grid.png", "loss_vs_step.png"):
+    for name in (
+        "report.md",
+        "report.html",
+        "trials.parquet",
+        "milestones.parquet",
+        "best_grid.png",
+        "loss_vs_step.png",
+    ):
         assert (out / name).is_file(), name
     assert pq.read_table(out / "trials.parquet").num_rows == 2
     assert pq.read_table(out / "milestones.parquet").num_rows == 2 * total // 20
@@ -236,8 +282,15 @@ def test_fid_reference_is_computed_once_uploaded_and_downloaded_by_the_trials(aw
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     query = f"endpoint_override=127.0.0.1:{s3.port}&scheme=http"
     base = {**TINY_RUN, "fid": {"num_samples": 8, "final_num_samples": 16, "cache_dir": str(tmp_path / "fid_cache")}}
-    spec = load_spec(write_spec(tmp_path, base=base, metric="val/fid", search={"optim.lr": {"grid": [1e-4, 2e-4]}},
-                                storage=f"s3://{BUCKET}/fid?{query}"))
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            base=base,
+            metric="val/fid",
+            search={"optim.lr": {"grid": [1e-4, 2e-4]}},
+            storage=f"s3://{BUCKET}/fid?{query}",
+        )
+    )
     run_sweep_with_standin_fid(spec)
     assert not (tmp_path / "fid_cache").exists()  # no trial computed a reference of its own
 

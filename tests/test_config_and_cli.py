@@ -8,10 +8,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from diffusion_lib.config import RunConfig, load_config
-from diffusion_lib.data import load_dataset
-from diffusion_lib.config import ConfigError, DataConfig
 from cli.main import app
+from diffusion_lib.config import ConfigError, DataConfig, RunConfig, load_config
+from diffusion_lib.data import load_dataset
+
 from conftest import CIFAR_ROOT, needs_cifar
 
 runner = CliRunner()
@@ -22,7 +22,13 @@ def test_defaults_reproduce_the_e1_baseline():
     assert (c.data.name, c.model.base_channels, c.model.dropout) == ("cifar10", 32, 0.1)
     assert (c.diffusion.beta_schedule, c.diffusion.num_timesteps, c.diffusion.prediction) == ("linear", 1000, "eps")
     assert (c.loss.weighting, c.train.batch_size, c.optim.lr, c.train.grad_clip) == ("constant", 4, 1e-4, 1.0)
-    assert (c.ema.decay, c.eval.sampler, c.eval.nfe, c.train.seed, c.train.total_steps) == (0.999, "ddpm", 50, 1077, 10_000)
+    assert (c.ema.decay, c.eval.sampler, c.eval.nfe, c.train.seed, c.train.total_steps) == (
+        0.999,
+        "ddpm",
+        50,
+        1077,
+        10_000,
+    )
 
 
 def test_overrides_are_typed_and_paths_made_absolute(tmp_path, monkeypatch):
@@ -101,14 +107,18 @@ def test_folder_data_set_reads_any_images(tmp_path):
 
 def test_sweep_train_console_script_runs_and_resumes(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"name": "shapes", "num_images": 32},
-        "model": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1},
-        "train": {"total_steps": 10, "batch_size": 4},
-        "eval": {"every": 5, "nfe": 3, "grid_size": 4},
-        "fid": {"num_samples": 0, "final_num_samples": 0},
-        "curvature": {"probes": 0},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"name": "shapes", "num_images": 32},
+                "model": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1},
+                "train": {"total_steps": 10, "batch_size": 4},
+                "eval": {"every": 5, "nfe": 3, "grid_size": 4},
+                "fid": {"num_samples": 0, "final_num_samples": 0},
+                "curvature": {"probes": 0},
+            }
+        )
+    )
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "cli", "train", str(config), "--out", str(out)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

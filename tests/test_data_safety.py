@@ -10,12 +10,13 @@ import shlex
 import numpy as np
 import pytest
 import yaml
-from conftest import CIFAR_ROOT, TINY_RUN, needs_cifar
 from typer.testing import CliRunner
 
+from cli.main import app
 from diffusion_lib.config import ConfigError, DataConfig
 from diffusion_lib.data import CIFAR_FOLDER, CIFAR_TRAIN_FILES, load_dataset
-from cli.main import app
+
+from conftest import CIFAR_ROOT, TINY_RUN, needs_cifar
 
 IMAGES_PER_FILE = 4
 FORBIDDEN = f"{os.system.__module__}.system"  # posix.system on Linux
@@ -38,8 +39,12 @@ def write_batch(path, entry):
 
 def valid_batch(i):
     data = np.random.default_rng(i).integers(0, 256, (IMAGES_PER_FILE, 3072), dtype=np.uint8)
-    return {b"batch_label": f"training batch {i} of 5".encode(), b"labels": [i] * IMAGES_PER_FILE,
-            b"data": data, b"filenames": [f"img_{i}_{j}.png".encode() for j in range(IMAGES_PER_FILE)]}
+    return {
+        b"batch_label": f"training batch {i} of 5".encode(),
+        b"labels": [i] * IMAGES_PER_FILE,
+        b"data": data,
+        b"filenames": [f"img_{i}_{j}.png".encode() for j in range(IMAGES_PER_FILE)],
+    }
 
 
 def cifar_root(tmp_path, marker=None):

@@ -10,15 +10,32 @@ import numpy as np
 import pytest
 
 from analysis.decisions import basis_warnings, configurations, effect_sentences, rank_agreement
-from conftest import REPO
 from record.experiment import Experiment, Trial
 from sweeps.spec import load_spec
 
+from conftest import REPO
 
-def trial(trial_id: str, searched: dict, fids: list[float], stderr: float = 1.0, count: int = 2000, reference: str = "ref.npz", steps=None) -> Trial:
+
+def trial(
+    trial_id: str,
+    searched: dict,
+    fids: list[float],
+    stderr: float = 1.0,
+    count: int = 2000,
+    reference: str = "ref.npz",
+    steps=None,
+) -> Trial:
     steps = steps or [2000 * (i + 1) for i in range(len(fids))]
-    rows = [{"step": s, "val/fid": f, "val/fid_stderr": stderr, "val/fid_num_samples": count, "val/fid_reference": reference}
-            for s, f in zip(steps, fids)]
+    rows = [
+        {
+            "step": s,
+            "val/fid": f,
+            "val/fid_stderr": stderr,
+            "val/fid_num_samples": count,
+            "val/fid_reference": reference,
+        }
+        for s, f in zip(steps, fids)
+    ]
     return Trial(trial_id, Path(trial_id), searched=searched, milestones=rows, state="finished")
 
 
@@ -32,13 +49,19 @@ def sentences(exp: Experiment) -> list[str]:
 
 def test_two_configurations_a_noise_apart_read_as_a_tie():
     """The research notes' E7a vs E7c: 203.6 vs 203.2, each ± 1.0."""
-    (sentence,) = sentences(experiment(trial("e7a", {"model.base_channels": 32}, [203.6]), trial("e7c", {"model.base_channels": 64}, [203.2])))
+    (sentence,) = sentences(
+        experiment(
+            trial("e7a", {"model.base_channels": 32}, [203.6]), trial("e7c", {"model.base_channels": 64}, [203.2])
+        )
+    )
     assert "Best val/fid is at base_channels = 64 (203.2 ± 1)" in sentence
     assert "base_channels = 32: 203.6 ± 1 (within noise: +0.4 ± 1.4, jackknife)" in sentence
 
 
 def test_a_gap_of_many_standard_errors_is_stated_as_an_effect():
-    (sentence,) = sentences(experiment(trial("a", {"optim.lr": 1e-4}, [203.6]), trial("b", {"optim.lr": 1e-3}, [180.0])))
+    (sentence,) = sentences(
+        experiment(trial("a", {"optim.lr": 1e-4}, [203.6]), trial("b", {"optim.lr": 1e-3}, [180.0]))
+    )
     assert "lr = 0.0001: 203.6 ± 1 (an effect: +23.6 ± 1.4, jackknife)" in sentence
 
 
@@ -67,8 +90,11 @@ def test_fids_sampled_from_the_same_noise_are_compared_paired():
 
 def test_seed_repeats_are_grouped_and_their_spread_is_the_noise():
     rng = np.random.default_rng(0)
-    trials = [trial(f"{lr}-{seed}", {"optim.lr": lr, "train.seed": seed}, [base + rng.normal(0, 3.0)], stderr=0.5)
-              for lr, base in [(1e-4, 200.0), (1e-3, 201.0)] for seed in (1, 2, 3)]
+    trials = [
+        trial(f"{lr}-{seed}", {"optim.lr": lr, "train.seed": seed}, [base + rng.normal(0, 3.0)], stderr=0.5)
+        for lr, base in [(1e-4, 200.0), (1e-3, 201.0)]
+        for seed in (1, 2, 3)
+    ]
     exp = experiment(*trials)
     configs = configurations(exp)
     assert [len(c.best_fids) for c in configs] == [3, 3]
@@ -80,8 +106,11 @@ def test_seed_repeats_are_grouped_and_their_spread_is_the_noise():
 
 
 def test_fids_on_different_counts_or_references_are_not_ranked_together():
-    exp = experiment(trial("a", {"optim.lr": 1e-4}, [250.0]), trial("b", {"optim.lr": 1e-3}, [230.0]),
-                     trial("c", {"optim.lr": 3e-3}, [150.0], count=10_000))
+    exp = experiment(
+        trial("a", {"optim.lr": 1e-4}, [250.0]),
+        trial("b", {"optim.lr": 1e-3}, [230.0]),
+        trial("c", {"optim.lr": 3e-3}, [150.0], count=10_000),
+    )
     warnings = basis_warnings(exp)
     assert exp.basis == (2000, "ref.npz")
     assert len(warnings) == 1 and "not ranked" in warnings[0] and warnings[0].endswith(": c")
@@ -101,10 +130,11 @@ def test_rank_agreement_reads_strong_agreement_and_shuffled_finals_as_too_weak()
 
 
 def test_repeats_give_each_configuration_k_distinct_seeds(tmp_path):
-    from conftest import write_spec
     from typer.testing import CliRunner
 
     from cli.main import app
+
+    from conftest import write_spec
 
     path = write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4, 1e-3]}}, repeats=3)
     spec = load_spec(path)

@@ -17,11 +17,12 @@ import ray
 import yaml
 from typer.testing import CliRunner
 
-import conftest
-from conftest import REPO, SHARED, TINY_RUN, needs_fid_weights, trainer_with_parts, write_spec
 from cli.main import app, report_results
 from sweeps.runner import run_sweep
 from sweeps.spec import load_spec
+
+import conftest
+from conftest import REPO, SHARED, TINY_RUN, needs_fid_weights, trainer_with_parts, write_spec
 
 runner = CliRunner()
 ANSI = re.compile(r"\x1b\[")
@@ -30,7 +31,7 @@ ANSI = re.compile(r"\x1b\[")
 def readme_block(heading: str) -> list[str]:
     """The command lines of the first ```bash block after `heading` in the README."""
     text = (REPO / "README.md").read_text()
-    block = text[text.index(heading):].split("```bash\n", 1)[1].split("```", 1)[0]
+    block = text[text.index(heading) :].split("```bash\n", 1)[1].split("```", 1)[0]
     return [line for line in block.splitlines() if line.strip()]
 
 
@@ -50,19 +51,23 @@ def test_the_readme_main_job_runs_as_printed(tmp_path):
     shutil.copytree(REPO / "configs", clone / "configs")
     (tmp_path / "shared").symlink_to(SHARED)  # ../shared, as the README's relative path expects
     smoke = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
-    smoke["base"].update({
-        "data": {"name": "shapes", "num_images": 64},
-        "model": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1},
-        "train": {"total_steps": 20, "batch_size": 8},
-        "ema": {"decay": 0.8},
-        "eval": {"every": 10, "nfe": 5, "grid_size": 4, "batch_size": 16},
-        "fid": {"num_samples": 8, "final_num_samples": 8, "ref_num_images": 32},
-        "curvature": {"probes": 2, "batch_size": 4},
-    })
+    smoke["base"].update(
+        {
+            "data": {"name": "shapes", "num_images": 64},
+            "model": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1},
+            "train": {"total_steps": 20, "batch_size": 8},
+            "ema": {"decay": 0.8},
+            "eval": {"every": 10, "nfe": 5, "grid_size": 4, "batch_size": 16},
+            "fid": {"num_samples": 8, "final_num_samples": 8, "ref_num_images": 32},
+            "curvature": {"probes": 2, "batch_size": 4},
+        }
+    )
     smoke["scheduler"]["grace_period"] = 10
     (clone / "search_spaces" / "smoke.yaml").write_text(yaml.safe_dump(smoke))
 
-    done = subprocess.run(["bash", "-ec", "\n".join(lines)], cwd=clone, env=user_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        ["bash", "-ec", "\n".join(lines)], cwd=clone, env=user_env(), capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = clone / "runs" / "smoke" / "analysis" / "report.md"
     assert f"report: {report}" in done.stdout and report.is_file()
@@ -79,10 +84,20 @@ def test_relative_paths_mean_what_the_user_typed(tmp_path):
     (launch / "images").mkdir(parents=True)
     for i in range(8):
         Image.new("RGB", (32, 32), (30 * i, 100, 200)).save(launch / "images" / f"{i}.png")
-    spec = write_spec(launch, base={**TINY_RUN, "data": {"name": "folder", "root": "images"}}, storage="runs",
-                      search={"optim.lr": {"grid": [1e-4]}})
-    done = subprocess.run([sys.executable, "-m", "cli", "run", spec.name, "--no-analyze"], cwd=launch, env=user_env(),
-                          capture_output=True, text=True, timeout=400)
+    spec = write_spec(
+        launch,
+        base={**TINY_RUN, "data": {"name": "folder", "root": "images"}},
+        storage="runs",
+        search={"optim.lr": {"grid": [1e-4]}},
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "run", spec.name, "--no-analyze"],
+        cwd=launch,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (trial,) = (launch / "runs" / "tiny").glob("*/trial.json")
     assert json.loads(trial.read_text())["config"]["data.root"] == str(launch / "images")
@@ -91,7 +106,11 @@ def test_relative_paths_mean_what_the_user_typed(tmp_path):
 def test_a_missing_weights_file_is_exit_2_naming_the_key_before_any_trial(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SWEEP_FID_WEIGHTS", "nowhere/pt_inception.pth")
-    spec = write_spec(tmp_path, base={**TINY_RUN, "fid": {"num_samples": 8, "final_num_samples": 8}}, search={"optim.lr": {"grid": [1e-4]}})
+    spec = write_spec(
+        tmp_path,
+        base={**TINY_RUN, "fid": {"num_samples": 8, "final_num_samples": 8}},
+        search={"optim.lr": {"grid": [1e-4]}},
+    )
     result = runner.invoke(app, ["run", str(spec)])
     assert result.exit_code == 2, result.output
     assert f"$SWEEP_FID_WEIGHTS: no such file {tmp_path / 'nowhere' / 'pt_inception.pth'}" in result.output
@@ -131,13 +150,22 @@ def test_a_failed_sweep_fails_and_resume_tells_the_truth(tmp_path, local_ray, ca
     error_lines = [line for line in report.splitlines() if line.startswith("- `") and "disk on fire" in line]
     assert len(error_lines) == 2 and not ANSI.search(report)
     assert all(line.endswith("RuntimeError: disk on fire at trial start") for line in error_lines)
-    assert pq.read_table(experiment / "analysis" / "trials.parquet").column("state").to_pylist() == ["errored", "errored"]
-    assert f"report: {experiment / 'analysis' / 'report.md'}" in out.out and f"tensorboard --logdir {experiment}" in out.out
+    assert pq.read_table(experiment / "analysis" / "trials.parquet").column("state").to_pylist() == [
+        "errored",
+        "errored",
+    ]
+    assert (
+        f"report: {experiment / 'analysis' / 'report.md'}" in out.out
+        and f"tensorboard --logdir {experiment}" in out.out
+    )
 
     FIXED.write_text("")
     resumed = run_sweep(spec, resume=True, make_trainer=fail_until_fixed)
     assert report_results(spec, resumed, analyze=True) == 0
-    assert pq.read_table(experiment / "analysis" / "trials.parquet").column("state").to_pylist() == ["finished", "finished"]
+    assert pq.read_table(experiment / "analysis" / "trials.parquet").column("state").to_pylist() == [
+        "finished",
+        "finished",
+    ]
     assert "disk on fire" not in (experiment / "analysis" / "report.md").read_text()
 
     relaxed = load_spec(write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4]}}, fail_on_trial_error=False))

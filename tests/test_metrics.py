@@ -6,26 +6,26 @@ import time
 import numpy as np
 import pytest
 import torch
+import torchvision.utils
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffusion_lib.config import ConfigError
-import torchvision.utils
-
+from cli.main import app
+from diffusion_lib.build import create_trainer
+from diffusion_lib.config import ConfigError, DataConfig
 from diffusion_lib.data import ImageDataset, float_to_uint8, load_dataset, uint8_to_float
-from diffusion_lib.config import DataConfig
 from diffusion_lib.metrics.curvature import hutchinson_trace
 from diffusion_lib.metrics.fid import FeatureStats, InceptionFeatures, reference_statistics
 from diffusion_lib.metrics.frechet import FrechetReference
-from diffusion_lib.build import create_trainer
 from diffusion_lib.milestone import HPARAMS_METRICS
 from diffusion_lib.run_log import write_hparams_config
-from cli.main import app
+
 from conftest import CIFAR_ROOT, FID_WEIGHTS, needs_cifar, needs_fid_weights, tiny_config
 
 
 def closed_form_frechet(mu1, cov1, mu2, cov2) -> float:
     """d² = ‖μ1−μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1^½ Σ2 Σ1^½)^½), by symmetric eigendecompositions."""
+
     def sqrt_psd(m):
         w, v = np.linalg.eigh(m)
         return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
@@ -98,7 +98,9 @@ def test_fid_equals_pytorch_fids_own_computation_on_the_same_pngs(tmp_path, monk
     images = load_dataset(DataConfig(name="cifar10", root=str(CIFAR_ROOT))).images
     # Stand-ins for generated samples: float images in [-1, 1] off the uint8 grid.
     # 100 images a side: four Inception passes of 100 (ours twice, pytorch-fid's twice) at a few images/s.
-    samples = uint8_to_float(images[:100]) + 0.01 * torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    samples = uint8_to_float(images[:100]) + 0.01 * torch.randn(
+        100, 3, 32, 32, generator=torch.Generator().manual_seed(0)
+    )
     (tmp_path / "a").mkdir()
     for i, x in enumerate(samples):
         torchvision.utils.save_image((x + 1) / 2, tmp_path / "a" / f"{i:04d}.png")
@@ -110,9 +112,13 @@ def test_fid_equals_pytorch_fids_own_computation_on_the_same_pngs(tmp_path, monk
     in_memory = FeatureStats.from_features(features(float_to_uint8(samples)))
     in_memory.save(tmp_path / "a.npz")
     runner = CliRunner()
-    saved = runner.invoke(app, ["fid-stats", str(tmp_path / "b"), "--out", str(tmp_path / "b.npz"), "--weights", str(FID_WEIGHTS)])
+    saved = runner.invoke(
+        app, ["fid-stats", str(tmp_path / "b"), "--out", str(tmp_path / "b.npz"), "--weights", str(FID_WEIGHTS)]
+    )
     assert saved.exit_code == 0, saved.output
-    printed = runner.invoke(app, ["fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--weights", str(FID_WEIGHTS)])
+    printed = runner.invoke(
+        app, ["fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--weights", str(FID_WEIGHTS)]
+    )
     assert printed.exit_code == 0, printed.output
     ours = float(printed.output.split("FID:")[1])
 
@@ -174,14 +180,26 @@ def test_tensorboard_reader_finds_fid_and_hparams_from_the_first_moment(tmp_path
     def stop_at_first_milestone(row, path):  # as ASHA ends a trial: fit() never returns
         raise Stopped
 
-    config = tiny_config(fid={"num_samples": 8, "final_num_samples": 8, "cache_dir": str(tmp_path / "cache")}, curvature={"probes": 2})
+    config = tiny_config(
+        fid={"num_samples": 8, "final_num_samples": 8, "cache_dir": str(tmp_path / "cache")}, curvature={"probes": 2}
+    )
     with pytest.raises(Stopped):
-        create_trainer(config, tmp_path / "run", features=standin_features, progress=False).fit(on_milestone=stop_at_first_milestone)
+        create_trainer(config, tmp_path / "run", features=standin_features, progress=False).fit(
+            on_milestone=stop_at_first_milestone
+        )
     write_hparams_config(tmp_path / "run", ["loss.weighting", "train.batch_size"])
     events = EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     events.Reload()
     scalars = events.Tags()["scalars"]
-    assert {"val/fid", "val/fid_stderr", "val/kid", "val/best_fid", "train/loss", "curvature/hutch_trace_mean", "loss/t_bucket_0"} <= set(scalars)
+    assert {
+        "val/fid",
+        "val/fid_stderr",
+        "val/kid",
+        "val/best_fid",
+        "train/loss",
+        "curvature/hutch_trace_mean",
+        "loss/t_bucket_0",
+    } <= set(scalars)
     assert [e.step for e in events.Scalars("val/fid")] == [10]
     assert "samples" in events.Tags()["images"]
     hparams = events.PluginTagToContent("hparams")

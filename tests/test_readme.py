@@ -1,7 +1,8 @@
 """The README states what the code does: its metric table is the declared milestone row."""
 
-from conftest import REPO
 from diffusion_lib.milestone import markdown_table
+
+from conftest import REPO
 
 
 def test_the_readme_metric_table_is_the_declared_milestone_row():

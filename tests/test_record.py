@@ -14,17 +14,28 @@ from analysis.decisions import configurations
 from analysis.plots import best_points
 from analysis.report import analyze_experiment
 from analysis.status import experiment_status
-from conftest import write_ray_state, write_summary, write_sweep_file, write_trial
 from record import states
 from record.experiment import load_experiment
 
+from conftest import write_ray_state, write_summary, write_sweep_file, write_trial
+
 TOTAL = 30
-ERROR = 'Traceback (most recent call last):\n  File "trainer.py", line 1\nNonFiniteLossError: non-finite training loss at step 14\n'
+ERROR = (
+    'Traceback (most recent call last):\n  File "trainer.py", line 1\n'
+    "NonFiniteLossError: non-finite training loss at step 14\n"
+)
 
 
 def row(step: int, fid: float, n: int = 64) -> dict:
-    return {"step": step, "train/loss": 0.5, "val/fid": fid, "val/fid_stderr": 1.0, "val/fid_num_samples": n,
-            "val/fid_reference": "ref.npz", "wall_time_s": 6.0 * step}
+    return {
+        "step": step,
+        "train/loss": 0.5,
+        "val/fid": fid,
+        "val/fid_stderr": 1.0,
+        "val/fid_num_samples": n,
+        "val/fid_reference": "ref.npz",
+        "wall_time_s": 6.0 * step,
+    }
 
 
 def curve(*fids: float) -> list[dict]:
@@ -58,20 +69,42 @@ def test_every_reader_says_the_same_state_for_every_state(tmp_path):
     write_trial(exp, "a_finished", curve(300, 250, 240), searched={"optim.lr": 1})
     write_trial(exp, "b_stopped", curve(320), searched={"optim.lr": 2})
     write_trial(exp, "c_errored", curve(330), searched={"optim.lr": 3}, error=ERROR)
-    write_trial(exp, "d_retried", curve(310, 260, 245), searched={"optim.lr": 4}, error=ERROR)  # errored, then finished on retry
+    write_trial(
+        exp, "d_retried", curve(310, 260, 245), searched={"optim.lr": 4}, error=ERROR
+    )  # errored, then finished on retry
     write_trial(exp, "e_running", curve(305), searched={"optim.lr": 5})
-    write_ray_state(exp, {"a_finished": "TERMINATED", "b_stopped": "TERMINATED", "c_errored": "ERROR", "d_retried": "TERMINATED",
-                          "e_running": "RUNNING", "f_pending": "PENDING"})
-    expected = {"a_finished": states.FINISHED, "b_stopped": states.STOPPED, "c_errored": states.ERRORED,
-                "d_retried": states.FINISHED, "e_running": states.RUNNING, "f_pending": states.PENDING}
+    write_ray_state(
+        exp,
+        {
+            "a_finished": "TERMINATED",
+            "b_stopped": "TERMINATED",
+            "c_errored": "ERROR",
+            "d_retried": "TERMINATED",
+            "e_running": "RUNNING",
+            "f_pending": "PENDING",
+        },
+    )
+    expected = {
+        "a_finished": states.FINISHED,
+        "b_stopped": states.STOPPED,
+        "c_errored": states.ERRORED,
+        "d_retried": states.FINISHED,
+        "e_running": states.RUNNING,
+        "f_pending": states.PENDING,
+    }
     readers = every_reader(exp)
     for reader, said in readers.items():
         assert said == expected, reader
     study = optuna.load_study(study_name=exp.name, storage=f"sqlite:///{exp / 'analysis' / 'study.db'}")
     optuna_states = {t.user_attrs["trial_id"]: t.state for t in study.trials}
-    assert optuna_states == {"a_finished": optuna.trial.TrialState.COMPLETE, "b_stopped": optuna.trial.TrialState.PRUNED,
-                             "c_errored": optuna.trial.TrialState.FAIL, "d_retried": optuna.trial.TrialState.COMPLETE,
-                             "e_running": optuna.trial.TrialState.RUNNING, "f_pending": optuna.trial.TrialState.WAITING}
+    assert optuna_states == {
+        "a_finished": optuna.trial.TrialState.COMPLETE,
+        "b_stopped": optuna.trial.TrialState.PRUNED,
+        "c_errored": optuna.trial.TrialState.FAIL,
+        "d_retried": optuna.trial.TrialState.COMPLETE,
+        "e_running": optuna.trial.TrialState.RUNNING,
+        "f_pending": optuna.trial.TrialState.WAITING,
+    }
 
 
 def test_after_the_sweep_ended_or_was_killed_every_reader_still_agrees(tmp_path):
@@ -114,7 +147,10 @@ def test_one_best_fid_rule_for_tables_plots_report_status_and_decisions(tmp_path
     analysis = exp / "analysis"
     expected = {"a": (52.0, 20), "b": (53.0, 20)}
 
-    tables = {r["trial_id"]: (r["best.val/fid"], r["best.val/fid_step"]) for r in pq.read_table(analysis / "trials.parquet").to_pylist()}
+    tables = {
+        r["trial_id"]: (r["best.val/fid"], r["best.val/fid_step"])
+        for r in pq.read_table(analysis / "trials.parquet").to_pylist()
+    }
     assert tables == {**expected, "c": (None, None)}
     experiment = load_experiment(exp)
     plotted = {t.trial_id: (best["val/fid"], best["step"]) for t, best in best_points(experiment, "optim.lr")}
@@ -141,3 +177,15 @@ def test_imports_run_one_way(module):
     for source in (REPO / module).glob("*.py"):
         lines = [line.strip() for line in source.read_text().splitlines()]
         assert not [line for line in lines if line.startswith((f"from {other}", f"import {other}"))], source
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_carry_the_umasks_permissions(tmp_path, umask, mode):
+    """Files are written through a private temporary file; the renamed file must still be
+    readable by whoever the umask lets read a new file (others, on shared storage)."""
+    import subprocess
+    import sys
+
+    write = f"from record.files import SweepFile; SweepFile('val/fid', 'min', {{}}).write({str(tmp_path)!r})"
+    subprocess.run([sys.executable, "-c", f"import os; os.umask({umask}); {write}"], check=True)
+    assert (tmp_path / "sweep.json").stat().st_mode & 0o777 == mode

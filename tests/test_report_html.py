@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from analysis.report import analyze_experiment
-from conftest import tiny_config, write_sweep_file, write_trial
 from diffusion_lib.build import create_trainer
 from record.files import TrialFile
+
+from conftest import tiny_config, write_sweep_file, write_trial
 
 CRAFTED = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\"> & <b>bold</b>"
 BROWSERS = ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"]
@@ -35,16 +36,24 @@ def analysed(tmp_path_factory) -> Path:
     experiment = tmp_path_factory.mktemp("html") / "tiny"
     write_sweep_file(experiment, {"optim.lr": {"grid": [1e-4, 1e-3, 2e-3]}}, metric="train/loss")
 
-    config = tiny_config(optim={"lr": 1e-3}, train={"total_steps": 1, "batch_size": 4}, eval={"every": 1}, ema={"decay": 0.01})
+    config = tiny_config(
+        optim={"lr": 1e-3}, train={"total_steps": 1, "batch_size": 4}, eval={"every": 1}, ema={"decay": 0.01}
+    )
     trained = experiment / "trial_00000_lr=0.001"
     create_trainer(config, trained, progress=False).fit()
     TrialFile({"optim.lr": 1e-3}, config.flat()).write(trained)
 
     rows = [{"step": 10, "train/loss": 1e-3, "wall_time_s": 1.0}, {"step": 20, "train/loss": 2e-4, "wall_time_s": 2.0}]
     write_trial(experiment, "trial_00001_lr=0.002", rows, searched={"optim.lr": 2e-3}, total_steps=20)
-    error = f"Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: {CRAFTED}\n"
-    write_trial(experiment, "trial_00002_lr=0.0001", [{"step": 10, "train/loss": 50.0, "wall_time_s": 1.0}], searched={"optim.lr": 1e-4},
-                total_steps=20, error=error)
+    error = f'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: {CRAFTED}\n'
+    write_trial(
+        experiment,
+        "trial_00002_lr=0.0001",
+        [{"step": 10, "train/loss": 50.0, "wall_time_s": 1.0}],
+        searched={"optim.lr": 1e-4},
+        total_steps=20,
+        error=error,
+    )
 
     analyze_experiment(experiment)
     return experiment / "analysis"
@@ -113,24 +122,41 @@ def test_report_html_is_self_contained_escaped_and_says_what_report_md_says(anal
     # Self-contained: no scripts, stylesheets or frames; every src/href is a data: URI; nothing says http(s).
     tags = {tag for tag, _ in page.tags}
     assert not tags & {"script", "link", "iframe", "object", "embed", "base"}
-    references = [value for _, attrs in page.tags for name, value in attrs.items() if name in {"src", "href", "srcset", "poster"}]
+    references = [
+        value for _, attrs in page.tags for name, value in attrs.items() if name in {"src", "href", "srcset", "poster"}
+    ]
     assert references and all(value.startswith("data:image/png;base64,") for value in references)
-    assert "http://" not in page_text and "https://" not in page_text and "url(" not in page_text and "@import" not in page_text
+    assert (
+        "http://" not in page_text
+        and "https://" not in page_text
+        and "url(" not in page_text
+        and "@import" not in page_text
+    )
     assert any(tag == "meta" and attrs.get("http-equiv") == "Content-Security-Policy" for tag, attrs in page.tags)
     assert page_text.isascii()  # whatever encoding it was written in, it reads the same
 
     # The same images as report.md's links, byte for byte, of every kind the analysis makes.
     linked = _markdown_images(report_md)
-    embedded = {attrs["alt"]: base64.b64decode(attrs["src"].split(",", 1)[1]) for tag, attrs in page.tags if tag == "img"}
+    embedded = {
+        attrs["alt"]: base64.b64decode(attrs["src"].split(",", 1)[1]) for tag, attrs in page.tags if tag == "img"
+    }
     assert list(embedded) == list(linked)
     for caption, file in linked.items():
         assert embedded[caption] == (analysed / file).read_bytes(), f"{file} is not embedded as it is"
     assert {"best_grid.png", "denoise.png", "loss_vs_step.png", "best_by_optim.lr.png"} <= set(linked.values())
 
     # The same trials table (one row per trial, best first), sentences and problems.
-    assert [row[0] for row in page.rows] == _markdown_trial_ids(report_md) == [
-        "trial_00001_lr=0.002", "trial_00000_lr=0.001", "trial_00002_lr=0.0001"]
-    for text in ["Effects", "Problems met while analysing", "no checkpoint for its best milestone", "Denoising diagnostic"]:
+    assert (
+        [row[0] for row in page.rows]
+        == _markdown_trial_ids(report_md)
+        == ["trial_00001_lr=0.002", "trial_00000_lr=0.001", "trial_00002_lr=0.0001"]
+    )
+    for text in [
+        "Effects",
+        "Problems met while analysing",
+        "no checkpoint for its best milestone",
+        "Denoising diagnostic",
+    ]:
         assert text in report_md and _as_html(text) in page_text, text
     plain_items = [line[2:] for line in report_md.splitlines() if line.startswith("- ") and "`" not in line]
     assert len(plain_items) >= 2 and all(f"<li>{_as_html(item)}</li>" in page_text for item in plain_items)
@@ -162,8 +188,11 @@ def _browser() -> str | None:
     return next((path for path in map(shutil.which, BROWSERS) if path), None)
 
 
-@pytest.mark.skipif(_browser() is None, reason=f"no headless browser installed (looked for {', '.join(BROWSERS)}); "
-                    ".ci/run installs Debian's chromium when it runs as root")
+@pytest.mark.skipif(
+    _browser() is None,
+    reason=f"no headless browser installed (looked for {', '.join(BROWSERS)}); "
+    ".ci/run installs Debian's chromium when it runs as root",
+)
 def test_report_html_renders_in_headless_chromium(analysed, tmp_path):
     """Chromium loads the page; a probe appended to a copy (the product has no script, and its
     Content-Security-Policy would refuse one, so the copy drops it) records what it shows."""
@@ -172,8 +201,17 @@ def test_report_html_renders_in_headless_chromium(analysed, tmp_path):
     assert csp_removed == 1 and probed.count("</body>") == 1
     page = tmp_path / "report.html"
     page.write_text(probed.replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    command = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-               f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()]
+    command = [
+        _browser(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--dump-dom",
+        page.as_uri(),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     found = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, flags=re.S)
     assert done.returncode == 0 and found, f"rc {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"

@@ -5,6 +5,7 @@ import torch
 
 from diffusion_lib.samplers import reverse_step, sample
 from diffusion_lib.schedules import make_schedule, respace, spaced_timesteps
+
 from gaussian_oracle import exact_output_moments, optimal_eps_fn
 
 MU, SIGMA = 0.4, 0.3
@@ -25,7 +26,9 @@ def rel(a: float, b: float) -> float:
 def test_full_chain_reproduces_the_data_moments(schedule_name, sampler):
     schedule = make_schedule(schedule_name, 1000)
     eps_fn = optimal_eps_fn(MU, SIGMA, schedule.alphas_cumprod)
-    x = sample(eps_fn, schedule, (NUM,), sampler=sampler, nfe=1000, generator=torch.Generator().manual_seed(0), clip_x0=False)
+    x = sample(
+        eps_fn, schedule, (NUM,), sampler=sampler, nfe=1000, generator=torch.Generator().manual_seed(0), clip_x0=False
+    )
     mean, std = moments(x)
     assert rel(mean, MU) < 0.02 and rel(std, SIGMA) < 0.02, (mean, std)
 
@@ -35,8 +38,12 @@ def test_full_chain_reproduces_the_data_moments(schedule_name, sampler):
 def test_respaced_50_step_sampler_matches_its_exact_moments(schedule_name, sampler):
     schedule = make_schedule(schedule_name, 1000)
     eps_fn = optimal_eps_fn(MU, SIGMA, schedule.alphas_cumprod)
-    x = sample(eps_fn, schedule, (NUM,), sampler=sampler, nfe=50, generator=torch.Generator().manual_seed(1), clip_x0=False)
-    exact_mean, exact_std = exact_output_moments(MU, SIGMA, schedule.alphas_cumprod, spaced_timesteps(1000, 50), sampler)
+    x = sample(
+        eps_fn, schedule, (NUM,), sampler=sampler, nfe=50, generator=torch.Generator().manual_seed(1), clip_x0=False
+    )
+    exact_mean, exact_std = exact_output_moments(
+        MU, SIGMA, schedule.alphas_cumprod, spaced_timesteps(1000, 50), sampler
+    )
     mean, std = moments(x)
     assert rel(mean, exact_mean) < 0.015 and rel(std, exact_std) < 0.015, (mean, std, exact_mean, exact_std)
 
@@ -62,7 +69,9 @@ def test_the_moment_check_catches_a_sampler_without_respacing(sampler):
     schedule = make_schedule("linear", 1000)
     eps_fn = optimal_eps_fn(MU, SIGMA, schedule.alphas_cumprod)
     x = strided_sample_without_respacing(eps_fn, schedule, (NUM,), sampler, 50, torch.Generator().manual_seed(1))
-    exact_mean, exact_std = exact_output_moments(MU, SIGMA, schedule.alphas_cumprod, spaced_timesteps(1000, 50), sampler)
+    exact_mean, exact_std = exact_output_moments(
+        MU, SIGMA, schedule.alphas_cumprod, spaced_timesteps(1000, 50), sampler
+    )
     mean, std = moments(x)
     assert rel(mean, exact_mean) > 0.015 or rel(std, exact_std) > 0.015
 
@@ -71,7 +80,9 @@ def test_respacing_recomputes_betas_from_the_kept_alphas_cumprod():
     schedule = make_schedule("cosine", 1000)
     spaced = respace(schedule, 50)
     assert spaced.timesteps[0] == 0 and spaced.timesteps[-1] == 999 and len(spaced.timesteps) == 50
-    torch.testing.assert_close(spaced.schedule.alphas_cumprod, schedule.alphas_cumprod[spaced.timesteps], rtol=1e-9, atol=0)
+    torch.testing.assert_close(
+        spaced.schedule.alphas_cumprod, schedule.alphas_cumprod[spaced.timesteps], rtol=1e-9, atol=0
+    )
     assert not torch.allclose(spaced.schedule.betas, schedule.betas[spaced.timesteps])
 
 

@@ -6,9 +6,10 @@ import pytest
 import ray
 from typer.testing import CliRunner
 
-from conftest import REPO, write_spec
 from cli.main import app
 from sweeps.spec import load_spec
+
+from conftest import REPO, write_spec
 
 runner = CliRunner()
 
@@ -42,9 +43,15 @@ BAD_SPECS = [
     ({"search": {"optim.lr": {"grid": [1e-4]}}, "metric": "val/fid"}, "fid.num_samples"),
     ({"search": {"optim.lr": {"grid": [1e-4]}}, "scheduler": {"type": "asha", "grace": 3}}, "scheduler.grace"),
     ({"search": {"loss": {"grid": [{"weighting": "min_snr", "minsnr_gamma": -1}]}}}, "loss.minsnr_gamma"),
-    ({"search": {"loss": {"choice": [{"weighting": "constant"}]}}, "algorithm": "optuna"}, "Optuna cannot search a whole section"),
+    (
+        {"search": {"loss": {"choice": [{"weighting": "constant"}]}}, "algorithm": "optuna"},
+        "Optuna cannot search a whole section",
+    ),
     ({"search": {"loss": {"uniform": [1, 2]}}}, "a whole section is searched with grid or choice"),
-    ({"search": {"optim.lr": {"grid": [1e-4]}}, "scheduler": {"type": "asha", "grace_period": 15}}, "step 15, which is not a milestone"),
+    (
+        {"search": {"optim.lr": {"grid": [1e-4]}}, "scheduler": {"type": "asha", "grace_period": 15}},
+        "step 15, which is not a milestone",
+    ),
     ({"search": {"optim.lr": {"grid": [1e-4]}}, "algorithm": "random", "repeats": 2}, "repeats"),
 ]
 
@@ -65,6 +72,12 @@ def test_a_searched_section_knows_its_columns_keys_and_record():
     smoke = load_spec(REPO / "search_spaces" / "smoke.yaml")
     assert columns(smoke) == ["loss/weighting", "optim.lr"]  # γ is not set by every variant: not a Ray column
     assert smoke.dotted_keys() == ["loss.weighting", "loss.minsnr_gamma", "optim.lr"]
-    assert smoke.search["loss"].recorded() == {"loss.weighting": {"choice": ["constant", "min_snr"]}, "loss.minsnr_gamma": {"choice": [5]}}
+    assert smoke.search["loss"].recorded() == {
+        "loss.weighting": {"choice": ["constant", "min_snr"]},
+        "loss.minsnr_gamma": {"choice": [5]},
+    }
     assert smoke.candidates("loss.minsnr_gamma") == [5.0, 5]  # the base's γ where a variant leaves it out
-    assert columns(load_spec(REPO / "search_spaces" / "steps_vs_capacity.yaml")) == ["model.base_channels", "train.total_steps"]
+    assert columns(load_spec(REPO / "search_spaces" / "steps_vs_capacity.yaml")) == [
+        "model.base_channels",
+        "train.total_steps",
+    ]

@@ -16,12 +16,16 @@ from typer.testing import CliRunner
 
 from analysis.status import CLEAR_SCREEN, experiment_status, watch
 from cli.main import app
-from conftest import write_ray_state, write_summary, write_trial
 from record.files import SweepFile
+
+from conftest import write_ray_state, write_summary, write_trial
 
 runner = CliRunner()
 TOTAL = 30
-ERROR_TEXT = "Traceback (most recent call last):\n  File \"trainer.py\", line 1\nNonFiniteLossError: non-finite training loss at step 14\n"
+ERROR_TEXT = (
+    'Traceback (most recent call last):\n  File "trainer.py", line 1\n'
+    "NonFiniteLossError: non-finite training loss at step 14\n"
+)
 
 
 def row(step: int, fid: float | None = None, n: int = 64) -> dict:
@@ -59,7 +63,9 @@ def test_mid_run_statuses_from_files_while_files_are_being_written(mid_run):
     out = result.stdout
     assert "finished" in line_of(out, "t0_lr=0.0001") and "30/30" in line_of(out, "t0_lr=0.0001")
     assert "running" in line_of(out, "t1_lr=0.0002") and "10/30" in line_of(out, "t1_lr=0.0002")  # torn line skipped
-    assert "errored" in line_of(out, "t2_lr=0.0003") and "NonFiniteLossError: non-finite training loss" in line_of(out, "t2_lr=0.0003")
+    assert "errored" in line_of(out, "t2_lr=0.0003") and "NonFiniteLossError: non-finite training loss" in line_of(
+        out, "t2_lr=0.0003"
+    )
     assert "running" in line_of(out, "t3_lr=0.0004") and "no milestone yet" in line_of(out, "t3_lr=0.0004")
     assert "totals: 4 trials: 2 running, 0 pending, 1 finished, 0 stopped, 1 errored" in out
     assert "best so far: t0_lr=0.0001: val/fid 150.00 at step 30 (64 samples); optim.lr=0.0001" in out
@@ -70,25 +76,40 @@ def test_mid_run_statuses_from_files_while_files_are_being_written(mid_run):
 def test_a_killed_sweep_is_interrupted_not_running_forever(mid_run):
     later = time.time() + 3600  # an hour without a file changing, and no summary
     assert statuses(mid_run, now=later) == {
-        "t0_lr=0.0001": "finished", "t1_lr=0.0002": "interrupted", "t2_lr=0.0003": "errored", "t3_lr=0.0004": "interrupted",
+        "t0_lr=0.0001": "finished",
+        "t1_lr=0.0002": "interrupted",
+        "t2_lr=0.0003": "errored",
+        "t3_lr=0.0004": "interrupted",
     }
 
 
 def test_ray_state_lists_pending_trials_and_is_the_sweeps_heartbeat(mid_run):
-    write_ray_state(mid_run, {"t1_lr=0.0002": "RUNNING", "t2_lr=0.0003": "PENDING", "t3_lr=0.0004": "RUNNING", "t4_lr=0.0005": "PENDING"})
+    write_ray_state(
+        mid_run,
+        {"t1_lr=0.0002": "RUNNING", "t2_lr=0.0003": "PENDING", "t3_lr=0.0004": "RUNNING", "t4_lr=0.0005": "PENDING"},
+    )
     report = experiment_status(mid_run)
     assert {t.trial_id: t.state for t in report.trials} == {
-        "t0_lr=0.0001": "finished", "t1_lr=0.0002": "running", "t2_lr=0.0003": "pending",  # waiting for its retry
-        "t3_lr=0.0004": "running", "t4_lr=0.0005": "pending",
+        "t0_lr=0.0001": "finished",
+        "t1_lr=0.0002": "running",
+        "t2_lr=0.0003": "pending",  # waiting for its retry
+        "t3_lr=0.0004": "running",
+        "t4_lr=0.0005": "pending",
     }
     assert "retrying after an error" in report.by_name()["t2_lr=0.0003"].note
     assert report.by_name()["t4_lr=0.0005"].searched == {"optim.lr": 5e-4}
     assert "sweep running" in report.header
 
     # The driver stopped writing (killed): its trials are interrupted though their files look recent.
-    write_ray_state(mid_run, {"t1_lr=0.0002": "RUNNING", "t3_lr=0.0004": "RUNNING", "t4_lr=0.0005": "PENDING"}, age_s=900)
+    write_ray_state(
+        mid_run, {"t1_lr=0.0002": "RUNNING", "t3_lr=0.0004": "RUNNING", "t4_lr=0.0005": "PENDING"}, age_s=900
+    )
     report = experiment_status(mid_run)
-    assert [report.by_name()[n].state for n in ("t1_lr=0.0002", "t3_lr=0.0004", "t4_lr=0.0005")] == ["interrupted", "interrupted", "pending"]
+    assert [report.by_name()[n].state for n in ("t1_lr=0.0002", "t3_lr=0.0004", "t4_lr=0.0005")] == [
+        "interrupted",
+        "interrupted",
+        "pending",
+    ]
     assert "sweep not running" in report.header and "--resume" in report.header
 
 
@@ -100,7 +121,10 @@ def test_unreadable_ray_state_falls_back_to_files_with_a_warning(mid_run):
 
 
 def test_after_the_summary_statuses_are_final(mid_run):
-    write_summary(mid_run, {"t0_lr=0.0001": "finished", "t1_lr=0.0002": "stopped", "t2_lr=0.0003": "errored", "t3_lr=0.0004": "stopped"})
+    write_summary(
+        mid_run,
+        {"t0_lr=0.0001": "finished", "t1_lr=0.0002": "stopped", "t2_lr=0.0003": "errored", "t3_lr=0.0004": "stopped"},
+    )
     result = runner.invoke(app, ["status", str(mid_run)])
     assert result.exit_code == 0, result.output
     out = result.stdout
@@ -113,11 +137,26 @@ def test_after_the_summary_statuses_are_final(mid_run):
 
 def test_ctrl_c_then_summary_is_interrupted_and_a_resume_makes_the_summary_stale(mid_run):
     # Ray saves its state (trials still RUNNING) before it stops them; the summary then says TERMINATED.
-    write_ray_state(mid_run, {"t1_lr=0.0002": "RUNNING", "t3_lr=0.0004": "RUNNING", "t5_lr=0.0006": "PENDING"}, age_s=60)
-    write_summary(mid_run, {"t0_lr=0.0001": "finished", "t1_lr=0.0002": "stopped", "t2_lr=0.0003": "errored",
-                            "t3_lr=0.0004": "stopped", "t5_lr=0.0006": "stopped"})
-    assert statuses(mid_run) == {"t0_lr=0.0001": "finished", "t1_lr=0.0002": "interrupted", "t2_lr=0.0003": "errored",
-                                 "t3_lr=0.0004": "interrupted", "t5_lr=0.0006": "pending"}
+    write_ray_state(
+        mid_run, {"t1_lr=0.0002": "RUNNING", "t3_lr=0.0004": "RUNNING", "t5_lr=0.0006": "PENDING"}, age_s=60
+    )
+    write_summary(
+        mid_run,
+        {
+            "t0_lr=0.0001": "finished",
+            "t1_lr=0.0002": "stopped",
+            "t2_lr=0.0003": "errored",
+            "t3_lr=0.0004": "stopped",
+            "t5_lr=0.0006": "stopped",
+        },
+    )
+    assert statuses(mid_run) == {
+        "t0_lr=0.0001": "finished",
+        "t1_lr=0.0002": "interrupted",
+        "t2_lr=0.0003": "errored",
+        "t3_lr=0.0004": "interrupted",
+        "t5_lr=0.0006": "pending",
+    }
     # `sweep run --resume` rewrites sweep.json: until it ends, the old summary no longer holds.
     past = time.time() - 30
     os.utime(mid_run / "experiment_summary.json", (past, past))
@@ -129,7 +168,9 @@ def test_best_compares_only_fids_at_the_same_sample_count(tmp_path):
     exp = tmp_path / "exp"
     rows = [row(10, 40.0, n=16), row(20, 52.0), row(30, 55.0)]  # 40 is from 16 samples: not comparable
     write_trial(exp, "a_lr=0.001", rows, searched={"optim.lr": 1e-3, "model.base_channels": 64})
-    write_trial(exp, "b_lr=0.002", [row(10, 60.0), row(20, 53.0)], searched={"optim.lr": 2e-3, "model.base_channels": 64})
+    write_trial(
+        exp, "b_lr=0.002", [row(10, 60.0), row(20, 53.0)], searched={"optim.lr": 2e-3, "model.base_channels": 64}
+    )
     write_trial(exp, "c_lr=0.003", [row(10, 10.0, n=16)], searched={"optim.lr": 3e-3, "model.base_channels": 32})
     info = experiment_status(exp)
     progress = info.fid_progress(info.by_name()["a_lr=0.001"])
@@ -138,7 +179,9 @@ def test_best_compares_only_fids_at_the_same_sample_count(tmp_path):
     assert result.exit_code == 0, result.output
     assert "52.00 (20)" in line_of(result.stdout, "a_lr=0.001") and "55.00" in line_of(result.stdout, "a_lr=0.001")
     best = next(line for line in result.stdout.splitlines() if line.startswith("best so far"))
-    assert best.startswith("best so far: a_lr=0.001: val/fid 52.00 at step 20 (64 samples); optim.lr=0.001, model.base_channels=64")
+    assert best.startswith(
+        "best so far: a_lr=0.001: val/fid 52.00 at step 20 (64 samples); optim.lr=0.001, model.base_channels=64"
+    )
     assert "1 trial(s) with FIDs at other sample counts not compared" in best
 
 
@@ -187,8 +230,12 @@ def test_watch_clears_the_screen_on_a_terminal_and_fails_at_once_on_a_non_experi
 
 
 def test_watch_in_a_real_process_stops_cleanly_on_ctrl_c(mid_run):
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "status", str(mid_run), "--watch", "--interval", "0.2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "status", str(mid_run), "--watch", "--interval", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         lines = []
         while not any(line.startswith("totals:") for line in lines):

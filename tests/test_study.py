@@ -14,7 +14,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 import analysis.study as study_module
-from analysis.study import STUDY_FILE, param_importances, parallel_coordinates, write_optuna_study
+from analysis.study import STUDY_FILE, parallel_coordinates, param_importances, write_optuna_study
 from diffusion_lib.milestone import FID, STEP
 from record.experiment import Experiment, Trial
 
@@ -39,11 +39,30 @@ def _mixed_experiment(path: Path) -> Experiment:
     common = {"ema.decay": 0.995, "train.batch_size": 32, "eval.nfe": 100.0, "diffusion.beta_schedule": "cosine"}
     trials = [
         _trial("t0", {"optim.lr": 1e-4, "loss.weighting": "constant", **common}, [210.0, 150.0, float("nan"), 140.0]),
-        _trial("t1", {"optim.lr": 3e-4, "loss.weighting": "min_snr", "loss.minsnr_gamma": 5, **common, "diffusion.beta_schedule": "linear"}, [190.0, None, 120.0]),
-        _trial("t2", {"optim.lr": 2e-5, "loss.weighting": "min_snr", "loss.minsnr_gamma": 20, **common}, [230.0, 180.0], "stopped"),
+        _trial(
+            "t1",
+            {
+                "optim.lr": 3e-4,
+                "loss.weighting": "min_snr",
+                "loss.minsnr_gamma": 5,
+                **common,
+                "diffusion.beta_schedule": "linear",
+            },
+            [190.0, None, 120.0],
+        ),
+        _trial(
+            "t2",
+            {"optim.lr": 2e-5, "loss.weighting": "min_snr", "loss.minsnr_gamma": 20, **common},
+            [230.0, 180.0],
+            "stopped",
+        ),
         _trial("t3", {"optim.lr": 5e-4, "loss.weighting": "constant", **common}, [], "errored"),
-        _trial("t4", {"optim.lr": 1e-5, "loss.weighting": "min_snr", "loss.minsnr_gamma": 5, **common}, [250.0], "running"),
-        _trial("t5", {"optim.lr": 8e-4, "loss.weighting": "constant", **common}, [float("nan")]),  # ran to the end, no finite FID
+        _trial(
+            "t4", {"optim.lr": 1e-5, "loss.weighting": "min_snr", "loss.minsnr_gamma": 5, **common}, [250.0], "running"
+        ),
+        _trial(
+            "t5", {"optim.lr": 8e-4, "loss.weighting": "constant", **common}, [float("nan")]
+        ),  # ran to the end, no finite FID
     ]
     return Experiment(path, search=SEARCH, trials=trials)
 
@@ -67,7 +86,9 @@ def test_study_file_holds_each_sweep_trial_with_params_distributions_curves_and_
     assert dists["ema.decay"] == FloatDistribution(0.99, 0.9999)
     assert dists["train.batch_size"] == IntDistribution(4, 128)
     assert dists["eval.nfe"] == FloatDistribution(50, 250, step=50)
-    assert dists["diffusion.beta_schedule"] == CategoricalDistribution(["cosine", "linear"])  # not in sweep.json: observed values
+    assert dists["diffusion.beta_schedule"] == CategoricalDistribution(
+        ["cosine", "linear"]
+    )  # not in sweep.json: observed values
     assert "loss.minsnr_gamma" not in by_id["t0"].params  # the constant-weight arm has no γ
 
     assert by_id["t0"].intermediate_values == {1000: 210.0, 2000: 150.0, 4000: 140.0}  # the NaN milestone skipped
@@ -83,7 +104,9 @@ def test_study_file_holds_each_sweep_trial_with_params_distributions_curves_and_
     }
 
     write_optuna_study(experiment, db)  # re-analysis replaces the study, never appends to it
-    assert len(optuna.load_study(study_name="min_snr_gamma", storage=f"sqlite:///{db}").trials) == len(experiment.trials)
+    assert len(optuna.load_study(study_name="min_snr_gamma", storage=f"sqlite:///{db}").trials) == len(
+        experiment.trials
+    )
     assert [p.name for p in db.parent.iterdir()] == [STUDY_FILE]  # no temporary file left behind
 
 
@@ -94,7 +117,14 @@ def _lr_matters_experiment(path: Path) -> Experiment:
     for i in range(26):
         lr, dropout = float(10 ** rng.uniform(-5, -3)), float(rng.choice([0.0, 0.1, 0.2]))
         fid = 120 + 60 * (math.log10(lr) + 4) ** 2 + rng.normal(0, 2)
-        trials.append(_trial(f"t{i:02d}", {"optim.lr": lr, "model.dropout": dropout}, [fid + 30, fid], "finished" if i < 24 else "stopped"))
+        trials.append(
+            _trial(
+                f"t{i:02d}",
+                {"optim.lr": lr, "model.dropout": dropout},
+                [fid + 30, fid],
+                "finished" if i < 24 else "stopped",
+            )
+        )
     search = {"optim.lr": {"loguniform": [1e-5, 1e-3]}, "model.dropout": {"choice": [0.0, 0.1, 0.2]}}
     return Experiment(path, search=search, trials=trials)
 
@@ -113,9 +143,14 @@ def test_param_importances_rank_the_key_that_moves_fid_first(tmp_path):
 
 
 def test_param_importances_never_raise_on_thin_data(tmp_path):
-    one = Experiment(tmp_path / "one", trials=[_trial("t0", {"optim.lr": 1e-4}, [100.0]), _trial("t1", {"optim.lr": 1e-3}, [90.0], "stopped")])
+    one = Experiment(
+        tmp_path / "one",
+        trials=[_trial("t0", {"optim.lr": 1e-4}, [100.0]), _trial("t1", {"optim.lr": 1e-3}, [90.0], "stopped")],
+    )
     assert param_importances(one) == ({}, 1)
-    constant_key = Experiment(tmp_path / "const", trials=[_trial(f"t{i}", {"a": 1, "b": i}, [float(i)]) for i in range(6)])
+    constant_key = Experiment(
+        tmp_path / "const", trials=[_trial(f"t{i}", {"a": 1, "b": i}, [float(i)]) for i in range(6)]
+    )
     assert param_importances(constant_key) == ({"b": 1.0, "a": 0.0}, 6)
     same_fid = Experiment(tmp_path / "flat", trials=[_trial(f"t{i}", {"a": i % 2, "b": i}, [100.0]) for i in range(6)])
     assert param_importances(same_fid) == ({"a": 0.0, "b": 0.0}, 6)  # nothing to tell apart, not equal shares
@@ -130,7 +165,9 @@ def test_parallel_coordinates_draws_one_line_per_complete_trial(tmp_path, monkey
 
     monkeypatch.setattr(study_module, "plot_parallel_coordinate", recording_plot)
     experiment = _mixed_experiment(tmp_path / "mixed")
-    study = optuna.load_study(study_name="mixed", storage=f"sqlite:///{write_optuna_study(experiment, tmp_path / STUDY_FILE)}")
+    study = optuna.load_study(
+        study_name="mixed", storage=f"sqlite:///{write_optuna_study(experiment, tmp_path / STUDY_FILE)}"
+    )
     png = tmp_path / "plots" / "parallel_coordinates.png"
     assert parallel_coordinates(study, png) == png
     assert png.read_bytes().startswith(PNG_MAGIC)
@@ -139,5 +176,7 @@ def test_parallel_coordinates_draws_one_line_per_complete_trial(tmp_path, monkey
     assert len(segments) == 2  # t0 and t1 completed; stopped, failed and running trials are not drawn
 
     nothing = Experiment(tmp_path / "nothing", trials=[_trial("t0", {"optim.lr": 1e-4}, [100.0], "stopped")])
-    study = optuna.load_study(study_name="nothing", storage=f"sqlite:///{write_optuna_study(nothing, tmp_path / 'n.db')}")
+    study = optuna.load_study(
+        study_name="nothing", storage=f"sqlite:///{write_optuna_study(nothing, tmp_path / 'n.db')}"
+    )
     assert parallel_coordinates(study, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

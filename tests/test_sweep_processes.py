@@ -26,8 +26,12 @@ def test_kill_minus_9_then_resume_finishes_without_recomputing(tmp_path):
     records made before the kill were restored (the interrupted trial resumes past step 20)."""
     spec = write_spec(
         tmp_path,
-        base={**TINY_RUN, "train": {"total_steps": 200, "batch_size": 8}, "eval": {**TINY_RUN["eval"], "every": 20},
-              "curvature": {"probes": 2, "batch_size": 4}},
+        base={
+            **TINY_RUN,
+            "train": {"total_steps": 200, "batch_size": 8},
+            "eval": {**TINY_RUN["eval"], "every": 20},
+            "curvature": {"probes": 2, "batch_size": 4},
+        },
         search={"optim.lr": {"grid": [1e-4, 2e-4, 3e-4]}},
         metric="curvature/hutch_trace_mean",
         scheduler={"type": "racing", "grace_period": 20, "reduction_factor": 2, "z": 100},
@@ -36,7 +40,9 @@ def test_kill_minus_9_then_resume_finishes_without_recomputing(tmp_path):
     experiment = tmp_path / "runs" / "tiny"
     cmd = [sys.executable, "-m", "cli", "run", str(spec), "--no-analyze"]
     env = {**clean_env(), "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Ray saves its experiment state every second
-    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
 
     def metrics_by_trial() -> dict[str, list[dict]]:
         found = {}
@@ -64,7 +70,11 @@ def test_kill_minus_9_then_resume_finishes_without_recomputing(tmp_path):
     while time.time() < deadline:
         found = metrics_by_trial()
         done = [t for t, rows in found.items() if rows and rows[-1]["step"] == 200]
-        started = [t for t, rows in found.items() if rows and rows[-1]["step"] < 200 and list((experiment / t).glob("checkpoint_*"))]
+        started = [
+            t
+            for t, rows in found.items()
+            if rows and rows[-1]["step"] < 200 and list((experiment / t).glob("checkpoint_*"))
+        ]
         if done and started and recorded_by_ray(started[0]):
             break
         time.sleep(0.2)
@@ -79,7 +89,9 @@ def test_kill_minus_9_then_resume_finishes_without_recomputing(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     after = metrics_by_trial()
     assert len(after) == 3
-    assert all(rows[-1]["step"] == 200 and [r["step"] for r in rows] == list(range(20, 201, 20)) for rows in after.values())
+    assert all(
+        rows[-1]["step"] == 200 and [r["step"] for r in rows] == list(range(20, 201, 20)) for rows in after.values()
+    )
     assert (experiment / done[0] / "metrics.jsonl").read_text() == finished_before  # not recomputed
     interrupted = started[0]
     assert after[interrupted][0] == before[interrupted][0]  # resumed from a checkpoint, not step 0 (wall time included)
@@ -94,7 +106,14 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
     each in its own process as a user would run them."""
     spec = write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4, 2e-4, 3e-4, 4e-4]}})
     script = REPO / "tests" / "two_node_cluster.py"
-    done = subprocess.run([sys.executable, str(script), str(spec)], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=400)
+    done = subprocess.run(
+        [sys.executable, str(script), str(spec)],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     trials = list((tmp_path / "runs" / "tiny").glob("*/trial.json"))
     assert len(trials) == 4
@@ -109,8 +128,14 @@ def test_ctrl_c_says_how_to_resume_and_leaves_no_stale_summary(tmp_path):
         max_concurrent=1,
     )
     experiment = tmp_path / "runs" / "tiny"
-    driver = subprocess.Popen([sys.executable, "-m", "cli", "run", str(spec)], cwd=tmp_path, env=clean_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "cli", "run", str(spec)],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not list(experiment.glob("*/checkpoint_*")):
         time.sleep(0.2)

@@ -12,15 +12,16 @@ import ray
 import torch
 from typer.testing import CliRunner
 
-import conftest
-from conftest import TINY_RUN, run_sweep_with_standin_fid, trainer_with_parts, write_spec
+from cli.main import app
 from diffusion_lib.losses import DiffusionLoss
 from diffusion_lib.trainer import Trainer
-from cli.main import app
 from record.experiment import load_experiment
 from record.files import REFERENCE_DIR
 from sweeps.runner import run_sweep
 from sweeps.spec import load_spec
+
+import conftest
+from conftest import TINY_RUN, run_sweep_with_standin_fid, trainer_with_parts, write_spec
 
 runner = CliRunner()
 
@@ -35,34 +36,58 @@ def local_ray():
 
 def test_grid_sweep_reports_every_milestone_key_against_one_stored_reference(tmp_path, local_ray):
     base = {**TINY_RUN, "fid": {"num_samples": 8, "final_num_samples": 0, "cache_dir": str(tmp_path / "fid_cache")}}
-    spec = load_spec(write_spec(tmp_path, base=base, metric="val/fid", search={
-        "optim.lr": {"grid": [1e-4, 1e-3]}, "loss": {"grid": [{"weighting": "constant"}, {"weighting": "min_snr", "minsnr_gamma": 5}]}}))
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            base=base,
+            metric="val/fid",
+            search={
+                "optim.lr": {"grid": [1e-4, 1e-3]},
+                "loss": {"grid": [{"weighting": "constant"}, {"weighting": "min_snr", "minsnr_gamma": 5}]},
+            },
+        )
+    )
     results = run_sweep_with_standin_fid(spec)  # asserts the one reference pass, in the launcher
     assert len(results) == 4 and not results.errors
     assert not (tmp_path / "fid_cache").exists()  # no trial computed a reference of its own
     frame = results.get_dataframe()
-    assert {"step", "train/loss", "wall_time_s", "images_seen", "loss/t_bucket_0", "val/fid_jackknife"} <= set(frame.columns)
+    assert {"step", "train/loss", "wall_time_s", "images_seen", "loss/t_bucket_0", "val/fid_jackknife"} <= set(
+        frame.columns
+    )
     assert sorted(frame["config/optim.lr"]) == [1e-4, 1e-4, 1e-3, 1e-3]
     assert all(r.metrics["step"] == 20 for r in results)
     # One TensorBoard run (and trainer log) per trial, named by its searched values; every FID row
     # names the one reference stored with the experiment.
     experiment = load_experiment(Path(results.experiment_path))
-    assert len(experiment.trials) == 4 and any("minsnr_gamma=5" in t.trial_id and "weighting=min_snr" in t.trial_id for t in experiment.trials)
+    assert len(experiment.trials) == 4 and any(
+        "minsnr_gamma=5" in t.trial_id and "weighting=min_snr" in t.trial_id for t in experiment.trials
+    )
     assert {t.state for t in experiment.trials} == {"finished"}
     for trial in experiment.trials:
         assert list(trial.path.glob("events.out.tfevents.*")) and trial.config["train.total_steps"] == 20
         (name,) = {row["val/fid_reference"] for row in trial.milestones}
         assert (experiment.path / REFERENCE_DIR / name).is_file()
-        assert {row["val/fid_num_samples"] for row in trial.milestones} == {8} and len(trial.milestones[-1]["val/fid_jackknife"]) == 6
+        assert {row["val/fid_num_samples"] for row in trial.milestones} == {8} and len(
+            trial.milestones[-1]["val/fid_jackknife"]
+        ) == 6
 
 
 def test_racing_stops_the_clearly_worse_arm_and_the_record_says_stopped(tmp_path, local_ray):
-    base = {**TINY_RUN, "train": {"total_steps": 60, "batch_size": 8}, "fid": {"num_samples": 64, "final_num_samples": 0}}
-    spec = load_spec(write_spec(
-        tmp_path, base=base, metric="val/fid", max_concurrent=1,
-        search={"optim.lr": {"grid": [3e-3, 1e-8]}},  # 1e-8 cannot learn in 60 steps
-        scheduler={"type": "racing", "grace_period": 30, "reduction_factor": 2, "z": 2.5},
-    ))
+    base = {
+        **TINY_RUN,
+        "train": {"total_steps": 60, "batch_size": 8},
+        "fid": {"num_samples": 64, "final_num_samples": 0},
+    }
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            base=base,
+            metric="val/fid",
+            max_concurrent=1,
+            search={"optim.lr": {"grid": [3e-3, 1e-8]}},  # 1e-8 cannot learn in 60 steps
+            scheduler={"type": "racing", "grace_period": 30, "reduction_factor": 2, "z": 2.5},
+        )
+    )
     results = run_sweep_with_standin_fid(spec)
     steps = {r.config["optim.lr"]: r.metrics["step"] for r in results}
     assert steps == {3e-3: 60, 1e-8: 30}  # the first arm to the rung goes on; the clearly worse one is cut there
@@ -71,13 +96,18 @@ def test_racing_stops_the_clearly_worse_arm_and_the_record_says_stopped(tmp_path
 
 
 def test_optuna_with_asha_stops_the_clearly_worse_arm_early(tmp_path, local_ray):
-    spec = load_spec(write_spec(
-        tmp_path,
-        base={**TINY_RUN, "train": {"total_steps": 60, "batch_size": 8}},
-        search={"optim.lr": {"choice": [3e-3, 1e-8]}},  # 1e-8 cannot learn in 60 steps
-        algorithm="optuna", seed=6, num_samples=6, max_concurrent=1,
-        scheduler={"type": "asha", "grace_period": 10, "reduction_factor": 2},
-    ))
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            base={**TINY_RUN, "train": {"total_steps": 60, "batch_size": 8}},
+            search={"optim.lr": {"choice": [3e-3, 1e-8]}},  # 1e-8 cannot learn in 60 steps
+            algorithm="optuna",
+            seed=6,
+            num_samples=6,
+            max_concurrent=1,
+            scheduler={"type": "asha", "grace_period": 10, "reduction_factor": 2},
+        )
+    )
     results = run_sweep(spec)
     assert len(results) == 6 and not results.errors
     final_steps = {r.config["optim.lr"]: [] for r in results}
@@ -150,11 +180,22 @@ class CrashOnceAtStep20(Trainer):
 
 def test_max_failures_retries_a_crashed_trial_from_its_last_checkpoint(tmp_path, local_ray):
     pickle_tests_by_value()
-    spec = load_spec(write_spec(tmp_path, base={**TINY_RUN, "train": {"total_steps": 40, "batch_size": 8}},
-                                search={"optim.lr": {"grid": [1e-4]}}, max_failures=1))
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            base={**TINY_RUN, "train": {"total_steps": 40, "batch_size": 8}},
+            search={"optim.lr": {"grid": [1e-4]}},
+            max_failures=1,
+        )
+    )
     marker = tmp_path / "crashed"
     CrashOnceAtStep20.marker = marker
-    results = run_sweep(spec, make_trainer=lambda config, run_dir, **kw: trainer_with_parts(config, run_dir, trainer_class=CrashOnceAtStep20, **kw))
+    results = run_sweep(
+        spec,
+        make_trainer=lambda config, run_dir, **kw: trainer_with_parts(
+            config, run_dir, trainer_class=CrashOnceAtStep20, **kw
+        ),
+    )
     assert marker.exists() and not results.errors
     rows = [json.loads(line) for line in (Path(results[0].path) / "metrics.jsonl").read_text().splitlines()]
     before_crash = [json.loads(line) for line in marker.read_text().splitlines()]
@@ -166,6 +207,9 @@ def test_max_failures_retries_a_crashed_trial_from_its_last_checkpoint(tmp_path,
 
 
 def test_a_gpu_spec_on_a_cpu_only_cluster_is_refused_before_any_trial(tmp_path, local_ray):
-    result = runner.invoke(app, ["run", str(write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4]}}, resources={"cpu": 1, "gpu": 0.25}))])
+    result = runner.invoke(
+        app,
+        ["run", str(write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4]}}, resources={"cpu": 1, "gpu": 0.25}))],
+    )
     assert result.exit_code == 2 and "resources.gpu" in result.output
     assert not (tmp_path / "runs" / "tiny").exists()

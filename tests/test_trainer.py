@@ -9,10 +9,11 @@ import torch
 
 from diffusion_lib.build import create_model_and_diffusion, create_trainer
 from diffusion_lib.checkpoint import load_checkpoint
-from diffusion_lib.run_files import CHECKPOINT_DIR, list_checkpoints
 from diffusion_lib.config import ConfigError
 from diffusion_lib.data import load_dataset, uint8_to_float
+from diffusion_lib.run_files import CHECKPOINT_DIR, list_checkpoints
 from diffusion_lib.trainer import Trainer
+
 from conftest import tiny_config, trainer_with_parts
 
 
@@ -22,12 +23,18 @@ def params(trainer: Trainer) -> list[torch.Tensor]:
 
 def test_resume_is_bit_exact(tmp_path):
     n = 10
-    straight = create_trainer(tiny_config(train={"total_steps": 2 * n}, eval={"every": n}), tmp_path / "straight", progress=False)
+    straight = create_trainer(
+        tiny_config(train={"total_steps": 2 * n}, eval={"every": n}), tmp_path / "straight", progress=False
+    )
     straight.fit()
 
-    first = create_trainer(tiny_config(train={"total_steps": n}, eval={"every": n}), tmp_path / "resumed", progress=False)
+    first = create_trainer(
+        tiny_config(train={"total_steps": n}, eval={"every": n}), tmp_path / "resumed", progress=False
+    )
     first.fit()
-    resumed = create_trainer(tiny_config(train={"total_steps": 2 * n}, eval={"every": n}), tmp_path / "resumed", progress=False)
+    resumed = create_trainer(
+        tiny_config(train={"total_steps": 2 * n}, eval={"every": n}), tmp_path / "resumed", progress=False
+    )
     assert resumed.step == n
     resumed.fit()
 
@@ -74,7 +81,10 @@ def test_a_killed_run_loses_only_the_steps_since_its_last_checkpoint(tmp_path):
 
 def test_resume_refuses_a_changed_trajectory_key(tmp_path):
     create_trainer(tiny_config(), tmp_path, progress=False).fit()
-    with pytest.raises(ConfigError, match=r"checkpoints/step_0000020\.pt: cannot resume from this checkpoint.*optim\.lr \(0\.0001 -> 0\.0003\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"checkpoints/step_0000020\.pt: cannot resume from this checkpoint.*optim\.lr \(0\.0001 -> 0\.0003\)",
+    ):
         create_trainer(tiny_config(optim={"lr": 3e-4}), tmp_path, progress=False)
 
 
@@ -90,7 +100,9 @@ def test_every_milestone_fid_shares_one_sample_count_and_the_final_count_is_repo
     """FID falls as the sample count grows, so a best taken across counts favours the final,
     larger evaluation by bias alone: `val/fid` (and so the best and the kept checkpoint) uses
     fid.num_samples at every milestone, the last one too; the final count is `val/final_fid`."""
-    config = tiny_config(train={"total_steps": 30}, fid={"num_samples": 8, "final_num_samples": 64, "cache_dir": str(tmp_path / "cache")})
+    config = tiny_config(
+        train={"total_steps": 30}, fid={"num_samples": 8, "final_num_samples": 64, "cache_dir": str(tmp_path / "cache")}
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = create_trainer(config, tmp_path / "run", features=standin_features, progress=False)
@@ -148,8 +160,14 @@ def test_a_failing_compile_falls_back_to_eager(tmp_path):
     eager = trainer_with_parts(tiny_config(), tmp_path / "eager", progress=False)
     for _ in range(2):
         eager.train_step()
-    fallback = trainer_with_parts(tiny_config(train={"compile": True}), tmp_path / "fallback", train_model=Broken(), progress=False)
-    with pytest.warns(UserWarning, match=r"train.compile: torch.compile failed \(RuntimeError: InvalidCxxCompiler: No working C\+\+ compiler found\); training eagerly"):
+    fallback = trainer_with_parts(
+        tiny_config(train={"compile": True}), tmp_path / "fallback", train_model=Broken(), progress=False
+    )
+    with pytest.warns(
+        UserWarning,
+        match=r"train.compile: torch.compile failed \(RuntimeError: InvalidCxxCompiler: "
+        r"No working C\+\+ compiler found\); training eagerly",
+    ):
         fallback.train_step()
     fallback.train_step()
     assert fallback.train_model is fallback.model
@@ -173,7 +191,9 @@ def test_curvature_runs_with_tf32_convolutions_off(tmp_path):
     config = tiny_config(curvature={"probes": 2})
     model, diffusion, loss = create_model_and_diffusion(config, torch.device("cpu"))
     network = RecordingNetwork(model)
-    trainer = Trainer(config, tmp_path, model=network, diffusion=diffusion, loss=loss, data=load_dataset(config.data), progress=False)
+    trainer = Trainer(
+        config, tmp_path, model=network, diffusion=diffusion, loss=loss, data=load_dataset(config.data), progress=False
+    )
     trainer.train_step()
     mean, stderr = trainer.curvature()
     assert math.isfinite(mean) and stderr >= 0
@@ -183,12 +203,19 @@ def test_curvature_runs_with_tf32_convolutions_off(tmp_path):
 
 def test_minsnr_and_constant_runs_measure_the_same_curvature_on_the_same_weights(tmp_path):
     constant = create_trainer(tiny_config(curvature={"probes": 4}), tmp_path / "c", progress=False)
-    minsnr = create_trainer(tiny_config(curvature={"probes": 4}, loss={"weighting": "min_snr", "minsnr_gamma": 1}), tmp_path / "m", progress=False)
+    minsnr = create_trainer(
+        tiny_config(curvature={"probes": 4}, loss={"weighting": "min_snr", "minsnr_gamma": 1}),
+        tmp_path / "m",
+        progress=False,
+    )
     constant.train_step()
     minsnr.model.load_state_dict(constant.model.state_dict())
     x0 = uint8_to_float(constant.data.images[:4])
     t = torch.tensor([1, 30, 60, 99])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # the training losses differ (Min-SNR weights), so the check can tell
-        assert not torch.allclose(constant.loss.per_sample(constant.model.eval(), x0, t, noise), minsnr.loss.per_sample(minsnr.model.eval(), x0, t, noise))
+        assert not torch.allclose(
+            constant.loss.per_sample(constant.model.eval(), x0, t, noise),
+            minsnr.loss.per_sample(minsnr.model.eval(), x0, t, noise),
+        )
     assert constant.curvature() == minsnr.curvature()

@@ -10,7 +10,9 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_
 try:
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    code = subprocess.call([sys.executable, "-m", "cli", "run", sys.argv[1], "--address", cluster.address, "--no-analyze"])
+    code = subprocess.call(
+        [sys.executable, "-m", "cli", "run", sys.argv[1], "--address", cluster.address, "--no-analyze"]
+    )
 finally:
     cluster.shutdown()
 sys.exit(code)

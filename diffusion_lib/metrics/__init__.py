@@ -11,4 +11,6 @@ def full_fp32() -> contextlib.AbstractContextManager:
     """A context in which fp32 convolutions are fp32: cuDNN computes them as TF32 (10-bit
     mantissa) by default on recent GPUs, and metrics compared across devices must not depend on it."""
     cudnn = torch.backends.cudnn
-    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False)
+    return cudnn.flags(
+        enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+    )

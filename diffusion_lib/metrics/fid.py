@@ -24,17 +24,19 @@ import torch
 from PIL import Image
 from pytorch_fid import inception as pytorch_fid_inception
 
-from . import full_fp32
 from ..atomic import atomic_path
 from ..config import WEIGHTS_ENV, ConfigError
 from ..data import IMAGE_SUFFIXES, ImageDataset
+from . import full_fp32
 from .frechet import FrechetReference, Jackknife, fid_jackknife
 from .kid import kernel_inception_distance
 
 FEATURE_DIMS = 2048
 CIFAR10_TRAIN_IMAGES = 50_000  # the reference every published CIFAR-10 FID uses
 FID_JACKKNIFE_GROUPS = 25  # fewer with fewer samples; see frechet.fid_jackknife
-KID_REFERENCE_IMAGES = 5_000  # reference features kept for KID: its subsets draw 1,000 at a time, and more cost time at every milestone
+KID_REFERENCE_IMAGES = (
+    5_000  # reference features kept for KID: its subsets draw 1,000 at a time, and more cost time at every milestone
+)
 
 # uint8 images (N, 3, H, W) on any device -> float64 features (N, D)
 FeatureExtractor = Callable[[torch.Tensor], np.ndarray]
@@ -68,7 +70,9 @@ def load_inception(weights: Optional[str] = None, device: torch.device | str = "
     except ConfigError:
         raise
     except Exception as err:  # network down, corrupt file, wrong state dict
-        raise ConfigError(f"cannot load the FID Inception weights ({type(err).__name__}: {err}). {weights_help()}") from None
+        raise ConfigError(
+            f"cannot load the FID Inception weights ({type(err).__name__}: {err}). {weights_help()}"
+        ) from None
     return model.eval().to(device=device, memory_format=torch.channels_last)
 
 
@@ -81,7 +85,9 @@ def _torch_hub_holding(weights: Path) -> Iterator[None]:
     with tempfile.TemporaryDirectory(prefix="fid-weights-") as hub:
         checkpoints = Path(hub) / "checkpoints"
         checkpoints.mkdir()
-        (checkpoints / Path(urllib.parse.urlsplit(pytorch_fid_inception.FID_WEIGHTS_URL).path).name).symlink_to(weights.resolve())
+        (checkpoints / Path(urllib.parse.urlsplit(pytorch_fid_inception.FID_WEIGHTS_URL).path).name).symlink_to(
+            weights.resolve()
+        )
         torch.hub.set_dir(hub)
         try:
             yield
@@ -161,7 +167,14 @@ class FidReference:
         f = self.frechet
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as out:
-                np.savez(out, mu=f.mu, sigma=f.sigma, sqrt_sigma=f.sqrt_sigma, num_images=f.num_images, kid_features=self.kid_features)
+                np.savez(
+                    out,
+                    mu=f.mu,
+                    sigma=f.sigma,
+                    sqrt_sigma=f.sqrt_sigma,
+                    num_images=f.num_images,
+                    kid_features=self.kid_features,
+                )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FidReference":
@@ -212,7 +225,10 @@ def reference_statistics(
     """
     images = data.images if num_images is None else data.images[:num_images]
     subset = ImageDataset(data.name, images)
-    path = Path(cache_dir or Path.home() / ".cache" / "diffusion_sweeps" / "fid") / f"{data.name}-{subset.fingerprint}-{len(subset)}.npz"
+    path = (
+        Path(cache_dir or Path.home() / ".cache" / "diffusion_sweeps" / "fid")
+        / f"{data.name}-{subset.fingerprint}-{len(subset)}.npz"
+    )
     if path.is_file():
         return FidReference.load(path)
     reference = FidReference.from_features(features(subset.images), path.name)

@@ -29,7 +29,12 @@ def _mean_off_diagonal(kernel: np.ndarray) -> float:
 
 
 def kernel_inception_distance(
-    features: np.ndarray, reference_features: np.ndarray, *, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
+    features: np.ndarray,
+    reference_features: np.ndarray,
+    *,
+    num_subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 0,
 ) -> tuple[float, float]:
     """(KID, its standard error) of generated `features` (N, D) against `reference_features` (M, D).
 
@@ -56,8 +61,9 @@ def kernel_inception_distance(
     of a single subset, and it is 0 when every subset is the whole set; and std / √num_subsets
     would ignore that the subsets overlap, i.e. the first term. It is calibrated on real CIFAR-10
     Inception features (tests/test_fid_statistics.py); when the two distributions are the same
-    the U-statistic is degenerate and the jackknife overstates the SE, by up to √2. To ask whether a KID differs from 0 at all, the
-    reference's own sampling noise, left out here, would have to be added.
+    the U-statistic is degenerate and the jackknife overstates the SE, by up to √2. To ask whether
+    a KID differs from 0 at all, the reference's own sampling noise, left out here, would have to
+    be added.
 
     Memory: the three kernel matrices, (N² + M² + N·M) float64 — about 320 MB for N = 2,000
     generated against M = 5,000 reference features.
@@ -68,8 +74,10 @@ def kernel_inception_distance(
         raise ValueError(f"expected features (N, D) and (M, D), got {x.shape} and {y.shape}")
     n, m = x.shape[0], y.shape[0]
     if n < 3 or m < 2 or subset_size < 2 or num_subsets < 1:
-        raise ValueError(f"KID needs N ≥ 3, M ≥ 2, subset_size ≥ 2 and num_subsets ≥ 1; got N={n}, M={m}, "
-                         f"subset_size={subset_size}, num_subsets={num_subsets}")
+        raise ValueError(
+            f"KID needs N ≥ 3, M ≥ 2, subset_size ≥ 2 and num_subsets ≥ 1; got N={n}, M={m}, "
+            f"subset_size={subset_size}, num_subsets={num_subsets}"
+        )
     k_xx, k_yy, k_xy = _cubic_kernel(x, x), _cubic_kernel(y, y), _cubic_kernel(x, y)
 
     rng = np.random.default_rng(seed)
@@ -79,7 +87,11 @@ def kernel_inception_distance(
         # Sorted, so the gathers below read the kernel matrices in memory order.
         i = np.sort(rng.choice(n, size_x, replace=False))
         j = np.sort(rng.choice(m, size_y, replace=False))
-        estimates[s] = _mean_off_diagonal(k_xx[np.ix_(i, i)]) + _mean_off_diagonal(k_yy[np.ix_(j, j)]) - 2 * k_xy[np.ix_(i, j)].mean()
+        estimates[s] = (
+            _mean_off_diagonal(k_xx[np.ix_(i, i)])
+            + _mean_off_diagonal(k_yy[np.ix_(j, j)])
+            - 2 * k_xy[np.ix_(i, j)].mean()
+        )
 
     # Jackknife of U over the generated rows: deleting x_i removes row and column i of k_xx and
     # row i of k_xy; the reference-only term is the same in every replicate and drops out.

@@ -71,9 +71,7 @@ class UNetCifar32(nn.Module):
         super().__init__()
         self.base_channels = base_channels
         time_dim = 4 * base_channels
-        self.time_mlp = nn.Sequential(
-            nn.Linear(base_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
-        )
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.conv_in = nn.Conv2d(image_channels, base_channels, 3, padding=1)
 
         def level(ch: int, res: int) -> nn.Module:
@@ -85,7 +83,11 @@ class UNetCifar32(nn.Module):
         ch, res = base_channels, 32
         for i, mult in enumerate(channel_mults):
             for _ in range(num_res_blocks):
-                self.down.append(nn.ModuleList([ResBlock(ch, base_channels * mult, time_dim, dropout), level(base_channels * mult, res)]))
+                self.down.append(
+                    nn.ModuleList(
+                        [ResBlock(ch, base_channels * mult, time_dim, dropout), level(base_channels * mult, res)]
+                    )
+                )
                 ch = base_channels * mult
                 skip_channels.append(ch)
             if i < len(channel_mults) - 1:
@@ -93,16 +95,22 @@ class UNetCifar32(nn.Module):
                 skip_channels.append(ch)
                 res //= 2
 
-        self.mid = nn.ModuleList([ResBlock(ch, ch, time_dim, dropout), level(ch, res), ResBlock(ch, ch, time_dim, dropout)])
+        self.mid = nn.ModuleList(
+            [ResBlock(ch, ch, time_dim, dropout), level(ch, res), ResBlock(ch, ch, time_dim, dropout)]
+        )
 
         self.up = nn.ModuleList()
         for i, mult in reversed(list(enumerate(channel_mults))):
             for _ in range(num_res_blocks + 1):
                 out = base_channels * mult
-                self.up.append(nn.ModuleList([ResBlock(ch + skip_channels.pop(), out, time_dim, dropout), level(out, res)]))
+                self.up.append(
+                    nn.ModuleList([ResBlock(ch + skip_channels.pop(), out, time_dim, dropout), level(out, res)])
+                )
                 ch = out
             if i > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+                self.up.append(
+                    nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1))
+                )
                 res *= 2
 
         self.norm_out = nn.GroupNorm(GROUPS, ch)
