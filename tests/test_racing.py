@@ -199,3 +199,30 @@ def test_replay_trial_step_shares_by_hand():
         assert replayed.steps_share_mean == pytest.approx((0.75 * a_first + (20 - a_first)) / 20)
         assert (replayed.steps_share_min, replayed.steps_share_max) == (0.75, 1.0)
         assert replayed.stop_counts == {("b", 10): a_first}
+
+
+def test_sweep_replay_reads_a_finished_grid_from_its_files_and_refuses_an_unfinished_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    from conftest import write_summary, write_sweep_file, write_trial
+
+    experiment = tmp_path / "grid"
+    write_sweep_file(experiment, {"optim.lr": {"grid": list(range(6))}})
+    for i, (name, rows) in enumerate(grid_curves().items()):
+        reference = {"val/fid_reference": "ref.npz"}
+        write_trial(experiment, name, [r | reference for r in rows], searched={"optim.lr": i}, total_steps=60)
+    write_summary(experiment, dict.fromkeys(grid_curves(), "finished"))
+    result = CliRunner().invoke(app, ["replay", str(experiment), "--orders", "50"])
+    assert result.exit_code == 0, result.output
+    assert "Rungs at step 20, 40 (grace period 20, reduction factor 2, max_t 60)" in result.output
+    kept = next(line for line in result.output.splitlines() if line.startswith("kept the grid's best"))
+    assert kept.split()[-1] == "100%"  # racing, as in the replay test above
+
+    write_trial(experiment, "mid_a", grid_curves()["mid_a"][:1], searched={"optim.lr": 1}, total_steps=60)
+    write_summary(
+        experiment, {**dict.fromkeys(grid_curves(), "finished"), "mid_a": "stopped"}
+    )  # an early-stopped sweep
+    refused = CliRunner().invoke(app, ["replay", str(experiment)])
+    assert refused.exit_code == 2 and "not ended: mid_a" in refused.output

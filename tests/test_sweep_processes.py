@@ -28,7 +28,7 @@ def test_kill_minus_9_then_resume_finishes_without_recomputing(tmp_path):
         tmp_path,
         base={
             **TINY_RUN,
-            "train": {"total_steps": 200, "batch_size": 8},
+            "train": {"total_steps": 120, "batch_size": 8},
             "eval": {**TINY_RUN["eval"], "every": 20},
             "curvature": {"probes": 2, "batch_size": 4},
         },
@@ -69,11 +69,11 @@ def test_kill_minus_9_then_resume_finishes_without_recomputing(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline:
         found = metrics_by_trial()
-        done = [t for t, rows in found.items() if rows and rows[-1]["step"] == 200]
+        done = [t for t, rows in found.items() if rows and rows[-1]["step"] == 120]
         started = [
             t
             for t, rows in found.items()
-            if rows and rows[-1]["step"] < 200 and list((experiment / t).glob("checkpoint_*"))
+            if rows and rows[-1]["step"] < 120 and list((experiment / t).glob("checkpoint_*"))
         ]
         if done and started and recorded_by_ray(started[0]):
             break
@@ -90,7 +90,7 @@ def test_kill_minus_9_then_resume_finishes_without_recomputing(tmp_path):
     after = metrics_by_trial()
     assert len(after) == 3
     assert all(
-        rows[-1]["step"] == 200 and [r["step"] for r in rows] == list(range(20, 201, 20)) for rows in after.values()
+        rows[-1]["step"] == 120 and [r["step"] for r in rows] == list(range(20, 121, 20)) for rows in after.values()
     )
     assert (experiment / done[0] / "metrics.jsonl").read_text() == finished_before  # not recomputed
     interrupted = started[0]
