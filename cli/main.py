@@ -177,10 +177,11 @@ def run(
     ),
 ):
     """Run a grid, random or Optuna search with Ray Tune; resume it with --resume."""
-    from sweeps.runner import SweepInterrupted, run_sweep
     from sweeps.spec import load_spec
 
-    spec = load_spec(spec_path, set_, name=name, storage=storage)
+    spec = load_spec(
+        spec_path, set_, name=name, storage=storage
+    )  # bad input is refused here, before torch and Ray load
     typer.echo(describe(spec))
     for warning in spec.warnings():
         typer.echo(f"warning: {warning}", err=True)
@@ -188,6 +189,8 @@ def run(
         for warning in dry_run_warnings(spec, address or os.environ.get("RAY_ADDRESS")):
             typer.echo(f"warning: {warning}", err=True)
         return
+    from sweeps.runner import SweepInterrupted, run_sweep
+
     try:
         results = run_sweep(spec, address=address, resume=resume)
     except SweepInterrupted as interrupted:

@@ -81,3 +81,19 @@ def test_a_searched_section_knows_its_columns_keys_and_record():
         "model.base_channels",
         "train.total_steps",
     ]
+
+
+def test_bad_input_is_refused_before_torch_or_ray_is_imported(tmp_path):
+    """Exit 2 in well under two seconds: validation imports neither torch nor Ray."""
+    import subprocess
+    import sys
+
+    spec = write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4]}}, base={"train": {"batch_size": -3}})
+    probe = (
+        "import sys; from typer.testing import CliRunner; from cli.main import app; "
+        f"result = CliRunner().invoke(app, ['run', {str(spec)!r}]); "
+        "print(result.exit_code, 'torch' in sys.modules, 'ray' in sys.modules); print(result.output)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[0] == "2 False False", done.stdout
+    assert "train.batch_size: -3 is out of range" in done.stdout
