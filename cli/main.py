@@ -88,7 +88,9 @@ def fid(
     for source in (source_a, source_b):
         if not source.exists():
             raise ConfigError(f"{source}: no such folder or file")
-    features = _features(weights, device, batch_size)
+    # Two .npz files are statistics already: no Inception network to load.
+    folders = [s for s in (source_a, source_b) if s.suffix != ".npz"]
+    features = _features(weights, device, batch_size) if folders else None
     a, b = stats_of_source(source_a, features), stats_of_source(source_b, features)
     typer.echo(f"FID: {FrechetReference.from_stats(a.mu, a.sigma).fid_from_stats(b.mu, b.sigma)}")
 

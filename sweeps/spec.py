@@ -389,8 +389,10 @@ def short_params(searched: dict[str, Any]) -> str:
 def load_spec(
     path: str | Path, overrides: list[str] | None = None, *, name: Optional[str] = None, storage: Optional[str] = None
 ) -> SweepSpec:
-    """Read and validate a search-space file. `overrides` are `--set key=value` on the run
-    config; `name` and `storage` (the CLI's options) replace the spec's own."""
+    """Read and validate a search-space file. `overrides` are `--set key=value`, each on the
+    spec itself when its key starts with a spec field (`resources.gpu=0`, `scheduler.z=3`,
+    `max_concurrent=2`), else on the run config (`train.batch_size=128`); `name` and `storage`
+    (the CLI's options) replace the spec's own."""
     path = Path(path)
     raw = read_yaml(path)
     if not isinstance(raw, dict):
@@ -399,8 +401,10 @@ def load_spec(
     unknown = sorted(set(raw) - accepted)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown spec key; a spec accepts {', '.join(sorted(accepted))}")
+    spec_overrides, run_overrides = _split_overrides(overrides or [], accepted - {"base", "overrides", "search"})
+    raw = set_nested(raw, spec_overrides)
 
-    run_config = _run_config(path, raw.get("base", {}), raw.get("overrides", {}), overrides)
+    run_config = _run_config(path, raw.get("base", {}), raw.get("overrides", {}), run_overrides)
     search = raw.get("search")
     if not isinstance(search, dict) or not search:
         raise ConfigError("search: expected a mapping of dotted run-config keys to distributions")
@@ -428,6 +432,43 @@ def load_spec(
     if storage:
         options["storage"] = storage
     return load_dataclass(SweepSpec, {**options, "run_config": run_config, "search": distributions}, what="a spec")
+
+
+def _split_overrides(overrides: list[str], spec_fields: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """`--set` overrides as (those on the spec's own fields, by dotted key; those on the run
+    config, as typed). One rule tells them apart: the key's first part names a spec field."""
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    on_spec, on_run = {}, []
+    for text in overrides:
+        key, value = parse_override(text)
+        head = key.split(".")[0]
+        if head in spec_fields:
+            on_spec[key] = value
+        elif head in sections:
+            on_run.append(text)
+        else:
+            raise ConfigError(
+                f"--set {key}: not a spec key ({', '.join(sorted(spec_fields))}) or a run-config key "
+                f"({', '.join(sorted(sections))}, e.g. train.batch_size)"
+            )
+    return on_spec, on_run
+
+
+def set_nested(raw: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `raw` with each dotted key (`resources.gpu`) set, nested mappings made as needed
+    (a scheduler given by name, `scheduler: asha`, becomes a mapping)."""
+    merged = dict(raw)
+    for key, value in dotted.items():
+        head, *rest = key.split(".")
+        if not rest:
+            merged[head] = value
+            continue
+        inner = merged.get(head)
+        inner = {"type": inner} if head == "scheduler" and isinstance(inner, str) else inner
+        if inner is not None and not isinstance(inner, dict):
+            raise ConfigError(f"--set {key}: {head} is not a mapping in the spec")
+        merged[head] = set_nested(inner or {}, {".".join(rest): value})
+    return merged
 
 
 def _run_config(spec_path: Path, base: Any, overrides: Any, cli: list[str] | None) -> RunConfig:

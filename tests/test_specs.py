@@ -97,3 +97,22 @@ def test_bad_input_is_refused_before_torch_or_ray_is_imported(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.splitlines()[0] == "2 False False", done.stdout
     assert "train.batch_size: -3 is out of range" in done.stdout
+
+
+def test_set_reaches_the_specs_own_keys_through_the_same_strict_loader(tmp_path):
+    spec = load_spec(
+        REPO / "search_spaces" / "min_snr_gamma.yaml",
+        ["resources.gpu=0", "scheduler.z=3", "scheduler.type=racing", "max_concurrent=2", "train.total_steps=8000"],
+    )
+    assert (spec.resources.gpu, spec.resources.cpu, spec.max_concurrent) == (0.0, 2.0, 2)
+    assert (spec.scheduler.type, spec.scheduler.z, spec.scheduler.grace_period) == ("racing", 3.0, 4000)
+    assert spec.run_config.train.total_steps == 8000  # a run-config key still reaches the run config
+    for bad, named in [
+        ("resources.gpus=0", "resources.gpus: unknown key"),
+        ("resourcez.gpu=0", "--set resourcez.gpu"),
+        ("scheduler.z=-1", "scheduler.z: -1 is out of range"),
+    ]:
+        result = runner.invoke(
+            app, ["run", str(REPO / "search_spaces" / "min_snr_gamma.yaml"), "--set", bad, "--dry-run"]
+        )
+        assert result.exit_code == 2 and named in result.output, (bad, result.output)

@@ -248,3 +248,14 @@ def test_watch_in_a_real_process_stops_cleanly_on_ctrl_c(mid_run):
         if proc.poll() is None:
             proc.kill()
     assert any(line.startswith("t1_lr=0.0002 ") and "running" in line for line in lines)
+
+
+def test_status_imports_neither_torch_nor_tensorboard_nor_ray(mid_run):
+    """`sweep status` reads files through `record` alone, so it starts in about a second."""
+    probe = (
+        "import sys; from typer.testing import CliRunner; from cli.main import app; "
+        f"result = CliRunner().invoke(app, ['status', {str(mid_run)!r}]); "
+        "print(result.exit_code, *(name in sys.modules for name in ('torch', 'tensorboard', 'ray')))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["0", "False", "False", "False"], done.stdout + done.stderr
