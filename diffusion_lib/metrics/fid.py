@@ -79,20 +79,23 @@ def load_inception(weights: Optional[str] = None, device: torch.device | str = "
 @contextlib.contextmanager
 def _torch_hub_holding(weights: Path) -> Iterator[None]:
     """pytorch-fid fetches its weights with torch.hub's `load_state_dict_from_url`, which first
-    looks in `<hub dir>/checkpoints/` under the URL's file name: point the hub at a temporary
-    folder holding a link to the local file under that name, for the duration of the block."""
-    previous = torch.hub.get_dir()
-    with tempfile.TemporaryDirectory(prefix="fid-weights-") as hub:
-        checkpoints = Path(hub) / "checkpoints"
-        checkpoints.mkdir()
-        (checkpoints / Path(urllib.parse.urlsplit(pytorch_fid_inception.FID_WEIGHTS_URL).path).name).symlink_to(
-            weights.resolve()
-        )
-        torch.hub.set_dir(hub)
+    looks in `$TORCH_HOME/hub/checkpoints/` under the URL's file name: point TORCH_HOME at a
+    temporary folder holding a link to the local file under that name, for the duration of the
+    block, and put the variable back as it was."""
+    previous = os.environ.get("TORCH_HOME")
+    with tempfile.TemporaryDirectory(prefix="fid-weights-") as home:
+        checkpoints = Path(home) / "hub" / "checkpoints"
+        checkpoints.mkdir(parents=True)
+        name = Path(urllib.parse.urlsplit(pytorch_fid_inception.FID_WEIGHTS_URL).path).name
+        (checkpoints / name).symlink_to(weights.resolve())
+        os.environ["TORCH_HOME"] = home
         try:
             yield
         finally:
-            torch.hub.set_dir(previous)
+            if previous is None:
+                del os.environ["TORCH_HOME"]
+            else:
+                os.environ["TORCH_HOME"] = previous
 
 
 class InceptionFeatures:
