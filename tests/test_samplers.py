@@ -9,7 +9,7 @@ from diffusion_lib.schedules import make_schedule, respace, spaced_timesteps
 from gaussian_oracle import exact_output_moments, optimal_eps_fn
 
 MU, SIGMA = 0.4, 0.3
-NUM = 200_000  # scalars; Monte Carlo error of the moments ≈ 0.2%
+NUM = 50_000  # scalars; Monte Carlo error of the moments ≈ 0.4%, against tolerances of 1.5–2%
 
 
 def moments(x: torch.Tensor) -> tuple[float, float]:
