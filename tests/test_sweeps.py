@@ -99,8 +99,8 @@ def test_optuna_with_asha_stops_the_clearly_worse_arm_early(tmp_path, local_ray)
     spec = load_spec(
         write_spec(
             tmp_path,
-            base={**TINY_RUN, "train": {"total_steps": 60, "batch_size": 8}},
-            search={"optim.lr": {"choice": [3e-3, 1e-8]}},  # 1e-8 cannot learn in 60 steps
+            base={**TINY_RUN, "train": {"total_steps": 40, "batch_size": 8}},
+            search={"optim.lr": {"choice": [3e-3, 1e-8]}},  # 1e-8 cannot learn in 40 steps
             algorithm="optuna",
             seed=6,
             num_samples=6,
@@ -114,8 +114,8 @@ def test_optuna_with_asha_stops_the_clearly_worse_arm_early(tmp_path, local_ray)
     for r in results:
         final_steps[r.config["optim.lr"]].append(r.metrics["step"])
     assert set(final_steps) == {3e-3, 1e-8}  # both arms explored
-    assert any(step < 60 for step in final_steps[1e-8])  # ASHA stopped the bad arm early
-    assert max(final_steps[3e-3]) == 60
+    assert any(step < 40 for step in final_steps[1e-8])  # ASHA stopped the bad arm early
+    assert max(final_steps[3e-3]) == 40
     # TensorBoard's HParams view knows every trial, the ones ASHA stopped too, by its own reader.
     for result in results:
         (session,) = hparams_sessions(Path(result.path))
