@@ -133,7 +133,7 @@ def run_sweep(
         tuner = tune.Tuner(wrapped, param_space=param_space(spec), tune_config=tune_config, run_config=run_config)
         write_hparams(path, spec.dotted_keys())
     # What analysis and `sweep status` need to read the experiment from files alone, on any storage.
-    SweepFile(spec.metric, spec.mode, {k: d for s in spec.search.values() for k, d in s.recorded().items()}).write(path)
+    SweepFile(spec.metric, spec.mode, spec.recorded_search()).write(path)
     results = tuner.fit()
     finished = results.num_terminated + results.num_errors  # early-stopped trials count as terminated
     if finished < spec.num_trials:  # Ctrl-C: Ray saved its state and returned early

@@ -276,6 +276,10 @@ class SweepSpec:
         """Some trial measures FID."""
         return any(self.candidates("fid.num_samples")) or any(self.candidates("fid.final_num_samples"))
 
+    def recorded_search(self) -> dict[str, dict[str, list]]:
+        """sweep.json's record of the search: one distribution per searched dotted key."""
+        return {key: dist for searched in self.search.values() for key, dist in searched.recorded().items()}
+
     def dotted_keys(self) -> list[str]:
         """Every searched dotted key (a section search's keys spelled out): the HParams columns."""
         return list(dict.fromkeys(k for searched in self.search.values() for k in searched.dotted_keys()))
