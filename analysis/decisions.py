@@ -121,15 +121,26 @@ def fmt(value: float, stderr: float) -> str:
 
 def effect_sentences(configs: list[Configuration], keys: list[str]) -> list[str]:
     """One sentence per searched key: the best configuration at each of its values, compared
-    with the best at the key's best value — an effect, or within noise."""
+    with the best at the key's best value — an effect, or within noise.
+
+    Where configurations differ in that key alone (a grid, or arms that change one key each
+    from a baseline), the comparison holds the other keys fixed: among the configurations that
+    agree with the best one on every other key (else with the best one that has such partners).
+    Otherwise it compares the best configuration at each value (others free, said so)."""
     sentences = []
     for key in keys:
         if key == SEED_KEY:
             continue
+        others = [k for k in keys if k not in (key, SEED_KEY)]
+        finished = [c for c in configs if c.best_fids and key in c.searched]  # configs are sorted best first
+        slices: dict[str, list[Configuration]] = {}
+        for config in finished:
+            slices.setdefault(repr([config.searched.get(k) for k in others]), []).append(config)
+        varied = [s for s in slices.values() if len({repr(c.searched[key]) for c in s}) >= 2]
+        held = varied[0] if varied else finished  # the slice holding the best configuration that has partners
         best_at: dict[str, Configuration] = {}
-        for config in configs:  # configs are sorted best first
-            if config.best_fids and key in config.searched:
-                best_at.setdefault(repr(config.searched[key]), config)
+        for config in held:
+            best_at.setdefault(repr(config.searched[key]), config)
         if len(best_at) < 2:
             continue
         name = key.split(".")[-1]
@@ -143,10 +154,11 @@ def effect_sentences(configs: list[Configuration], keys: list[str]) -> list[str]
                 f"{name} = {other.searched[key]}: {fmt(other.mean, other.stderr)} "
                 f"({verdict}: {gap:+.3g} ± {stderr:.2g}, {kind})"
             )
+        fixed = ", ".join(f"{k.split('.')[-1]} = {winner.searched.get(k)}" for k in others)
+        condition = (f" with {fixed}" if fixed else "") if varied else (" (other keys free)" if others else "")
         sentences.append(
-            f"Best {FID.name} is at {name} = {winner.searched[key]} ({fmt(winner.mean, winner.stderr)}); "
-            + "; ".join(parts)
-            + "."
+            f"Best {FID.name}{condition} is at {name} = {winner.searched[key]} "
+            f"({fmt(winner.mean, winner.stderr)}); " + "; ".join(parts) + "."
         )
     return sentences
 

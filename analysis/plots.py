@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Optional
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from diffusion_lib.atomic import atomic_path  # noqa: E402
+from diffusion_lib.milestone import FID  # noqa: E402
 from record.best import is_finite_number  # noqa: E402
 from record.experiment import Experiment, Trial  # noqa: E402
 
@@ -32,29 +35,46 @@ def overlay(
     path: Path,
     *,
     count: Optional[str] = None,
+    band: Optional[str] = None,
 ) -> Optional[Path]:
     """Lines of `y` against `x` for every trial that reported `y`; None when none did. With
     `count` (e.g. `val/fid_num_samples`), points measured at different counts are never joined:
-    each count is its own line, labelled with it."""
+    each count is its own line, labelled with it. With `band` (e.g. `val/fid_stderr`), each line
+    carries a shaded ± one-standard-error band. An FID plot also draws the experiment's FID floor."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = 0
     for trial in experiment.trials:
-        lines: dict[Any, list[tuple[float, float]]] = {}
+        lines: dict[Any, list[tuple[float, float, float]]] = {}
         for r in trial.milestones:
             if is_finite_number(r.get(x)) and is_finite_number(r.get(y)):
-                lines.setdefault(r.get(count) if count else None, []).append((r[x], r[y]))
+                se = r.get(band) if band and is_finite_number(r.get(band)) else math.nan
+                lines.setdefault(r.get(count) if count else None, []).append((r[x], r[y], se))
         for n, points in lines.items():
-            xs, ys = zip(*points)
+            xs, ys, ses = (np.array(column, dtype=float) for column in zip(*points))
             label = trial.label if len(lines) == 1 else f"{trial.label} (N={n})"
-            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            if np.isfinite(ses).any():
+                ax.fill_between(xs, ys - ses, ys + ses, color=line.get_color(), alpha=0.2, linewidth=0)
             drawn += 1
     if not drawn:
         plt.close(fig)
         return None
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if y == FID.name:
+        draw_floor(experiment, ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
+
+
+def draw_floor(experiment: Experiment, ax) -> None:
+    """The FID floor as a horizontal line with its ± one-standard-error band, when there is one
+    for the experiment's common FID basis."""
+    point = experiment.floor_point()
+    if point is None or point.fid is None:
+        return
+    ax.axhline(point.fid, color="black", linestyle="--", linewidth=1, label=f"real images (N={point.num_samples})")
+    ax.axhspan(point.fid - point.stderr, point.fid + point.stderr, color="black", alpha=0.1, linewidth=0)
 
 
 def best_points(experiment: Experiment, key: str) -> list[tuple[Trial, dict[str, Any]]]:
@@ -80,5 +100,8 @@ def best_by_key(experiment: Experiment, key: str, path: Path) -> Optional[Path]:
         ax.scatter([categories.index(str(v)) for v in values], [p[1] for p in points])
         ax.set_xticks(range(len(categories)), categories)
     ax.set(xlabel=key, ylabel=f"best {experiment.metric}", title=f"best {experiment.metric} by {key}")
+    if experiment.metric == FID.name and experiment.floor_point():
+        draw_floor(experiment, ax)
+        ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -21,6 +21,7 @@ from record.mirror import mirror_experiment
 
 from . import plots
 from .blocks import Block, BulletList, Code, Heading, Image, Paragraph, Table, to_html, to_markdown
+from .curves import CurvatureCorrelation, FloorGap, GotWorse, curvature_correlation, floor_gap, got_worse
 from .decisions import (
     NOISE_MULTIPLE,
     Configuration,
@@ -116,9 +117,10 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
             FID.name,
             "training step",
             "FID",
-            "FID vs step",
+            "FID vs step (± standard error)",
             out / "fid_vs_step.png",
             count=FID_NUM_SAMPLES.name,
+            band=FID_STDERR.name,
         ),
         plots.overlay(
             experiment,
@@ -144,9 +146,10 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
             FID.name,
             "wall time (s)",
             "FID",
-            "FID vs wall time",
+            "FID vs wall time (± standard error)",
             out / "fid_vs_wall_time.png",
             count=FID_NUM_SAMPLES.name,
+            band=FID_STDERR.name,
         ),
         *[
             plots.best_by_key(experiment, key, out / f"best_by_{key.replace('/', '_')}.png")
@@ -166,6 +169,9 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
             importances,
             importance_trials,
             rank_agreement(experiment),
+            floor_gap(experiment),
+            [g for g in (got_worse(experiment, c) for c in configs) if g is not None],
+            [r for r in (curvature_correlation(experiment, c) for c in configs) if r is not None],
         ),
         out,
     )
@@ -190,6 +196,9 @@ class ReportData:
     importances: dict[str, float]  # Optuna's importance of each searched key
     importance_trials: int  # finished trials the importances rest on
     rank_agreements: list[RankAgreement]
+    floor: Optional[FloorGap]  # what real images score under the sweep's FID conditions
+    got_worse: list[GotWorse]  # per configuration: its last FID against its best
+    curvature: list[CurvatureCorrelation]  # per configuration: curvature against FID
 
 
 def _summary_section(report: ReportData) -> list[Block]:
@@ -285,6 +294,30 @@ def _effects_section(report: ReportData) -> list[Block]:
     return [Heading("Effects"), Paragraph(rule), BulletList(sentences or ["Too few finished trials to compare."])]
 
 
+def _floor_section(report: ReportData) -> list[Block]:
+    if report.floor is None:
+        return []
+    return [
+        Heading("How low can FID go here?"),
+        Paragraph(
+            report.floor.sentence
+            + " The floor is the dashed line on the FID plots: no model can be expected to score below it at this "
+            "sample count and reference, so read each FID as its distance above the floor."
+        ),
+    ]
+
+
+def _over_training_section(report: ReportData) -> list[Block]:
+    if not report.got_worse and not report.curvature:
+        return []
+    blocks: list[Block] = [Heading("Over training")]
+    if report.got_worse:
+        blocks.append(BulletList([g.sentence for g in report.got_worse], intro="Did FID get worse after its best?"))
+    if report.curvature:
+        blocks.append(BulletList([c.sentence for c in report.curvature], intro="Does curvature track FID?"))
+    return blocks
+
+
 def _importance_section(report: ReportData) -> list[Block]:
     if not report.importances:
         return []
@@ -318,6 +351,8 @@ SECTIONS: list[Callable[[ReportData], list[Block]]] = [
     _trials_section,
     _configurations_section,
     _effects_section,
+    _floor_section,
+    _over_training_section,
     _importance_section,
     _early_stopping_section,
     _figures_section,

@@ -47,10 +47,15 @@ def train(
     """Train one model: TensorBoard events, metrics.jsonl, sample grids and checkpoints in OUT."""
     from diffusion_lib.build import create_trainer
     from diffusion_lib.config import load_config
+    from diffusion_lib.metrics.fid import fid_floor
     from diffusion_lib.run_log import write_hparams_config
 
     run_config = load_config(config, set_)
     trainer = create_trainer(run_config, out, progress=progress and sys.stderr.isatty())
+    if run_config.fid.enabled and not run_config.fid.reference:  # a reference of the user's holds unknown images
+        floor = fid_floor(run_config, trainer.data, trainer.features, trainer.fid_reference, out)
+        for point in floor.points:
+            typer.echo(f"FID floor: {floor.sentence(point.num_samples)}", err=True)
     if trainer.step:
         typer.echo(f"resuming {out} from step {trainer.step}", err=True)
     else:

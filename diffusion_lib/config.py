@@ -219,11 +219,13 @@ def set_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]
 
 
 def flatten(nested: dict[str, Any]) -> dict[str, Any]:
-    """{"loss": {"weighting": "constant"}, "optim.lr": 1e-4} -> {"loss.weighting": ..., "optim.lr": ...}."""
+    """{"loss": {"weighting": "constant"}, "optim.lr": 1e-4} -> {"loss.weighting": ..., "optim.lr": ...}.
+    A mapping under another name than a section's (a sweep's arms) holds dotted keys already."""
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
     flat = {}
     for key, value in nested.items():
         if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
+            flat.update({f"{key}.{k}" if key in sections else k: v for k, v in value.items()})
         else:
             flat[key] = value
     return flat

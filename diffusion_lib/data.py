@@ -19,6 +19,7 @@ from .config import ConfigError, DataConfig
 
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR_TEST_FILE = "test_batch"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".pgm", ".ppm", ".tif", ".tiff"}  # as pytorch-fid
 SHAPES_DEFAULT_COUNT = 10_000
 
@@ -93,24 +94,25 @@ def load_cifar10(root: Path, download: bool) -> torch.Tensor:
         from torchvision.datasets import CIFAR10
 
         CIFAR10(str(root), train=True, download=True)
-    batches = []
     for fname in CIFAR_TRAIN_FILES:
-        path = folder / fname
-        if not path.is_file():
+        if not (folder / fname).is_file():
             raise ConfigError(
-                f"data.root={root}: missing {path}; expected the CIFAR-10 python batches "
+                f"data.root={root}: missing {folder / fname}; expected the CIFAR-10 python batches "
                 f"{root}/{CIFAR_FOLDER}/data_batch_1 … data_batch_5 (set data.download: true to fetch them)"
             )
-        try:
-            with open(path, "rb") as f:
-                entry = CifarBatchUnpickler(f, path).load()
-            data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        except ConfigError:
-            raise
-        except Exception as err:  # a truncated or foreign file: name it, don't trace back
-            raise ConfigError(f"data.root={root}: {path} is not a CIFAR-10 python batch ({err})") from None
-        batches.append(torch.from_numpy(data))
-    return torch.cat(batches)
+    return torch.cat([_read_cifar_batch(folder / fname, root) for fname in CIFAR_TRAIN_FILES])
+
+
+def _read_cifar_batch(path: Path, root: Path) -> torch.Tensor:
+    try:
+        with open(path, "rb") as f:
+            entry = CifarBatchUnpickler(f, path).load()
+        data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    except ConfigError:
+        raise
+    except Exception as err:  # a truncated or foreign file: name it, don't trace back
+        raise ConfigError(f"data.root={root}: {path} is not a CIFAR-10 python batch ({err})") from None
+    return torch.from_numpy(data)
 
 
 def load_folder(root: Path) -> torch.Tensor:
@@ -171,3 +173,13 @@ def load_dataset(config: DataConfig, seed: int = 0) -> ImageDataset:
             )
         images = images[: config.num_images]
     return ImageDataset(config.name, images.contiguous())
+
+
+def held_out_images(config: DataConfig, data: ImageDataset, num_reference: int) -> tuple[ImageDataset, str]:
+    """Real images outside the FID reference (the first `num_reference` of `data`), and where they
+    come from in words: the CIFAR-10 test split where the data has one, else the training images
+    after the reference (none when the reference holds them all)."""
+    test_batch = Path(config.root) / CIFAR_FOLDER / CIFAR_TEST_FILE
+    if config.name == "cifar10" and test_batch.is_file():
+        return ImageDataset(data.name, _read_cifar_batch(test_batch, Path(config.root))), "the CIFAR-10 test split"
+    return ImageDataset(data.name, data.images[num_reference:].cpu()), "training images outside the reference"

@@ -7,6 +7,8 @@ of torch so that readers of an experiment (`sweep status`, the analysis) start f
         samples/step_NNNNNNN.png    the sample grid of each milestone
         checkpoints/step_NNNNNNN.pt the training state (`checkpoint.py`); a sweep trial keeps them
                                     in Ray's `checkpoint_*/` folders instead
+        fid_floor.json              the FID floor (`FidFloor`); a sweep keeps one for all its
+                                    trials in the experiment folder instead
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .atomic import atomic_path
 from .milestone import STEP
 
 METRICS_FILE = "metrics.jsonl"
@@ -24,6 +28,7 @@ SAMPLES_DIR = "samples"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_GLOB = "step_*.pt"
 EVENTS_GLOB = "events.out.tfevents.*"
+FLOOR_FILE = "fid_floor.json"
 _CHECKPOINT_NAME = re.compile(r"^step_(\d{7,})\.pt$")
 
 
@@ -72,3 +77,62 @@ def read_metrics(path: Path, warnings: Optional[list[str]] = None) -> list[dict[
             if warnings is not None:
                 warnings.append(f"{path}:{number}: truncated or corrupt line skipped ({err})")
     return rows
+
+
+@dataclass(frozen=True)
+class FloorPoint:
+    """The FID of `num_samples` real images outside the reference, with its jackknife standard
+    error; both None when fewer held-out images exist than the count needs."""
+
+    num_samples: int
+    fid: Optional[float]
+    stderr: Optional[float]
+
+
+@dataclass(frozen=True)
+class FidFloor:
+    """What real images score under a run's FID conditions (its reference, its sample counts):
+    no generator can be expected below it, so a trial's FID reads as its distance above this."""
+
+    reference: str  # the reference statistics file's name, as in every milestone row
+    reference_images: int
+    held_out: str  # where the real images come from, in words
+    held_out_images: int  # how many there are
+    held_out_fingerprint: str  # their content: a stored floor of other images is not reused
+    points: tuple[FloorPoint, ...]
+
+    def at(self, num_samples: int) -> Optional[FloorPoint]:
+        return next((p for p in self.points if p.num_samples == num_samples), None)
+
+    def sentence(self, num_samples: int) -> str:
+        """The floor at a count, in words: its figure, or why there is none."""
+        point = self.at(num_samples)
+        if point is None:
+            return f"no FID floor at {num_samples} samples was computed"
+        if point.fid is None:
+            return (
+                f"no FID floor at {num_samples} samples: only {self.held_out_images} real images outside the "
+                f"{self.reference_images}-image reference ({self.held_out}); lower fid.ref_num_images or add data"
+            )
+        return (
+            f"real images ({self.held_out}) score {point.fid:.4g} ± {point.stderr:.2g} at {num_samples} samples "
+            f"against this {self.reference_images}-image reference"
+        )
+
+    def write(self, folder: Path) -> None:
+        with atomic_path(Path(folder) / FLOOR_FILE) as tmp:
+            tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def read(cls, folder: Path, warnings: Optional[list[str]] = None) -> Optional["FidFloor"]:
+        """The floor stored in a folder; None when there is none, or it is unreadable (said in `warnings`)."""
+        path = Path(folder) / FLOOR_FILE
+        try:
+            raw = json.loads(path.read_text())
+            return cls(**{**raw, "points": tuple(FloorPoint(**p) for p in raw["points"])})
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            if warnings is not None:
+                warnings.append(f"{path}: unreadable ({type(err).__name__}: {err}); ignored")
+            return None

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from diffusion_lib.config import TOTAL_STEPS_KEY, ConfigError, flatten
 from diffusion_lib.milestone import FID, STEP, WALL_TIME
-from diffusion_lib.run_files import CHECKPOINT_DIR, METRICS_FILE, list_checkpoints, read_metrics
+from diffusion_lib.run_files import CHECKPOINT_DIR, METRICS_FILE, FidFloor, FloorPoint, list_checkpoints, read_metrics
 
 from . import states
 from .best import Row, best_milestone, common_basis, is_finite_number
@@ -73,6 +73,7 @@ class Experiment:
     summary_mtime: Optional[float] = None  # when a current summary was written (the sweep ended)
     ray_mtime: Optional[float] = None  # Ray's newest experiment state (the sweep's heartbeat)
     driver_alive: Optional[bool] = None  # None: no Ray state to tell
+    floor: Optional[FidFloor] = None  # what real images score under the sweep's FID conditions
 
     def __post_init__(self) -> None:
         # The FID basis most trials share, and the trials with FIDs on another basis (not ranked).
@@ -90,6 +91,12 @@ class Experiment:
         return best_milestone(
             trial.milestones, metric, self.mode if metric == self.metric else "min", self.basis, steps=steps
         )
+
+    def floor_point(self) -> Optional[FloorPoint]:
+        """The floor under the common FID basis (its sample count and reference), when stored."""
+        if self.floor is None or self.basis is None or self.basis[1] != self.floor.reference:
+            return None
+        return self.floor.at(self.basis[0])
 
     def searched_on_log_scale(self, key: str) -> bool:
         """Drawn from a loguniform range, or a listed search spanning two decades or more."""
@@ -164,6 +171,7 @@ def load_experiment(
         summary_mtime=_mtime(path / SUMMARY_FILE) if summary else None,
         ray_mtime=ray_mtime,
         driver_alive=driver_alive,
+        floor=FidFloor.read(path, warnings),
     )
 
 

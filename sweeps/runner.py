@@ -12,8 +12,9 @@ from typing import Any, Optional
 from diffusion_lib.build import create_trainer, resolve_device
 from diffusion_lib.config import SEED_KEY, ConfigError
 from diffusion_lib.data import ImageDataset, load_dataset
-from diffusion_lib.metrics.fid import FeatureExtractor, InceptionFeatures, reference_statistics
+from diffusion_lib.metrics.fid import FeatureExtractor, InceptionFeatures, fid_floor, reference_statistics
 from diffusion_lib.milestone import STEP, TRAIN_LOSS
+from diffusion_lib.run_files import FLOOR_FILE
 from diffusion_lib.run_log import write_hparams_config
 from record import states, storage
 from record.files import RAY_ERROR_FILE, REFERENCE_DIR, Summary, SweepFile, TrialOutcome, one_line_error
@@ -183,13 +184,14 @@ def write_hparams(experiment: str, hparam_names: list[str]) -> None:
 def with_shared_fid_reference(spec: SweepSpec, data: ImageDataset, features: Optional[FeatureExtractor]) -> SweepSpec:
     """The spec with `fid.reference` set to reference statistics computed once, here, for all
     trials, and stored with the experiment (it also records which reference every FID of the
-    sweep was measured against). Otherwise each concurrent trial on a machine with an empty
-    cache would run the same Inception pass. Left to the trials when the searched keys change
-    the reference (data, fid.ref_num_images) or FID is off.
+    sweep was measured against), beside the FID floor of the same conditions (`fid_floor.json`).
+    Otherwise each concurrent trial on a machine with an empty cache would run the same
+    Inception pass. Left to the trials when the searched keys change the reference (data,
+    fid.ref_num_images) or FID is off; no floor then, nor for a reference the user gave.
 
-    On a URI storage the statistics are computed in a local folder (seeded with the references
-    already stored, so a resumed sweep reuses its own), uploaded to `<experiment>/fid_reference/`,
-    and `fid.reference` is that URI: each trial downloads it (sweeps/trainable.py)."""
+    On a URI storage the files are computed in a local folder (seeded with those already
+    stored, so a resumed sweep reuses its own), uploaded to the experiment, and `fid.reference`
+    is the reference's URI: each trial downloads it (sweeps/trainable.py)."""
     config = spec.run_config
     per_trial = any(key in ("data", "fid.ref_num_images") or key.startswith("data.") for key in spec.dotted_keys())
     if not spec.fid_enabled or per_trial or config.fid.reference:
@@ -201,16 +203,22 @@ def with_shared_fid_reference(spec: SweepSpec, data: ImageDataset, features: Opt
     if not storage.is_uri(experiment):
         folder = Path(experiment) / REFERENCE_DIR
         reference = reference_statistics(data, features, config.fid.ref_num_images, folder)
+        fid_floor(config, data, features, reference, Path(experiment))
         return dataclasses.replace(
             spec, run_config=config.with_overrides({"fid.reference": str(folder / reference.name)})
         )
     stored = storage.join(experiment, REFERENCE_DIR)
+    stored_floor = storage.join(experiment, FLOOR_FILE)
     with tempfile.TemporaryDirectory(prefix="sweep-fid-reference-") as scratch:
         storage.download_tree(stored, scratch)
         reference = reference_statistics(data, features, config.fid.ref_num_images, scratch)
         target = storage.join(stored, reference.name)
         if not storage.exists(target):
             storage.upload(Path(scratch) / reference.name, target)
+        if storage.exists(stored_floor):
+            storage.download(stored_floor, Path(scratch) / FLOOR_FILE)
+        fid_floor(config, data, features, reference, Path(scratch))
+        storage.upload(Path(scratch) / FLOOR_FILE, stored_floor)
     return dataclasses.replace(spec, run_config=config.with_overrides({"fid.reference": target}))
 
 

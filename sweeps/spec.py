@@ -126,29 +126,43 @@ class Distribution:
 
 @dataclass(frozen=True)
 class SectionSearch:
-    """A whole config section searched as a list of partial mappings of its keys (`grid` or
-    `choice`), e.g. a γ sweep plus the constant-weight baseline:
+    """A list of variants searched as one (`grid` or `choice`), each a partial mapping that sets
+    only the keys it names; the others keep the base config's values. Under a section's name the
+    variants set that section's keys, e.g. a γ sweep plus the constant-weight baseline:
 
         loss: {grid: [{weighting: constant}, {weighting: min_snr, minsnr_gamma: 5}]}
 
-    Each variant sets only the keys it names; the others keep the base config's values."""
+    Under any other name they are arms of an experiment plan that set dotted keys across
+    sections, e.g. a longer run and a wider one beside a baseline (not their full grid):
 
-    section: str
+        arm: {grid: [{train.total_steps: 600}, {train.total_steps: 3000}, {model.base_channels: 32}]}"""
+
+    name: str  # the search key: a run-config section, or the arms' name
     kind: Literal["grid", "choice"]
-    args: tuple  # the variants: mappings of the section's keys
+    args: tuple  # the variants
+    prefix: str  # what makes a variant's key dotted: "loss." for a section, "" for arms
 
     @property
     def key(self) -> str:
-        return self.section
+        return self.name
 
     @classmethod
-    def parse(cls, section: str, raw: Any) -> "SectionSearch":
-        dist = Distribution.parse(section, raw)
+    def parse(cls, name: str, raw: Any, run_config: RunConfig) -> "SectionSearch":
+        dist = Distribution.parse(name, raw)
         if not dist.is_listed or not all(isinstance(v, dict) and v for v in dist.args):
             raise ConfigError(
-                f"search.{section}: a whole section is searched with grid or choice over mappings of its keys"
+                f"search.{name}: a whole section, or arms across sections, are searched with grid or choice over "
+                "mappings of keys"
             )
-        return cls(section, dist.kind, dist.args)
+        is_section = name in run_config.to_dict()
+        flat = run_config.flat()
+        for variant in dist.args:
+            for key in variant if not is_section else ():
+                if key not in flat:
+                    raise ConfigError(
+                        f"search.{name}: {key} is not a run-config key; arms set dotted keys, e.g. train.total_steps"
+                    )
+        return cls(name, dist.kind, dist.args, f"{name}." if is_section else "")
 
     @property
     def is_grid(self) -> bool:
@@ -158,31 +172,32 @@ class SectionSearch:
         return list(self.args)
 
     def tune_domain(self) -> Any:
-        return Distribution(self.section, self.kind, self.args).tune_domain()
+        return Distribution(self.name, self.kind, self.args).tune_domain()
 
     def describe(self) -> str:
         return f"{self.kind}({', '.join(trial_label(v) for v in self.args)})"
 
     def dotted_keys(self) -> list[str]:
         """Every key some variant sets, dotted (`loss.minsnr_gamma`): the HParams columns."""
-        return list(dict.fromkeys(f"{self.section}.{k}" for v in self.args for k in v))
+        return list(dict.fromkeys(self.prefix + k for v in self.args for k in v))
 
     def columns(self) -> list[str]:
         """The keys every variant sets, as Ray's progress table names them (`loss/weighting`);
         its table fails on a key some trials lack, and the trial name shows every value anyway."""
-        return [f"{self.section}/{k}" for k in self.args[0] if all(k in v for v in self.args)]
+        return [f"{self.name}/{k}" for k in self.args[0] if all(k in v for v in self.args)]
 
     def recorded(self) -> dict[str, dict[str, list]]:
         """sweep.json's record: a `choice` over the values each dotted key takes in the variants."""
-        return {
-            key: {"choice": list(dict.fromkeys(v[key.split(".")[1]] for v in self.args if key.split(".")[1] in v))}
-            for key in self.dotted_keys()
-        }
+        return {key: {"choice": list(dict.fromkeys(self._set_in(key)))} for key in self.dotted_keys()}
+
+    def _set_in(self, key: str) -> list[Any]:
+        """The values of a dotted key in the variants that set it."""
+        name = key[len(self.prefix) :]
+        return [v[name] for v in self.args if name in v]
 
     def values_of(self, key: str, base: RunConfig) -> list[Any]:
-        """The values a dotted key of this section takes across the variants."""
-        name = key.split(".")[1]
-        return [v.get(name, getattr(getattr(base, self.section), name)) for v in self.args]
+        """The values a dotted key takes across the variants."""
+        return [v.get(key[len(self.prefix) :], base.flat()[key]) for v in self.args]
 
 
 Search = Union[Distribution, SectionSearch]
@@ -213,7 +228,7 @@ class Resources:
 @dataclass
 class SweepSpec:
     run_config: RunConfig  # the base config with the spec's overrides and `--set`, paths absolute
-    search: dict[str, Search]  # by dotted key, or by section name for a SectionSearch
+    search: dict[str, Search]  # by dotted key, or by section or arms name for a SectionSearch
     name: str
     storage: str = "runs"
     algorithm: Literal["grid", "random", "optuna"] = "grid"
@@ -234,7 +249,7 @@ class SweepSpec:
             raise ConfigError("search: expected a mapping of dotted run-config keys to distributions")
         for key, searched in self.search.items():
             if isinstance(searched, SectionSearch) and self.algorithm == "optuna":
-                raise ConfigError(f"search.{key}: Optuna cannot search a whole section; search its dotted keys")
+                raise ConfigError(f"search.{key}: Optuna cannot search a whole section or arms; search dotted keys")
         if self.algorithm == "optuna" and self.grid_keys:
             raise ConfigError(f"search.{self.grid_keys[0]}: grid is not supported with algorithm optuna; use choice")
         if self.algorithm == "grid" and len(self.grid_keys) != len(self.search):
@@ -266,9 +281,9 @@ class SweepSpec:
 
     def candidates(self, key: str) -> list[Any]:
         """The values a dotted run-config key takes across the sweep (its searched values, or the base's)."""
-        searched = self.search.get(key) or self.search.get(key.split(".")[0])
-        if searched is not None and key in searched.dotted_keys():
-            return searched.values_of(key, self.run_config)
+        for searched in self.search.values():
+            if key in searched.dotted_keys():
+                return searched.values_of(key, self.run_config)
         return [self.run_config.flat()[key]]
 
     @property
@@ -415,13 +430,13 @@ def load_spec(
     sections = run_config.to_dict().keys()
     distributions: dict[str, Search] = {}
     for key, value in search.items():
-        if key in sections:
-            distributions[key] = searched = SectionSearch.parse(key, value)
-        elif key in run_config.flat():
+        if key in run_config.flat():
             distributions[key] = searched = Distribution.parse(key, value)
+        elif key in sections or "." not in key:
+            distributions[key] = searched = SectionSearch.parse(key, value, run_config)
         else:
             raise ConfigError(
-                f"search.{key}: not a run-config key (e.g. loss.minsnr_gamma, train.total_steps) or section"
+                f"search.{key}: not a run-config key (e.g. loss.minsnr_gamma, train.total_steps), section or arms"
             )
         for candidate in searched.candidates():
             try:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from diffusion_lib.losses import DiffusionLoss
+from diffusion_lib.run_files import FLOOR_FILE
 from diffusion_lib.trainer import Trainer
 from record.experiment import load_experiment
 from record.files import REFERENCE_DIR
@@ -35,7 +36,15 @@ def local_ray():
 
 
 def test_grid_sweep_reports_every_milestone_key_against_one_stored_reference(tmp_path, local_ray):
-    base = {**TINY_RUN, "fid": {"num_samples": 8, "final_num_samples": 0, "cache_dir": str(tmp_path / "fid_cache")}}
+    base = {
+        **TINY_RUN,
+        "fid": {
+            "num_samples": 8,
+            "final_num_samples": 0,
+            "ref_num_images": 32,
+            "cache_dir": str(tmp_path / "fid_cache"),
+        },
+    }
     spec = load_spec(
         write_spec(
             tmp_path,
@@ -49,7 +58,7 @@ def test_grid_sweep_reports_every_milestone_key_against_one_stored_reference(tmp
     )
     results = run_sweep_with_standin_fid(spec)  # asserts the one reference pass, in the launcher
     assert len(results) == 4 and not results.errors
-    assert not (tmp_path / "fid_cache").exists()  # no trial computed a reference of its own
+    assert not (tmp_path / "cache").exists()  # no trial computed a reference of its own
     frame = results.get_dataframe()
     assert {"step", "train/loss", "wall_time_s", "images_seen", "loss/t_bucket_0", "val/fid_jackknife"} <= set(
         frame.columns
@@ -70,6 +79,12 @@ def test_grid_sweep_reports_every_milestone_key_against_one_stored_reference(tmp
         assert {row["val/fid_num_samples"] for row in trial.milestones} == {8} and len(
             trial.milestones[-1]["val/fid_jackknife"]
         ) == 6
+        assert not (trial.path / FLOOR_FILE).exists()
+    # The FID floor: computed once, in the launcher, stored with the experiment, stated in the report.
+    floor = experiment.floor_point()
+    assert floor is not None and floor.num_samples == 8 and floor.fid > 0 and floor.stderr > 0
+    assert experiment.floor.held_out_images == 32
+    assert "How low can FID go here?" in (experiment.path / "analysis" / "report.md").read_text()
 
 
 def test_racing_stops_the_clearly_worse_arm_and_the_record_says_stopped(tmp_path, local_ray):

@@ -25,8 +25,9 @@ from PIL import Image
 from pytorch_fid import inception as pytorch_fid_inception
 
 from ..atomic import atomic_path
-from ..config import WEIGHTS_ENV, ConfigError
-from ..data import IMAGE_SUFFIXES, ImageDataset
+from ..config import WEIGHTS_ENV, ConfigError, RunConfig
+from ..data import IMAGE_SUFFIXES, ImageDataset, held_out_images
+from ..run_files import FidFloor, FloorPoint
 from . import full_fp32
 from .frechet import FrechetReference, Jackknife, fid_jackknife
 from .kid import kernel_inception_distance
@@ -237,6 +238,37 @@ def reference_statistics(
     reference = FidReference.from_features(features(subset.images), path.name)
     reference.save(path)
     return reference
+
+
+def fid_floor(
+    config: RunConfig, data: ImageDataset, features: FeatureExtractor, reference: FidReference, folder: Path
+) -> FidFloor:
+    """The FID floor under a run's conditions: real images outside `reference` (the first images
+    of `data`) scored against it at `fid.num_samples` and `fid.final_num_samples`, each with its
+    jackknife standard error, as a milestone FID is. Written to `folder/fid_floor.json`; a floor
+    already there for the same reference, held-out images and counts is reused."""
+    counts = sorted({n for n in (config.fid.num_samples, config.fid.final_num_samples) if n})
+    held_out, source = held_out_images(config.data, data, reference.num_images)
+    stored = FidFloor.read(folder)
+    if (
+        stored is not None
+        and stored.reference == reference.name
+        and stored.held_out_fingerprint == held_out.fingerprint
+        and [p.num_samples for p in stored.points] == counts
+    ):
+        return stored
+    enough = [n for n in counts if 4 <= n <= len(held_out)]
+    held_out_features = features(held_out.images[: max(enough)]) if enough else None
+    points = []
+    for n in counts:
+        if n in enough:
+            result = evaluate_features(held_out_features[:n], reference)
+            points.append(FloorPoint(n, result.fid, result.fid_stderr))
+        else:
+            points.append(FloorPoint(n, None, None))
+    floor = FidFloor(reference.name, reference.num_images, source, len(held_out), held_out.fingerprint, tuple(points))
+    floor.write(folder)
+    return floor
 
 
 def load_image_folder(folder: str | os.PathLike) -> list[torch.Tensor]:

@@ -1,0 +1,194 @@
+"""What a configuration's curves over training say, with their noise (the research notes' E7
+observations): did FID get worse after its best milestone, and does curvature track FID?
+
+"Got worse" is a paired comparison within each run: every milestone of a trial samples from the
+same noise (`eval.seed`), so FID(last) − FID(best step) is measured with the paired jackknife
+of the two milestones (`frechet.paired_stderr`), in which the shared sampling noise cancels.
+With seed repeats the configuration's best step is where its mean FID over seeds is lowest, and
+the gap's standard error is the spread of the seeds' own gaps, sd/√K (which holds the sampling
+noise too). The best step is picked from the same curves, so noise alone makes the gap
+positive: the sentence says so, and the rule (`decisions.NOISE_MULTIPLE` standard errors)
+guards against it only in part.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from scipy import stats
+
+from diffusion_lib.metrics.frechet import paired_stderr
+from diffusion_lib.milestone import CURVATURE, FID, FID_NUM_SAMPLES, FID_REPLICATES, FID_STDERR, STEP
+from record.best import comparable_rows, is_finite_number
+from record.experiment import Experiment
+from record.files import trial_label
+
+from .decisions import NOISE_MULTIPLE, SEED_SPREAD, Configuration
+
+PAIRED_IN_RUN = "paired jackknife within the run"
+UNPAIRED_IN_RUN = "the two FIDs' jackknife"
+
+
+@dataclass(frozen=True)
+class GotWorse:
+    """FID at a configuration's last milestone against its best step, over its K seeds."""
+
+    searched: dict[str, Any]
+    best_step: int
+    last_step: int
+    best_fid: float  # mean over seeds at the best step
+    last_fid: float  # mean over seeds at the last step
+    num_milestones: int  # the milestones the best step was picked from
+    num_seeds: int
+    gap: float  # last − best
+    stderr: float
+    kind: str  # which standard error
+
+    @property
+    def is_effect(self) -> bool:
+        return math.isfinite(self.stderr) and self.gap > NOISE_MULTIPLE * self.stderr
+
+    @property
+    def sentence(self) -> str:
+        who = trial_label(self.searched) or "the run"
+        if self.best_step == self.last_step:
+            return (
+                f"{who}: FID is lowest at the last milestone, step {self.last_step} "
+                f"({self.last_fid:.4g}): no sign of getting worse with training."
+            )
+        verdict = "an effect" if self.is_effect else "within noise"
+        return (
+            f"{who}: FID at the last milestone (step {self.last_step}, {self.last_fid:.4g}) against its best "
+            f"(step {self.best_step}, {self.best_fid:.4g}): {self.gap:+.3g} ± {self.stderr:.2g} ({verdict}; "
+            f"{self.kind}, {self.num_seeds} seed{'s' if self.num_seeds > 1 else ''}; the best is the lowest of "
+            f"{self.num_milestones} milestones, so noise alone makes this gap positive)."
+        )
+
+
+def got_worse(experiment: Experiment, config: Configuration) -> Optional[GotWorse]:
+    """The "did FID get worse after its best?" comparison of one configuration; None when its
+    trials share fewer than two milestones with an FID on the common basis."""
+    curves = []
+    for trial in config.trials:
+        rows = {r[STEP.name]: r for r in comparable_rows(trial.milestones, FID.name, experiment.basis)}
+        if rows:
+            curves.append(rows)
+    if not curves:
+        return None
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    if len(steps) < 2:
+        return None
+    mean_at = {s: statistics.fmean(c[s][FID.name] for c in curves) for s in steps}
+    best_step, last_step = min(steps, key=mean_at.get), steps[-1]
+    gaps = [c[last_step][FID.name] - c[best_step][FID.name] for c in curves]
+    if len(curves) >= 2:
+        stderr, kind = statistics.stdev(gaps) / math.sqrt(len(gaps)), SEED_SPREAD
+    else:
+        stderr, kind = _in_run_stderr(curves[0][best_step], curves[0][last_step])
+    return GotWorse(
+        {k: v for k, v in config.searched.items()},
+        best_step,
+        last_step,
+        mean_at[best_step],
+        mean_at[last_step],
+        len(steps),
+        len(curves),
+        statistics.fmean(gaps),
+        stderr,
+        kind,
+    )
+
+
+def _in_run_stderr(best: dict[str, Any], last: dict[str, Any]) -> tuple[float, str]:
+    """The standard error of FID(last) − FID(best) in one run: paired when both milestones kept
+    their jackknife replicates, else from the two FIDs' own standard errors."""
+    a, b = best.get(FID_REPLICATES.name), last.get(FID_REPLICATES.name)
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) > 1:
+        return paired_stderr(a, b, best[FID_NUM_SAMPLES.name]), PAIRED_IN_RUN
+    se_a, se_b = best.get(FID_STDERR.name), last.get(FID_STDERR.name)
+    if is_finite_number(se_a) and is_finite_number(se_b):
+        return math.hypot(se_a, se_b), UNPAIRED_IN_RUN
+    return math.nan, UNPAIRED_IN_RUN
+
+
+@dataclass(frozen=True)
+class CurvatureCorrelation:
+    """Spearman's rank correlation of curvature with FID over a configuration's milestones."""
+
+    searched: dict[str, Any]
+    rho: float
+    p_value: float
+    num_milestones: int
+    num_trials: int
+
+    @property
+    def sentence(self) -> str:
+        who = trial_label(self.searched) or "the run"
+        direction = "falls as FID rises" if self.rho < 0 else "rises with FID"
+        strength = "" if self.p_value < 0.05 else ", which is within noise (p ≥ 0.05)"
+        return (
+            f"{who}: curvature {direction}: Spearman's ρ = {self.rho:+.2f} over n = {self.num_milestones} "
+            f"milestones of {self.num_trials} trial{'s' if self.num_trials > 1 else ''} (p = {self.p_value:.2g})"
+            f"{strength}. Both change with the training step, so this is a correlation along training, not a cause."
+        )
+
+
+def curvature_correlation(experiment: Experiment, config: Configuration) -> Optional[CurvatureCorrelation]:
+    """The rank correlation (scipy's spearmanr) of Hutchinson curvature with FID over every
+    milestone of the configuration's trials that has both; None below 4 such milestones."""
+    pairs, trials = [], 0
+    for trial in config.trials:
+        rows = [
+            r
+            for r in comparable_rows(trial.milestones, FID.name, experiment.basis)
+            if is_finite_number(r.get(CURVATURE.name))
+        ]
+        pairs += [(r[CURVATURE.name], r[FID.name]) for r in rows]
+        trials += bool(rows)
+    if len(pairs) < 4:
+        return None
+    curvature, fid = zip(*pairs)
+    rho, p_value = stats.spearmanr(curvature, fid)
+    if not math.isfinite(rho):  # a constant series has no ranks to correlate
+        return None
+    return CurvatureCorrelation(dict(config.searched), float(rho), float(p_value), len(pairs), trials)
+
+
+@dataclass(frozen=True)
+class FloorGap:
+    """How far the best FID sits above what real images score under the same conditions."""
+
+    floor_sentence: str  # `FidFloor.sentence`: the floor's figure, or why there is none
+    floor_fid: Optional[float]
+    best_label: Optional[str]
+    best_fid: Optional[float]
+
+    @property
+    def sentence(self) -> str:
+        text = self.floor_sentence[0].upper() + self.floor_sentence[1:]
+        if self.floor_fid is None or self.best_fid is None:
+            return text + "."
+        above = self.best_fid - self.floor_fid
+        return f"{text}; the best trial, {self.best_label}, scores {self.best_fid:.4g}: {above:.4g} above that."
+
+
+def floor_gap(experiment: Experiment) -> Optional[FloorGap]:
+    """The floor under the sweep's common FID basis against its best FID; None without a stored floor."""
+    if experiment.floor is None or experiment.basis is None:
+        return None
+    point = experiment.floor_point()
+    count = experiment.basis[0]
+    sentence = (
+        experiment.floor.sentence(count)
+        if point
+        else f"no FID floor was stored for {count} samples against this reference"
+    )
+    bests = [(t, experiment.best(t, FID.name)) for t in experiment.trials]
+    bests = [(t, b) for t, b in bests if b is not None]
+    if not bests:
+        return FloorGap(sentence, point.fid if point else None, None, None)
+    trial, best = min(bests, key=lambda tb: tb[1][FID.name])
+    return FloorGap(sentence, point.fid if point else None, trial.label, best[FID.name])
