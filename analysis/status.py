@@ -76,6 +76,11 @@ def experiment_status(
     stamp = time.strftime("%H:%M:%S", time.localtime(now))
     if experiment.summary_mtime is not None:
         header = f"{path}: sweep ended ({SUMMARY_FILE} written {_ago(now - experiment.summary_mtime)} ago)"
+    elif experiment.interrupted_mtime is not None:
+        header = (
+            f"{path}: sweep not running: interrupted (Ctrl-C) {_ago(now - experiment.interrupted_mtime)} ago; "
+            "`sweep run SPEC --resume` finishes it"
+        )
     elif experiment.driver_alive:
         header = f"{path}: sweep running (Ray's driver wrote its state {_ago(now - experiment.ray_mtime)} ago)"
     elif experiment.driver_alive is False:

@@ -199,33 +199,36 @@ def run(
     from sweeps.runner import SweepInterrupted, run_sweep
 
     try:
-        results = run_sweep(spec, address=address, resume=resume)
+        results = run_sweep(spec, address=address, resume=resume, say=lambda line: typer.echo(line, err=True))
     except SweepInterrupted as interrupted:
         typer.echo(f"{interrupted}", err=True)
         raise typer.Exit(code=130) from None
-    raise typer.Exit(code=report_results(spec, results, analyze=analyze_after))
+    try:
+        code = report_results(spec, results, analyze=analyze_after)
+    except KeyboardInterrupt:
+        typer.echo(
+            f"analysis interrupted; the sweep itself finished: `sweep analyze {spec.experiment_path}` writes it",
+            err=True,
+        )
+        raise typer.Exit(code=130) from None
+    raise typer.Exit(code=code)
 
 
 def report_results(spec, results, *, analyze: bool) -> int:
     """Print the outcome of a sweep and where to look, write the analysis; return the exit code:
-    1 when a trial errored (after its retries) and the spec fails on trial errors, else 0."""
+    1 when a trial errored (after its retries) and the spec fails on trial errors, else 0. The
+    outcome is `sweep status`'s table, in the record's words, so the run ends as status reads it."""
     from record.files import RAY_ERROR_FILE
 
-    try:
-        best = results.get_best_result(metric=spec.metric, mode=spec.mode, scope="all")
-        history = best.metrics_dataframe[spec.metric]  # the Result's own metrics are its last report
-        value = history.min() if spec.mode == "min" else history.max()
-        typer.echo(f"best {spec.metric}: {value:.6g} in {Path(best.path).name}")
-    except RuntimeError:
-        typer.echo(f"no trial reported {spec.metric}")
-    errored = [r for r in results if r.error]
-    typer.echo(f"{len(results)} trials, {len(errored)} errored; experiment at {spec.experiment_path}")
+    status(spec.experiment_path, watch=False, interval=0.0)
     if analyze:
         from analysis.report import analyze_location
 
+        typer.echo("analysing: tables, plots, sample grids and the report", err=True)
         report, _ = analyze_location(spec.experiment_path)
         typer.echo(f"report: {report} (and report.html beside it)")
     typer.echo(f"TensorBoard: tensorboard --logdir {spec.experiment_path}")
+    errored = [r for r in results if r.error]
     if not errored:
         return 0
     tracebacks = ", ".join(str(Path(r.path) / RAY_ERROR_FILE) for r in errored)

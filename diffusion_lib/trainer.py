@@ -25,7 +25,13 @@ from .ema import EMA
 from .losses import DiffusionLoss, eps_mse
 from .metrics import full_fp32
 from .metrics.curvature import hutchinson_trace
-from .metrics.fid import CIFAR10_TRAIN_IMAGES, FEATURE_DIMS, FeatureExtractor, FidReference, evaluate_features
+from .metrics.fid import (
+    FeatureExtractor,
+    FidComparabilityWarning,
+    FidReference,
+    evaluate_features,
+    fid_comparability,
+)
 from .milestone import (
     BEST_FID,
     CURVATURE,
@@ -146,24 +152,8 @@ class Trainer:
 
     def _warn_about_fid_comparability(self) -> None:
         """Say once per run what limits the FIDs' comparability (every FID row records both)."""
-        fid = self.config.fid
-        smallest = min(n for n in (fid.num_samples, fid.final_num_samples) if n)
-        if smallest < FEATURE_DIMS:
-            warnings.warn(
-                f"FID from {smallest} samples, fewer than the {FEATURE_DIMS} Inception features: the sample "
-                "covariance is "
-                "singular and FID is biased upward, so FIDs are comparable only at equal sample counts (KID is "
-                "unbiased)",
-                stacklevel=3,
-            )
-        if self.fid_reference.num_images < CIFAR10_TRAIN_IMAGES:
-            warnings.warn(
-                f"the FID reference holds {self.fid_reference.num_images} {self.data.name} images, not the "
-                f"{CIFAR10_TRAIN_IMAGES:,} "
-                "CIFAR-10 training images published FIDs use: compare these FIDs only with FIDs against the same "
-                "reference",
-                stacklevel=3,
-            )
+        for note in fid_comparability(self.config.fid, self.fid_reference.num_images, self.data.name):
+            warnings.warn(note, FidComparabilityWarning, stacklevel=3)
 
     # ---- training -------------------------------------------------------------------------
 

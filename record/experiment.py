@@ -20,6 +20,7 @@ from diffusion_lib.run_files import CHECKPOINT_DIR, METRICS_FILE, FidFloor, Floo
 from . import states
 from .best import Row, best_milestone, common_basis, is_finite_number
 from .files import (
+    INTERRUPTED_FILE,
     RAY_CHECKPOINT_GLOB,
     RAY_STATE_GLOB,
     SUMMARY_FILE,
@@ -73,6 +74,7 @@ class Experiment:
     summary_mtime: Optional[float] = None  # when a current summary was written (the sweep ended)
     ray_mtime: Optional[float] = None  # Ray's newest experiment state (the sweep's heartbeat)
     driver_alive: Optional[bool] = None  # None: no Ray state to tell
+    interrupted_mtime: Optional[float] = None  # when the current run was stopped by Ctrl-C
     floor: Optional[FidFloor] = None  # what real images score under the sweep's FID conditions
 
     def __post_init__(self) -> None:
@@ -136,6 +138,11 @@ def load_experiment(
     if ray_mtime is not None:  # sweep.json is the driver's too: written as each `sweep run` starts
         ray_mtime = max(ray_mtime, _mtime(path / SWEEP_FILE) or 0.0)
         driver_alive = now - ray_mtime <= stale_after_s
+    interrupted_mtime = _mtime(path / INTERRUPTED_FILE)
+    if interrupted_mtime is not None and interrupted_mtime < (_mtime(path / SWEEP_FILE) or 0.0):
+        interrupted_mtime = None  # a later `sweep run --resume` has started
+    if interrupted_mtime is not None and summary is None:
+        driver_alive = False
 
     read = {d.name: _read_trial(d, warnings) for d in trial_dirs}
     trials = []
@@ -171,6 +178,7 @@ def load_experiment(
         summary_mtime=_mtime(path / SUMMARY_FILE) if summary else None,
         ray_mtime=ray_mtime,
         driver_alive=driver_alive,
+        interrupted_mtime=interrupted_mtime if summary is None else None,
         floor=FidFloor.read(path, warnings),
     )
 

@@ -15,6 +15,7 @@ from . import storage
 
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILE = "experiment_summary.json"
+INTERRUPTED_FILE = "experiment_interrupted.json"
 TRIAL_FILE = "trial.json"  # the trial's searched values, full config and node (params.json is Ray's)
 REFERENCE_DIR = "fid_reference"
 ANALYSIS_DIR = "analysis"  # what `sweep analyze` writes, unless told another folder
@@ -104,6 +105,17 @@ class Summary:
             warnings.append(f"{path}: unreadable ({type(err).__name__}: {err}); ignored")
             return None
         return cls(trials)
+
+
+@dataclass
+class Interruption:
+    """Written when `sweep run` is stopped by Ctrl-C (instead of a summary): the driver is gone,
+    on purpose, whatever the age of Ray's last state. A later `sweep run --resume` supersedes it."""
+
+    message: str
+
+    def write(self, experiment: str) -> None:
+        storage.write_text(storage.join(experiment, INTERRUPTED_FILE), json.dumps(asdict(self), indent=1))
 
 
 @dataclass

@@ -7,18 +7,27 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from diffusion_lib.build import create_trainer, resolve_device
 from diffusion_lib.config import SEED_KEY, ConfigError
 from diffusion_lib.data import ImageDataset, load_dataset
-from diffusion_lib.metrics.fid import FeatureExtractor, InceptionFeatures, fid_floor, reference_statistics
+from diffusion_lib.metrics.fid import (
+    FeatureExtractor,
+    InceptionFeatures,
+    fid_comparability,
+    fid_floor,
+    reference_statistics,
+)
 from diffusion_lib.milestone import STEP, TRAIN_LOSS
-from diffusion_lib.run_files import FLOOR_FILE
+from diffusion_lib.run_files import FLOOR_FILE, FidFloor
 from diffusion_lib.run_log import write_hparams_config
 from record import states, storage
-from record.files import RAY_ERROR_FILE, REFERENCE_DIR, Summary, SweepFile, TrialOutcome, one_line_error
+from record.files import RAY_ERROR_FILE, REFERENCE_DIR, Interruption, Summary, SweepFile, TrialOutcome, one_line_error
 
+from .asha import Asha
+from .console import sweep_reporter
+from .interrupt import CtrlC
 from .racing import RacingScheduler, RacingStateCallback
 from .spec import SweepSpec, short_params
 from .trainable import TrainerFactory, train_trial
@@ -75,11 +84,9 @@ def make_tuner_parts(spec: SweepSpec, make_trainer: TrainerFactory) -> tuple[Any
         # Ray's result.json/progress.csv back the ResultGrid; its TensorBoard logger is left out
         # because the trainer writes the trial's TensorBoard log itself (with grids and hparams).
         callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *keeps_state],
-        progress_reporter=tune.CLIReporter(
-            metric_columns=[spec.metric, STEP.name, TRAIN_LOSS.name],
-            parameter_columns=[column for searched in spec.search.values() for column in searched.columns()],
-            max_report_frequency=30,
-            sort_by_metric=True,
+        progress_reporter=sweep_reporter(
+            list(dict.fromkeys([spec.metric, STEP.name, TRAIN_LOSS.name])),
+            [column for searched in spec.search.values() for column in searched.columns()],
         ),
         verbose=1,
     )
@@ -89,8 +96,6 @@ def make_tuner_parts(spec: SweepSpec, make_trainer: TrainerFactory) -> tuple[Any
 def make_scheduler(spec: SweepSpec) -> Any:
     """The spec's early-stopping scheduler (None: every trial runs to its end). Its time_attr is
     the training step: grace period and rungs are in steps, not reports."""
-    from ray.tune.schedulers import ASHAScheduler
-
     settings = spec.scheduler
     rungs = dict(
         time_attr=STEP.name,
@@ -99,7 +104,7 @@ def make_scheduler(spec: SweepSpec) -> Any:
         reduction_factor=settings.reduction_factor,
     )
     if settings.type == "asha":
-        return ASHAScheduler(**rungs)
+        return Asha(**rungs)
     if settings.type == "racing":
         return RacingScheduler(**rungs, z=settings.z)
     return None
@@ -112,21 +117,29 @@ def run_sweep(
     resume: bool = False,
     make_trainer: TrainerFactory = create_trainer,
     features: Optional[FeatureExtractor] = None,
+    say: Callable[[str], None] = lambda line: None,
 ):
     """Run the sweep to completion (or resume it), write its summary and return Ray Tune's
     ResultGrid. Bad input is a ConfigError before any trial starts; an interrupted sweep
     (Ctrl-C) raises SweepInterrupted without writing a summary.
 
-    `features` computes the sweep's FID reference (default: pytorch-fid's Inception)."""
+    `features` computes the sweep's FID reference (default: pytorch-fid's Inception); `say`
+    tells the user each phase in a line."""
     configure_ray_console()
     from ray import tune
 
     path = spec.experiment_path
     check_experiment_location(spec, resume)
-    data = load_dataset(spec.run_config.data)  # bad data is exit 2 before Ray starts
-    start_ray(address or os.environ.get("RAY_ADDRESS"))
-    check_resources(spec, ray_cluster_resources())
-    spec = with_shared_fid_reference(spec, data, features)
+    try:
+        data = load_dataset(spec.run_config.data)  # bad data is exit 2 before Ray starts
+        start_ray(address or os.environ.get("RAY_ADDRESS"))
+        check_resources(spec, ray_cluster_resources())
+        spec = with_shared_fid_reference(spec, data, features, say)
+    except KeyboardInterrupt:
+        raise SweepInterrupted(
+            "interrupted before any trial started; "
+            + ("`sweep run SPEC --resume` finishes it" if resume else "nothing to resume: run the same command again")
+        ) from None
     wrapped, tune_config, run_config = make_tuner_parts(spec, make_trainer)
     if resume:
         tuner = tune.Tuner.restore(path, trainable=wrapped, resume_unfinished=True, resume_errored=True)
@@ -135,13 +148,14 @@ def run_sweep(
         write_hparams(path, spec.dotted_keys())
     # What analysis and `sweep status` need to read the experiment from files alone, on any storage.
     SweepFile(spec.metric, spec.mode, spec.recorded_search()).write(path)
-    results = tuner.fit()
+    say(f"starting {spec.num_trials} trials")
+    with CtrlC() as ctrl_c:
+        results = tuner.fit()
     finished = results.num_terminated + results.num_errors  # early-stopped trials count as terminated
-    if finished < spec.num_trials:  # Ctrl-C: Ray saved its state and returned early
-        raise SweepInterrupted(
-            f"interrupted with {spec.num_trials - finished} of {spec.num_trials} trials unfinished; "
-            f"the state is saved: `sweep run SPEC --resume` finishes it"
-        )
+    if ctrl_c.pressed or finished < spec.num_trials:  # Ray saved its state and returned early
+        message = "interrupted with trials unfinished; the state is saved: `sweep run SPEC --resume` finishes it"
+        Interruption(message).write(path)
+        raise SweepInterrupted(message)
     summary(results, spec).write(path)
     return results
 
@@ -181,7 +195,12 @@ def write_hparams(experiment: str, hparam_names: list[str]) -> None:
         storage.upload_tree(scratch, experiment)
 
 
-def with_shared_fid_reference(spec: SweepSpec, data: ImageDataset, features: Optional[FeatureExtractor]) -> SweepSpec:
+def with_shared_fid_reference(
+    spec: SweepSpec,
+    data: ImageDataset,
+    features: Optional[FeatureExtractor],
+    say: Callable[[str], None] = lambda line: None,
+) -> SweepSpec:
     """The spec with `fid.reference` set to reference statistics computed once, here, for all
     trials, and stored with the experiment (it also records which reference every FID of the
     sweep was measured against), beside the FID floor of the same conditions (`fid_floor.json`).
@@ -200,10 +219,13 @@ def with_shared_fid_reference(spec: SweepSpec, data: ImageDataset, features: Opt
         config.fid.weights, resolve_device(config.train.device), config.fid.batch_size
     )
     experiment = spec.experiment_path
+    count = min(config.fid.ref_num_images or len(data), len(data))
+    say(f"FID reference: {count:,} {data.name} images through Inception, once for the sweep (unless stored already)")
     if not storage.is_uri(experiment):
         folder = Path(experiment) / REFERENCE_DIR
         reference = reference_statistics(data, features, config.fid.ref_num_images, folder)
-        fid_floor(config, data, features, reference, Path(experiment))
+        _say_once_for_all_trials(config, data, reference, say)
+        _say_floor(fid_floor(config, data, features, reference, Path(experiment)), say)
         return dataclasses.replace(
             spec, run_config=config.with_overrides({"fid.reference": str(folder / reference.name)})
         )
@@ -212,14 +234,27 @@ def with_shared_fid_reference(spec: SweepSpec, data: ImageDataset, features: Opt
     with tempfile.TemporaryDirectory(prefix="sweep-fid-reference-") as scratch:
         storage.download_tree(stored, scratch)
         reference = reference_statistics(data, features, config.fid.ref_num_images, scratch)
+        _say_once_for_all_trials(config, data, reference, say)
         target = storage.join(stored, reference.name)
         if not storage.exists(target):
             storage.upload(Path(scratch) / reference.name, target)
         if storage.exists(stored_floor):
             storage.download(stored_floor, Path(scratch) / FLOOR_FILE)
-        fid_floor(config, data, features, reference, Path(scratch))
+        _say_floor(fid_floor(config, data, features, reference, Path(scratch)), say)
         storage.upload(Path(scratch) / FLOOR_FILE, stored_floor)
     return dataclasses.replace(spec, run_config=config.with_overrides({"fid.reference": target}))
+
+
+def _say_once_for_all_trials(config, data: ImageDataset, reference, say: Callable[[str], None]) -> None:
+    """The FID comparability notes every trial would repeat (trials on the shared reference keep
+    them to themselves: sweeps/trainable.py)."""
+    for note in fid_comparability(config.fid, reference.num_images, data.name):
+        say(f"warning: {note}")
+
+
+def _say_floor(floor: FidFloor, say: Callable[[str], None]) -> None:
+    for point in floor.points:
+        say(f"FID floor: {floor.sentence(point.num_samples)}")
 
 
 def configure_ray_console() -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ from ray import tune
 
 from diffusion_lib.build import create_trainer
 from diffusion_lib.config import RunConfig, flatten
+from diffusion_lib.metrics.fid import FidComparabilityWarning
 from diffusion_lib.run_files import CHECKPOINT_DIR, CHECKPOINT_GLOB, METRICS_FILE
 from diffusion_lib.trainer import Trainer
 from record import storage
@@ -38,6 +40,8 @@ def train_trial(searched: dict[str, Any], *, base: RunConfig, make_trainer: Trai
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint otherwise
     one_line_warnings()
     config = base.with_overrides(searched)
+    if config.fid.reference:  # the sweep's shared reference: the driver said these once for all trials
+        warnings.simplefilter("ignore", FidComparabilityWarning)
     run_dir = Path.cwd()
     TrialFile(flatten(searched), config.flat(), ray.get_runtime_context().get_node_id()).write(run_dir)
     with tempfile.TemporaryDirectory(prefix="trial-ckpt-") as scratch:

@@ -8,11 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-from conftest import REPO, TINY_RUN, write_spec
+from conftest import FID_WEIGHTS, REPO, TINY_RUN, needs_fid_weights, write_spec
 
 
 def clean_env() -> dict[str, str]:
@@ -120,27 +121,80 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
     assert len({json.loads(p.read_text())["node_id"] for p in trials}) == 2
 
 
-def test_ctrl_c_says_how_to_resume_and_leaves_no_stale_summary(tmp_path):
+class Driver:
+    """`sweep …` in its own process group, as a terminal runs it, its stderr read line by line."""
+
+    def __init__(self, args: list[str], cwd, env: dict[str, str]):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cli", *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.err: list[str] = []
+        threading.Thread(target=lambda: self.err.extend(self.process.stderr), daemon=True).start()
+
+    def ctrl_c_when(self, moment, timeout: float = 240) -> tuple[int, str]:
+        """Send SIGINT to the process group (what Ctrl-C does) once `moment()` is true; return the
+        exit code and stderr."""
+        deadline = time.time() + timeout
+        while not moment():
+            if self.process.poll() is not None or time.time() > deadline:
+                pytest.fail(f"the moment never came; stderr: {''.join(self.err)[-2000:]}")
+            time.sleep(0.05)
+        os.killpg(self.process.pid, signal.SIGINT)
+        self.process.stdout.read()
+        code = self.process.wait(timeout=120)
+        time.sleep(0.2)  # the reader thread's last lines
+        return code, "".join(self.err)
+
+
+@needs_fid_weights
+def test_ctrl_c_at_any_moment_exits_130_with_no_summary_and_resume_finishes(tmp_path):
     spec = write_spec(
         tmp_path,
-        base={**TINY_RUN, "train": {"total_steps": 400, "batch_size": 8}, "eval": {**TINY_RUN["eval"], "every": 20}},
+        base={**TINY_RUN, "fid": {"num_samples": 8, "final_num_samples": 0, "ref_num_images": 32}},
         search={"optim.lr": {"grid": [1e-4, 2e-4]}},
         max_concurrent=1,
     )
     experiment = tmp_path / "runs" / "tiny"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "cli", "run", str(spec)],
-        cwd=tmp_path,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    summary = experiment / "experiment_summary.json"
+    env = {**clean_env(), "SWEEP_FID_WEIGHTS": str(FID_WEIGHTS)}
+    run = ["run", str(spec)]
+
+    def milestones() -> dict[str, list[int]]:
+        return {
+            p.parent.name: [json.loads(line)["step"] for line in p.read_text().splitlines()]
+            for p in experiment.glob("*/metrics.jsonl")
+        }
+
+    # Before the reference pass: nothing was started, so there is nothing to resume.
+    driver = Driver(run, tmp_path, env)
+    code, err = driver.ctrl_c_when(lambda: any("FID reference:" in line for line in driver.err))
+    assert code == 130 and "nothing to resume: run the same command again" in err, err[-2000:]
+    assert not list(experiment.glob("experiment_state-*.json")) and not summary.exists()
+
+    # Before the first milestone: the trials have started, none has reported.
+    driver = Driver(run, tmp_path, env)
+    code, err = driver.ctrl_c_when(lambda: list(experiment.glob("*/trial.json")))
+    assert code == 130 and "`sweep run SPEC --resume` finishes it" in err, err[-2000:]
+    assert not summary.exists() and "Tuner.restore" not in err
+    status = subprocess.run(
+        [sys.executable, "-m", "cli", "status", str(experiment)], capture_output=True, text=True, env=env
     )
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(experiment.glob("*/checkpoint_*")):
-        time.sleep(0.2)
-    driver.send_signal(signal.SIGINT)  # what Ctrl-C sends
-    out, err = driver.communicate(timeout=120)
-    assert driver.returncode == 130, out[-2000:] + err[-2000:]
-    assert "trials unfinished" in err and "--resume" in err
-    assert not (experiment / "experiment_summary.json").exists()  # no trial is called finished or stopped
+    assert "sweep not running: interrupted (Ctrl-C)" in status.stdout, status.stdout
+
+    # Between milestones.
+    driver = Driver([*run, "--resume"], tmp_path, env)
+    code, err = driver.ctrl_c_when(lambda: any(steps and steps[-1] < 20 for steps in milestones().values()))
+    assert code == 130 and "--resume" in err and not summary.exists(), err[-2000:]
+
+    # During the analysis: the sweep itself finished (its summary stands); the analysis can be redone.
+    driver = Driver([*run, "--resume"], tmp_path, env)
+    code, err = driver.ctrl_c_when(lambda: any("analysing" in line for line in driver.err))
+    assert code == 130 and "analysis interrupted" in err and f"sweep analyze {experiment}" in err, err[-2000:]
+    assert summary.exists()
+    assert {tuple(steps) for steps in milestones().values()} == {(10, 20)} and len(milestones()) == 2  # each once

@@ -25,7 +25,7 @@ from PIL import Image
 from pytorch_fid import inception as pytorch_fid_inception
 
 from ..atomic import atomic_path
-from ..config import WEIGHTS_ENV, ConfigError, RunConfig
+from ..config import WEIGHTS_ENV, ConfigError, FidConfig, RunConfig
 from ..data import IMAGE_SUFFIXES, ImageDataset, held_out_images
 from ..run_files import FidFloor, FloorPoint
 from . import full_fp32
@@ -269,6 +269,29 @@ def fid_floor(
     floor = FidFloor(reference.name, reference.num_images, source, len(held_out), held_out.fingerprint, tuple(points))
     floor.write(folder)
     return floor
+
+
+class FidComparabilityWarning(UserWarning):
+    """What limits an FID's comparability: said once per run, or once per sweep by its driver."""
+
+
+def fid_comparability(config: FidConfig, reference_images: int, data_name: str) -> list[str]:
+    """What limits the comparability of FIDs measured under `config` against a reference of
+    `reference_images` images: a sample count below the feature dimension, a reference smaller
+    than the one published CIFAR-10 FIDs use."""
+    notes = []
+    smallest = min(n for n in (config.num_samples, config.final_num_samples) if n)
+    if smallest < FEATURE_DIMS:
+        notes.append(
+            f"FID from {smallest} samples, fewer than the {FEATURE_DIMS} Inception features: the sample covariance is "
+            "singular and FID is biased upward, so FIDs are comparable only at equal sample counts (KID is unbiased)"
+        )
+    if reference_images < CIFAR10_TRAIN_IMAGES:
+        notes.append(
+            f"the FID reference holds {reference_images} {data_name} images, not the {CIFAR10_TRAIN_IMAGES:,} CIFAR-10 "
+            "training images published FIDs use: compare these FIDs only with FIDs against the same reference"
+        )
+    return notes
 
 
 def load_image_folder(folder: str | os.PathLike) -> list[torch.Tensor]:
