@@ -19,7 +19,8 @@ from diffusion_lib.config import SEED_KEY, ConfigError, fid_weights
 from sweeps.console import one_line_warnings
 
 one_line_warnings()
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+# Plain help: typer's rich panels label every flag `<bool>`, as if it took a value.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help=__doc__.split("\n")[0])
 
 SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set train.batch_size=128 (repeatable).")
 
@@ -86,9 +87,10 @@ def fid(
     batch_size: int = typer.Option(200, help="Inception batch size."),
 ):
     """Print the FID between two sources, like `python -m pytorch_fid A B` (the same number, by
-    the exact symmetric-eigenvalue route instead of scipy's general matrix square root)."""
-    from diffusion_lib.metrics.fid import stats_of_source
-    from diffusion_lib.metrics.frechet import FrechetReference
+    the exact symmetric-eigenvalue route instead of scipy's general matrix square root), with its
+    jackknife standard error over B's images when B is a folder (statistics files hold no images)."""
+    from diffusion_lib.metrics.fid import FEATURE_DIMS, features_of_folder, small_sample_note, stats_of_source
+    from diffusion_lib.metrics.frechet import FrechetReference, fid_jackknife
 
     for source in (source_a, source_b):
         if not source.exists():
@@ -96,8 +98,23 @@ def fid(
     # Two .npz files are statistics already: no Inception network to load.
     folders = [s for s in (source_a, source_b) if s.suffix != ".npz"]
     features = _features(weights, device, batch_size) if folders else None
-    a, b = stats_of_source(source_a, features), stats_of_source(source_b, features)
-    typer.echo(f"FID: {FrechetReference.from_stats(a.mu, a.sigma).fid_from_stats(b.mu, b.sigma)}")
+    a = stats_of_source(source_a, features)
+    reference = FrechetReference.from_stats(a.mu, a.sigma)
+    if source_b.suffix == ".npz":
+        b = stats_of_source(source_b, features)
+        value, stderr, count = reference.fid_from_stats(b.mu, b.sigma), None, b.num_images
+    else:
+        b_features = features_of_folder(source_b, features)
+        count = b_features.shape[0]
+        value = reference.fid(b_features)
+        stderr = fid_jackknife(reference, b_features, num_groups=min(25, count - 2)).stderr if count >= 4 else None
+    spread = f" ± {stderr:.2g}" if stderr is not None else ""
+    sizes = [
+        f"{n} images of {s.name}" if n > 0 else f"{s.name}" for n, s in ((count, source_b), (a.num_images, source_a))
+    ]
+    typer.echo(f"FID: {value:.6g}{spread} ({sizes[0]} against {sizes[1]})")
+    if 0 < count < FEATURE_DIMS:
+        typer.echo(f"warning: {small_sample_note(count)}", err=True)
 
 
 @app.command("fid-stats")

@@ -120,7 +120,16 @@ def test_fid_equals_pytorch_fids_own_computation_on_the_same_pngs(tmp_path, monk
         app, ["fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--weights", str(FID_WEIGHTS)]
     )
     assert printed.exit_code == 0, printed.output
-    ours = float(printed.output.split("FID:")[1])
+    ours = float(printed.output.split("FID:")[1].split()[0])
+    # With B a folder, its images give the FID's jackknife standard error: "FID ± se (N images …)".
+    with_error = runner.invoke(
+        app, ["fid", str(tmp_path / "b.npz"), str(tmp_path / "a"), "--weights", str(FID_WEIGHTS)]
+    )
+    assert with_error.exit_code == 0, with_error.output
+    value, plus_minus, stderr = with_error.stdout.split("FID:")[1].split()[:3]
+    assert float(value) == pytest.approx(ours, rel=1e-3) and plus_minus == "±" and 0 < float(stderr) < float(value)
+    assert "(50 images of a against 50 images of b.npz)" in with_error.stdout
+    assert "fewer than the 2048 Inception features" in with_error.stderr
 
     # pytorch-fid's own pipeline: decodes the PNGs and finds the weights its own way (TORCH_HOME).
     hub = tmp_path / "torch_home" / "hub" / "checkpoints"

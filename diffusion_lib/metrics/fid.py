@@ -275,17 +275,19 @@ class FidComparabilityWarning(UserWarning):
     """What limits an FID's comparability: said once per run, or once per sweep by its driver."""
 
 
+def small_sample_note(num_samples: int) -> str:
+    return (
+        f"FID from {num_samples} samples, fewer than the {FEATURE_DIMS} Inception features: the sample covariance is "
+        "singular and FID is biased upward, so FIDs are comparable only at equal sample counts (KID is unbiased)"
+    )
+
+
 def fid_comparability(config: FidConfig, reference_images: int, data_name: str) -> list[str]:
     """What limits the comparability of FIDs measured under `config` against a reference of
     `reference_images` images: a sample count below the feature dimension, a reference smaller
     than the one published CIFAR-10 FIDs use."""
-    notes = []
     smallest = min(n for n in (config.num_samples, config.final_num_samples) if n)
-    if smallest < FEATURE_DIMS:
-        notes.append(
-            f"FID from {smallest} samples, fewer than the {FEATURE_DIMS} Inception features: the sample covariance is "
-            "singular and FID is biased upward, so FIDs are comparable only at equal sample counts (KID is unbiased)"
-        )
+    notes = [small_sample_note(smallest)] if smallest < FEATURE_DIMS else []
     if reference_images < CIFAR10_TRAIN_IMAGES:
         notes.append(
             f"the FID reference holds {reference_images} {data_name} images, not the {CIFAR10_TRAIN_IMAGES:,} CIFAR-10 "
@@ -307,6 +309,15 @@ def load_image_folder(folder: str | os.PathLike) -> list[torch.Tensor]:
     return images
 
 
+def features_of_folder(folder: Path, features: FeatureExtractor) -> np.ndarray:
+    """The features of every image in a folder, as `python -m pytorch_fid` reads it."""
+    images = load_image_folder(folder)
+    shapes = {tuple(img.shape) for img in images}
+    if len(shapes) == 1:
+        return features(torch.stack(images))
+    return np.concatenate([features(img[None]) for img in images])  # mixed sizes cannot share a batch
+
+
 def stats_of_source(source: str | os.PathLike, features: FeatureExtractor) -> FeatureStats:
     """Statistics of an image folder or a saved `.npz` (the `python -m pytorch_fid` interface)."""
     source = Path(source)
@@ -316,10 +327,4 @@ def stats_of_source(source: str | os.PathLike, features: FeatureExtractor) -> Fe
         return FeatureStats.load(source)
     if not source.is_dir():
         raise ConfigError(f"{source}: expected an image folder or a .npz statistics file")
-    images = load_image_folder(source)
-    shapes = {tuple(img.shape) for img in images}
-    if len(shapes) == 1:
-        feats = features(torch.stack(images))
-    else:  # mixed sizes cannot share a batch
-        feats = np.concatenate([features(img[None]) for img in images])
-    return FeatureStats.from_features(feats)
+    return FeatureStats.from_features(features_of_folder(source, features))
