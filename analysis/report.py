@@ -32,7 +32,7 @@ from .decisions import (
     rank_agreement,
 )
 from .grids import denoising_diagnostic, sample_grid
-from .study import STUDY_FILE, parallel_coordinates, param_importances, write_optuna_study
+from .study import MIN_TRIALS_TO_RANK, STUDY_FILE, parallel_coordinates, param_importances, write_optuna_study
 from .tables import configurations_table, milestones_table, trials_table, write_table
 
 TOP_K = 3
@@ -73,7 +73,7 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
     write_table(milestones_table(experiment), out, "milestones")
     write_table(configurations_table(configs), out, "configurations")
     study = load_study(study_name=path.name, storage=f"sqlite:///{write_optuna_study(experiment, out / STUDY_FILE)}")
-    importances, importance_trials = param_importances(study)
+    importances, importance_trials = param_importances(experiment)
 
     images: list[tuple[str, Path]] = []
     ranked = _ranked(experiment)
@@ -194,7 +194,7 @@ class ReportData:
     warnings: list[str]
     configurations: list[Configuration]  # seed repeats grouped, best mean first
     importances: dict[str, float]  # Optuna's importance of each searched key
-    importance_trials: int  # finished trials the importances rest on
+    importance_trials: int  # finished and stopped trials the importances rest on
     rank_agreements: list[RankAgreement]
     floor: Optional[FloorGap]  # what real images score under the sweep's FID conditions
     got_worse: list[GotWorse]  # per configuration: its last FID against its best
@@ -319,14 +319,22 @@ def _over_training_section(report: ReportData) -> list[Block]:
 
 
 def _importance_section(report: ReportData) -> list[Block]:
+    n = report.importance_trials
+    if n < MIN_TRIALS_TO_RANK:
+        text = (
+            f"Too few trials to rank the searched keys: {n} with a {report.experiment.metric} on the common basis "
+            f"(Optuna's PED-ANOVA needs at least {MIN_TRIALS_TO_RANK}: it weighs the top 10% against the rest). "
+            "The effects above compare them with their noise."
+        )
+        return [Heading("Which knob matters"), Paragraph(text)]
     if not report.importances:
         return []
     ranked = ", ".join(f"{key} {share:.2f}" for key, share in report.importances.items())
     return [
         Heading("Which knob matters"),
         Paragraph(
-            f"Optuna's PED-ANOVA importance of each searched key for {report.experiment.metric}, over "
-            f"{report.importance_trials} finished trials (a ranking, not a test: with few trials it is a hint): "
+            f"Optuna's PED-ANOVA importance of each searched key for {report.experiment.metric}, over {n} finished "
+            f"and stopped trials, each at its best milestone (a ranking, not a test: with few trials it is a hint): "
             f"{ranked}."
         ),
     ]

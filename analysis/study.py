@@ -6,7 +6,8 @@ files alone, rewritten whole on each analysis.
 Trial state (`record.states`) → Optuna state: finished → COMPLETE (value: the trial's best
 metric on the common FID basis), stopped → PRUNED (value: its last comparable metric, as Optuna's
 own pruning records), errored → FAIL, running and interrupted → RUNNING (Optuna's state for a
-started, unfinished trial), pending → WAITING; importances and plots use COMPLETE trials only. A
+started, unfinished trial), pending → WAITING; the plots use COMPLETE trials, the importances
+finished and stopped ones (`param_importances`). A
 finished trial without one comparable metric value becomes FAIL. Every trial keeps its sweep
 `trial_id` and `state` (and `error`) as user attributes.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import matplotlib
 
@@ -89,11 +90,15 @@ def _distributions(experiment: Experiment) -> dict[str, BaseDistribution]:
     return distributions
 
 
-def _frozen_trial(trial: Trial, experiment: Experiment, distributions: dict[str, BaseDistribution]) -> FrozenTrial:
+def _frozen_trial(
+    trial: Trial, experiment: Experiment, distributions: dict[str, BaseDistribution], stopped_as_complete: bool
+) -> FrozenTrial:
     metric = experiment.metric
     curve = {r[STEP.name]: float(r[metric]) for r in comparable_rows(trial.milestones, metric, experiment.basis)}
     best = experiment.best(trial)
     state, value = _OPTUNA_STATES[trial.state], None
+    if state == TrialState.PRUNED and stopped_as_complete:
+        state = TrialState.COMPLETE
     if state == TrialState.COMPLETE:
         value = best[metric] if best else None
         state = TrialState.COMPLETE if best else TrialState.FAIL
@@ -110,8 +115,11 @@ def _frozen_trial(trial: Trial, experiment: Experiment, distributions: dict[str,
     )
 
 
-def _build_study(experiment: Experiment, storage: Optional[optuna.storages.BaseStorage]) -> optuna.Study:
-    """The experiment as a study in `storage` (None: in memory), one Optuna trial per sweep trial."""
+def _build_study(
+    experiment: Experiment, storage: Optional[optuna.storages.BaseStorage], *, stopped_as_complete: bool = False
+) -> optuna.Study:
+    """The experiment as a study in `storage` (None: in memory), one Optuna trial per sweep trial;
+    with `stopped_as_complete`, a stopped trial counts as COMPLETE with its best value (for ranking)."""
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
     try:
@@ -123,7 +131,7 @@ def _build_study(experiment: Experiment, storage: Optional[optuna.storages.BaseS
     finally:
         optuna.logging.set_verbosity(verbosity)
     distributions = _distributions(experiment)
-    study.add_trials(_frozen_trial(t, experiment, distributions) for t in experiment.trials)
+    study.add_trials(_frozen_trial(t, experiment, distributions, stopped_as_complete) for t in experiment.trials)
     return study
 
 
@@ -141,13 +149,17 @@ def write_optuna_study(experiment: Experiment, path: Path) -> Path:
     return Path(path)
 
 
+MIN_TRIALS_TO_RANK = 10  # PED-ANOVA weighs a top 10% against the rest: below ten trials the top is one trial
+
+
 def param_importances(
-    study_or_experiment: Union[optuna.Study, Experiment],
-    *,
-    evaluator: Optional[optuna.importance.BaseImportanceEvaluator] = None,
+    experiment: Experiment, *, evaluator: Optional[optuna.importance.BaseImportanceEvaluator] = None
 ) -> tuple[dict[str, float], int]:
     """The searched keys by importance to the objective, most important first (shares summing
-    to 1), and the number of COMPLETE trials they rest on.
+    to 1), and the number of trials they rest on: every finished or stopped trial with a value on
+    the common FID basis, each at its best comparable milestone (as the trials table ranks them).
+    Leaving out the stopped trials would rank the knobs on the survivors only, whose values the
+    scheduler has already narrowed. Read the ranking only from MIN_TRIALS_TO_RANK trials up.
 
     The evaluator defaults to Optuna's PED-ANOVA (`PedAnovaImportanceEvaluator`, Optuna's own
     default): it needs no scikit-learn (fANOVA's random forest does; it is not a dependency and
@@ -157,16 +169,12 @@ def param_importances(
     24 that is 3 trials, so read the ranking as indicative, or pass
     `evaluator=PedAnovaImportanceEvaluator(target_quantile=0.25)` for a wider top.
 
-    Never raises on thin data: with fewer than 2 COMPLETE trials it returns ({}, count); a key
-    that took one value in the COMPLETE trials explains nothing and gets 0.0 (Optuna is asked
-    only about keys that varied); when nothing can be told apart (no key varied, every trial
-    scored the same) every key gets 0.0, not Optuna's equal shares.
+    Never raises on thin data: with fewer than 2 trials it returns ({}, count); a key that took
+    one value explains nothing and gets 0.0 (Optuna is asked only about keys that varied); when
+    nothing can be told apart (no key varied, every trial scored the same) every key gets 0.0,
+    not Optuna's equal shares.
     """
-    study = (
-        study_or_experiment
-        if isinstance(study_or_experiment, optuna.Study)
-        else _build_study(study_or_experiment, None)
-    )
+    study = _build_study(experiment, None, stopped_as_complete=True)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < 2:
         return {}, len(complete)

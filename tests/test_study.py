@@ -135,17 +135,36 @@ def test_param_importances_rank_the_key_that_moves_fid_first(tmp_path):
     study = optuna.load_study(study_name="lr_sweep", storage=f"sqlite:///{db}")
     assert set(optuna.importance.get_param_importances(study)) == {"optim.lr", "model.dropout"}
 
-    for source in (study, experiment):
-        importances, count = param_importances(source)
-        assert count == 24  # the COMPLETE trials only
-        assert list(importances) == ["optim.lr", "model.dropout"]
-        assert importances["optim.lr"] > 0.6 and sum(importances.values()) == pytest.approx(1.0)
+    importances, count = param_importances(experiment)
+    assert count == 26  # the finished trials and the stopped ones, each at its best
+    assert list(importances) == ["optim.lr", "model.dropout"]
+    assert importances["optim.lr"] > 0.6 and sum(importances.values()) == pytest.approx(1.0)
+
+
+def test_stopped_trials_count_in_the_ranking_and_four_trials_are_too_few_to_state_it(tmp_path):
+    """Two finished trials at one lr and two stopped at another: ranked on the finished alone,
+    weighting would take everything (lr never varied among them)."""
+    trials = [
+        _trial("f1", {"optim.lr": 1e-3, "loss.weighting": "constant"}, [300.0, 200.0]),
+        _trial("f2", {"optim.lr": 1e-3, "loss.weighting": "min_snr"}, [300.0, 205.0]),
+        _trial("s1", {"optim.lr": 1e-5, "loss.weighting": "constant"}, [400.0], "stopped"),
+        _trial("s2", {"optim.lr": 1e-5, "loss.weighting": "min_snr"}, [401.0], "stopped"),
+    ]
+    experiment = Experiment(tmp_path / "exp", trials=trials)
+    importances, count = param_importances(experiment)
+    # Ranked on the finished pair alone, lr (one value there) would get 0 and weighting everything.
+    assert count == 4 and list(importances)[0] == "optim.lr" and importances["optim.lr"] >= 0.5
+
+    from analysis.report import ReportData, _importance_section
+
+    blocks = _importance_section(ReportData(experiment, [], [], [], [], importances, count, [], None, [], []))
+    assert "Too few trials to rank the searched keys: 4" in blocks[1].text
 
 
 def test_param_importances_never_raise_on_thin_data(tmp_path):
     one = Experiment(
         tmp_path / "one",
-        trials=[_trial("t0", {"optim.lr": 1e-4}, [100.0]), _trial("t1", {"optim.lr": 1e-3}, [90.0], "stopped")],
+        trials=[_trial("t0", {"optim.lr": 1e-4}, [100.0]), _trial("t1", {"optim.lr": 1e-3}, [], "errored")],
     )
     assert param_importances(one) == ({}, 1)
     constant_key = Experiment(
