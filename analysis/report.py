@@ -155,7 +155,7 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
             plots.best_by_key(experiment, key, out / f"best_by_{key.replace('/', '_')}.png")
             for key in experiment.searched_keys
         ],
-        parallel_coordinates(study, out / "parallel_coordinates.png"),
+        parallel_coordinates(study, out / "parallel_coordinates.png", metric),
     ]
     plot_images = [(p.stem.replace("_", " "), p) for p in figures if p is not None]
 

@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution  # noqa: E402
 from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances  # noqa: E402
@@ -195,17 +196,38 @@ def param_importances(
     return dict(sorted(shares.items(), key=lambda kv: -kv[1])), len(complete)
 
 
-def parallel_coordinates(study: optuna.Study, path: Path) -> Optional[Path]:
+def parallel_coordinates(study: optuna.Study, path: Path, metric: str = "objective") -> Optional[Path]:
     """Optuna's parallel-coordinates figure (one line per COMPLETE trial across the searched
     keys, coloured by its objective value) as a PNG written atomically; None when no COMPLETE
-    trial has a searched key."""
+    trial has a searched key. Restyled to be read: viridis lines (Optuna's Blues draws the worst
+    trials near-white on white), the metric's name for "Objective Value", "not set" for a key a
+    trial does not use (`loss.minsnr_gamma` under constant weighting) instead of "None"."""
     if not any(t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plot is experimental; a key with one value has a flat axis
         ax = plot_parallel_coordinate(study)
     fig = ax.figure
+    fig.set_size_inches(9, 5)
+    for collection in ax.collections:
+        collection.set_cmap(LINE_COLOURS)
+    for axis in fig.axes:
+        if axis.get_ylabel() == "Objective Value":  # the colour bar, which follows the lines' colours
+            axis.set_ylabel(metric)
+        elif axis is not ax:  # a searched key's axis
+            axis.set_yticks(axis.get_yticks(), [_tick(t.get_text()) for t in axis.get_yticklabels()])
+    ax.set_title(f"{metric} across the searched keys")
+    ax.set_xticks(
+        ax.get_xticks(), [metric if t.get_text() == "Objective Value" else t.get_text() for t in ax.get_xticklabels()]
+    )
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
+
+
+LINE_COLOURS = matplotlib.colors.ListedColormap(matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85, 256)))
+
+
+def _tick(label: str) -> str:
+    return "not set" if label == "None" else label
