@@ -206,6 +206,10 @@ def run(
     spec = load_spec(
         spec_path, set_, name=name, storage=storage
     )  # bad input is refused here, before torch and Ray load
+    if dry_run and resume:
+        for line in resume_plan(spec.experiment_path, spec.num_trials):
+            typer.echo(line)
+        return
     typer.echo(describe(spec))
     for warning in spec.warnings():
         typer.echo(f"warning: {warning}", err=True)
@@ -251,6 +255,32 @@ def report_results(spec, results, *, analyze: bool) -> int:
     tracebacks = ", ".join(str(Path(r.path) / RAY_ERROR_FILE) for r in errored)
     typer.echo(f"{len(errored)} of {len(results)} trials errored; full tracebacks in {tracebacks}", err=True)
     return 1 if spec.fail_on_trial_error else 0
+
+
+def resume_plan(experiment_path: str, num_trials: int) -> list[str]:
+    """What `sweep run --resume` will do with each trial of an experiment, read from its record:
+    ended trials are kept, unfinished and errored ones continue from their newest checkpoint
+    (Ray's own record of it may be a milestone older), the rest start fresh."""
+    from record import states, storage
+    from record.experiment import load_experiment
+
+    if storage.is_uri(experiment_path):
+        raise ConfigError(
+            f"--resume --dry-run: {experiment_path}: reads a local experiment; use `sweep status` for a URI"
+        )
+    experiment = load_experiment(Path(experiment_path))
+    lines = [f"resuming {experiment_path}:"]
+    for trial in experiment.trials:
+        if trial.state in (states.FINISHED, states.STOPPED):
+            plan = f"{trial.state}: kept as it is"
+        elif trial.checkpoints:
+            plan = f"{trial.state}: continues from its checkpoint at step {max(trial.checkpoints)}"
+        else:
+            plan = f"{trial.state}: starts fresh (no checkpoint yet)"
+        lines.append(f"    {trial.trial_id}  {plan}")
+    if len(experiment.trials) < num_trials:
+        lines.append(f"    {num_trials - len(experiment.trials)} more not created yet: start fresh")
+    return lines
 
 
 def dry_run_warnings(spec, address: Optional[str]) -> list[str]:

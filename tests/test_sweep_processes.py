@@ -156,7 +156,11 @@ class Driver:
 def test_ctrl_c_at_any_moment_exits_130_with_no_summary_and_resume_finishes(tmp_path):
     spec = write_spec(
         tmp_path,
-        base={**TINY_RUN, "fid": {"num_samples": 8, "final_num_samples": 0, "ref_num_images": 32}},
+        base={
+            **TINY_RUN,
+            "train": {"total_steps": 60, "batch_size": 8},
+            "fid": {"num_samples": 8, "final_num_samples": 0, "ref_num_images": 32},
+        },
         search={"optim.lr": {"grid": [1e-4, 2e-4]}},
         max_concurrent=1,
     )
@@ -187,14 +191,29 @@ def test_ctrl_c_at_any_moment_exits_130_with_no_summary_and_resume_finishes(tmp_
     )
     assert "sweep not running: interrupted (Ctrl-C)" in status.stdout, status.stdout
 
-    # Between milestones.
+    # Between milestones: once the resumed run has added one.
+    before = sum(len(steps) for steps in milestones().values())
     driver = Driver([*run, "--resume"], tmp_path, env)
-    code, err = driver.ctrl_c_when(lambda: any(steps and steps[-1] < 20 for steps in milestones().values()))
+    code, err = driver.ctrl_c_when(lambda: before < sum(len(steps) for steps in milestones().values()) < 12)
     assert code == 130 and "--resume" in err and not summary.exists(), err[-2000:]
+    plan = subprocess.run(
+        [sys.executable, "-m", "cli", *run, "--resume", "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert plan.returncode == 0 and plan.stdout.startswith(f"resuming {experiment}:"), plan.stdout + plan.stderr
+    plans = plan.stdout.splitlines()[1:]
+    assert plans[-1] == "    1 more not created yet: start fresh" or len(plans) == 2
+    assert all(
+        ("kept as it is" in p) or ("continues from its checkpoint at step" in p) or ("start" in p) for p in plans
+    )
+    assert any("continues from its checkpoint at step" in p for p in plans), plans
 
     # During the analysis: the sweep itself finished (its summary stands); the analysis can be redone.
     driver = Driver([*run, "--resume"], tmp_path, env)
     code, err = driver.ctrl_c_when(lambda: any("analysing" in line for line in driver.err))
     assert code == 130 and "analysis interrupted" in err and f"sweep analyze {experiment}" in err, err[-2000:]
     assert summary.exists()
-    assert {tuple(steps) for steps in milestones().values()} == {(10, 20)} and len(milestones()) == 2  # each once
+    assert {tuple(steps) for steps in milestones().values()} == {(10, 20, 30, 40, 50, 60)} and len(milestones()) == 2
