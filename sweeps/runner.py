@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -263,6 +264,8 @@ def configure_ray_console() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the CLIReporter table with our columns
     # Every milestone report carries a checkpoint by design; Ray's warning about that is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):  # colour codes only for a terminal
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def start_ray(address: Optional[str]) -> None:

@@ -74,6 +74,14 @@ def test_the_readme_main_job_runs_as_printed(tmp_path):
     states = pq.read_table(report.parent / "trials.parquet").column("state").to_pylist()
     assert len(states) == 4 and set(states) <= {"finished", "stopped"}
     assert "LinAlgWarning" not in done.stderr and "Token authentication" not in done.stderr
+    # One story on a console that is not a terminal: no colour codes, the FID notes once for the
+    # sweep (not once per trial), and the product's lines last.
+    console = done.stdout + done.stderr
+    assert "\x1b[" not in console
+    assert console.count("fewer than the 2048 Inception features") == 1
+    assert "FID floor: real images (training images outside the reference) score" in done.stderr
+    assert done.stdout.rstrip().splitlines()[-1].startswith("TensorBoard: tensorboard --logdir")
+    assert "Current best trial" not in console and "Result logdir" not in console
 
 
 def test_relative_paths_mean_what_the_user_typed(tmp_path):
