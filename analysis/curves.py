@@ -26,7 +26,7 @@ from record.best import comparable_rows, is_finite_number
 from record.experiment import Experiment
 from record.files import trial_label
 
-from .decisions import NOISE_MULTIPLE, SEED_SPREAD, Configuration
+from .decisions import ENDED, NOISE_MULTIPLE, SEED_SPREAD, Configuration
 
 PAIRED_IN_RUN = "paired jackknife within the run"
 UNPAIRED_IN_RUN = "the two FIDs' jackknife"
@@ -69,10 +69,10 @@ class GotWorse:
 
 
 def got_worse(experiment: Experiment, config: Configuration) -> Optional[GotWorse]:
-    """The "did FID get worse after its best?" comparison of one configuration; None when its
-    trials share fewer than two milestones with an FID on the common basis."""
+    """The "did FID get worse after its best?" comparison of one configuration, over its trials
+    that ended; None when they share fewer than two milestones with an FID on the common basis."""
     curves = []
-    for trial in config.trials:
+    for trial in (t for t in config.trials if t.state in ENDED):
         rows = {r[STEP.name]: r for r in comparable_rows(trial.milestones, FID.name, experiment.basis)}
         if rows:
             curves.append(rows)
@@ -89,7 +89,7 @@ def got_worse(experiment: Experiment, config: Configuration) -> Optional[GotWors
     else:
         stderr, kind = _in_run_stderr(curves[0][best_step], curves[0][last_step])
     return GotWorse(
-        {k: v for k, v in config.searched.items()},
+        dict(config.searched),
         best_step,
         last_step,
         mean_at[best_step],
@@ -138,9 +138,9 @@ class CurvatureCorrelation:
 
 def curvature_correlation(experiment: Experiment, config: Configuration) -> Optional[CurvatureCorrelation]:
     """The rank correlation (scipy's spearmanr) of Hutchinson curvature with FID over every
-    milestone of the configuration's trials that has both; None below 4 such milestones."""
+    milestone of the configuration's ended trials that has both; None below 4 such milestones."""
     pairs, trials = [], 0
-    for trial in config.trials:
+    for trial in (t for t in config.trials if t.state in ENDED):
         rows = [
             r
             for r in comparable_rows(trial.milestones, FID.name, experiment.basis)

@@ -24,10 +24,12 @@ from scipy import stats
 from diffusion_lib.config import EVAL_SEED_KEY, SEED_KEY
 from diffusion_lib.metrics.frechet import paired_stderr
 from diffusion_lib.milestone import FID, FID_NUM_SAMPLES, FID_REPLICATES, FID_STDERR, STEP
+from record import states
 from record.best import comparable_rows, is_finite_number
 from record.experiment import Experiment, Trial
 
 NOISE_MULTIPLE = 2.0  # an effect is a gap beyond this many standard errors
+ENDED = (states.FINISHED, states.STOPPED)
 
 
 @dataclass
@@ -67,13 +69,16 @@ def basis_warnings(experiment: Experiment) -> list[str]:
 
 
 def configurations(experiment: Experiment) -> list[Configuration]:
-    """Trials grouped by their searched values without the seed, best mean FID first."""
+    """Trials grouped by their searched values without the seed, best mean FID first; the best
+    FIDs are those of the trials that ended (finished or stopped by the scheduler)."""
     groups: dict[str, Configuration] = {}
     for trial in experiment.trials:
         searched = {k: v for k, v in trial.searched.items() if k != SEED_KEY}
         group = groups.setdefault(repr(sorted(searched.items())), Configuration(searched))
         group.trials.append(trial)
-        best = experiment.best(trial, FID.name)
+        best = (
+            experiment.best(trial, FID.name) if trial.state in ENDED else None
+        )  # a running trial's best is not its last word
         if best is not None:
             group.best_fids.append(best[FID.name])
             group.stderrs.append(best.get(FID_STDERR.name) if is_finite_number(best.get(FID_STDERR.name)) else math.nan)

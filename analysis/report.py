@@ -154,6 +154,7 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
         *[
             plots.best_by_key(experiment, key, out / f"best_by_{key.replace('/', '_')}.png")
             for key in experiment.searched_keys
+            if key != SEED_KEY  # seeds are repeats, not a knob
         ],
         parallel_coordinates(study, out / "parallel_coordinates.png", metric),
     ]
