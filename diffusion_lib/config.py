@@ -97,6 +97,10 @@ class LossConfig:
     weighting: Literal["constant", "min_snr"] = "constant"
     minsnr_gamma: float = opt(5.0, POSITIVE)
 
+    def unused(self) -> set[str]:
+        """The keys this config ignores: γ outside Min-SNR weighting."""
+        return {"minsnr_gamma"} if self.weighting != "min_snr" else set()
+
 
 @dataclass
 class TrainConfig:
@@ -198,6 +202,12 @@ class RunConfig:
     def flat(self) -> dict[str, Any]:
         """The config as {"section.key": value}, the form `--set`, search specs and tables use."""
         return flatten(self.to_dict())
+
+    def hparams(self) -> dict[str, Any]:
+        """The flat config less the keys it ignores (γ under constant weighting): TensorBoard's
+        HParams table shows those empty rather than as a default that played no part."""
+        unused = {f"loss.{name}" for name in self.loss.unused()}
+        return {k: v for k, v in self.flat().items() if k not in unused}
 
     def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
         """A new, validated config with dotted keys set (`{"optim.lr": 1e-3}`); a whole section

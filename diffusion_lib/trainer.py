@@ -209,7 +209,7 @@ class Trainer:
         """Train to `train.total_steps`, evaluating and checkpointing at each milestone."""
         total, every = self.config.train.total_steps, self.config.eval.every
         progress = self.progress
-        log = RunLog.open(self.run_dir, progress.step, hparams=self.config.flat())
+        log = RunLog.open(self.run_dir, progress.step, hparams=self.config.hparams())
         bar = tqdm(total=total, initial=progress.step, disable=not self.progress_bar, unit="step", dynamic_ncols=True)
         last = time.perf_counter()
         self.model.train()

@@ -214,6 +214,7 @@ def test_tensorboard_reader_finds_fid_and_hparams_from_the_first_moment(tmp_path
     hparams = events.PluginTagToContent("hparams")
     session = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
     assert session.hparams["loss.weighting"].string_value == "constant"
+    assert "loss.minsnr_gamma" not in session.hparams  # γ plays no part under constant weighting: shown empty
     assert session.hparams["train.batch_size"].number_value == 8
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
     assert [m.name.tag for m in experiment.metric_infos] == [m.name for m in HPARAMS_METRICS]
