@@ -45,9 +45,12 @@ BAD_SPECS = [
     ({"search": {"loss": {"grid": [{"weighting": "min_snr", "minsnr_gamma": -1}]}}}, "loss.minsnr_gamma"),
     (
         {"search": {"loss": {"choice": [{"weighting": "constant"}]}}, "algorithm": "optuna"},
-        "Optuna cannot search a whole section",
+        "Optuna cannot search a whole section or arms",
     ),
-    ({"search": {"loss": {"uniform": [1, 2]}}}, "a whole section is searched with grid or choice"),
+    ({"search": {"loss": {"uniform": [1, 2]}}}, "are searched with grid or choice over mappings"),
+    ({"search": {"arm": {"grid": [{"train.total_step": 600}]}}}, "train.total_step is not a run-config key"),
+    ({"search": {"arm": {"grid": [{"train.total_steps": -1}]}}}, "train.total_steps"),
+    ({"search": {"optim.lrr": {"grid": [1e-4]}}}, "optim.lrr: not a run-config key"),
     (
         {"search": {"optim.lr": {"grid": [1e-4]}}, "scheduler": {"type": "asha", "grace_period": 15}},
         "step 15, which is not a milestone",
@@ -116,3 +119,30 @@ def test_set_reaches_the_specs_own_keys_through_the_same_strict_loader(tmp_path)
             app, ["run", str(REPO / "search_spaces" / "min_snr_gamma.yaml"), "--set", bad, "--dry-run"]
         )
         assert result.exit_code == 2 and named in result.output, (bad, result.output)
+
+
+def test_arms_set_dotted_keys_across_sections_and_each_trial_gets_its_arm(tmp_path):
+    """E7's plan: a baseline, the same run 5× longer, the same run twice as wide — three arms,
+    not the 2 × 2 grid of their keys; each arm's trial config is the base with its keys set."""
+    from diffusion_lib.config import flatten
+    from sweeps.runner import param_space
+
+    spec = load_spec(REPO / "search_spaces" / "cpu_steps_vs_capacity.yaml")
+    arms = spec.search["arm"]
+    assert spec.num_trials == 9 and spec.dotted_keys() == ["model.base_channels", "train.total_steps"]
+    assert spec.candidates("train.total_steps") == [600, 3000, 600]
+    assert spec.candidates("model.base_channels") == [16, 16, 32]
+    assert spec.max_total_steps() == 3000
+    assert spec.recorded_search() == {
+        "model.base_channels": {"choice": [16, 32]},
+        "train.total_steps": {"choice": [600, 3000]},
+    }
+    assert arms.columns() == ["arm/model.base_channels", "arm/train.total_steps"]
+    # A trial's point in Ray's search space, as the trainable receives it: its arm's keys, dotted.
+    point = {"arm": param_space(spec)["arm"]["grid_search"][2], "train.seed": 1078}
+    assert flatten(point) == {"model.base_channels": 32, "train.total_steps": 600, "train.seed": 1078}
+    config = spec.run_config.with_overrides(point)
+    assert (config.model.base_channels, config.train.total_steps, config.train.seed) == (32, 600, 1078)
+    assert config.optim.lr == 1e-3  # the spec's overrides stay
+    described = runner.invoke(app, ["run", str(REPO / "search_spaces" / "cpu_steps_vs_capacity.yaml"), "--dry-run"])
+    assert "base_channels=16,total_steps=3000,seed=1079" in described.output
