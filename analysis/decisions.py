@@ -30,6 +30,7 @@ from record.experiment import Experiment, Trial
 
 NOISE_MULTIPLE = 2.0  # an effect is a gap beyond this many standard errors
 ENDED = (states.FINISHED, states.STOPPED)
+MIN_TRIALS_FOR_TAU = 5  # with 4 or fewer, Kendall's τ cannot reach p < 0.05 (exact, two-sided) whatever the ranks
 
 
 @dataclass
@@ -181,14 +182,15 @@ class RankAgreement:
             f"Early stopping: FID at step {self.step} and at the end agree in rank with Kendall's τ = {self.tau:.2f} "
             f"over {self.num_trials} trials (p = {self.p_value:.2g})"
         )
-        if self.num_trials >= 4 and self.tau >= 0.6 and self.p_value < 0.05:
+        if self.tau >= 0.6 and self.p_value < 0.05:
             return base + ": strong agreement, so cuts at this step keep the trials that end best."
         return base + ": too weak to trust ASHA's cuts at this step."
 
 
 def rank_agreement(experiment: Experiment) -> list[RankAgreement]:
     """For each earlier milestone step, Kendall's τ (scipy) between the same-count FID there and
-    at the end, over the trials that ran to the end (the sweep's last step); needs ≥ 3 of them."""
+    at the end, over the trials that ran to the end (the sweep's last step); needs
+    MIN_TRIALS_FOR_TAU of them."""
     finals, at_step = {}, {}
     for trial in experiment.trials:
         rows = comparable_rows(trial.milestones, FID.name, experiment.basis)
@@ -203,7 +205,7 @@ def rank_agreement(experiment: Experiment) -> list[RankAgreement]:
     agreements = []
     for step, fids in sorted(at_step.items()):
         ids = [t for t in fids if finals[t][STEP.name] == end]
-        if len(ids) < 3:
+        if len(ids) < MIN_TRIALS_FOR_TAU:
             continue
         tau, p_value = stats.kendalltau([fids[t] for t in ids], [finals[t][FID.name] for t in ids])
         agreements.append(RankAgreement(step, len(ids), float(tau), float(p_value)))
