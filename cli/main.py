@@ -217,6 +217,7 @@ def run(
         for warning in dry_run_warnings(spec, address or os.environ.get("RAY_ADDRESS")):
             typer.echo(f"warning: {warning}", err=True)
         return
+    from sweeps.interrupt import CtrlC
     from sweeps.runner import SweepInterrupted, run_sweep
 
     try:
@@ -224,14 +225,20 @@ def run(
     except SweepInterrupted as interrupted:
         typer.echo(f"{interrupted}", err=True)
         raise typer.Exit(code=130) from None
-    try:
-        code = report_results(spec, results, analyze=analyze_after)
-    except KeyboardInterrupt:
+    import ray
+
+    ray.shutdown()  # the trials' last log lines arrive now, before the closing lines, not after them
+    with CtrlC(tune=False) as ctrl_c:  # knows of a Ctrl-C even where a library swallowed it
+        try:
+            code = report_results(spec, results, analyze=analyze_after)
+        except KeyboardInterrupt:
+            pass
+    if ctrl_c.pressed:
         typer.echo(
             f"analysis interrupted; the sweep itself finished: `sweep analyze {spec.experiment_path}` writes it",
             err=True,
         )
-        raise typer.Exit(code=130) from None
+        raise typer.Exit(code=130)
     raise typer.Exit(code=code)
 
 

@@ -14,15 +14,16 @@ def sweep_reporter(metric_columns: list[str], parameter_columns: list[str]):
     """Ray Tune's progress table (its CLIReporter, every 30 s) without the lines that would
     contradict the product's own end-of-run story: "Current best trial" (a trial's latest value,
     not its best), "Result logdir" (Ray's scratch folder, not the experiment), and the final table
-    (Ray calls early-stopped trials TERMINATED): `sweep run` ends with its own table, in the
-    record's words (finished, stopped, errored), then the best FID, the report and TensorBoard."""
+    (Ray calls early-stopped trials TERMINATED; the scheduler's last word on its rungs is kept):
+    `sweep run` ends with its own table, in the record's words (finished, stopped, errored),
+    then the best FID, the report and TensorBoard."""
     from ray.tune import CLIReporter
 
     class SweepReporter(CLIReporter):
         def report(self, trials, done: bool, *sys_info: str) -> None:
-            if done:
-                return
             lines = self._progress_str(trials, done, *sys_info).splitlines()
+            if done:  # up to the table: the time, the scheduler's rungs, the resources
+                lines = lines[: next((i for i, line in enumerate(lines) if line.startswith("Number of trials")), 0)]
             self._print("\n".join(line for line in lines if not line.startswith(RAY_LINES_LEFT_OUT)))
 
     return SweepReporter(

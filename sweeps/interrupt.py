@@ -18,28 +18,35 @@ from typing import Optional
 
 
 class CtrlC:
-    """`with CtrlC() as ctrl_c: tuner.fit()`, then `ctrl_c.pressed` says whether the user stopped it."""
+    """`with CtrlC() as ctrl_c: tuner.fit()`, then `ctrl_c.pressed` says whether the user stopped it.
+    `CtrlC(tune=False)` guards plain work (the analysis): Ctrl-C raises KeyboardInterrupt as
+    usual, and `pressed` tells it even where a library caught the KeyboardInterrupt on its way."""
 
-    def __init__(self) -> None:
+    def __init__(self, tune: bool = True) -> None:
+        self.tune = tune
         self.pressed = False
 
     def __enter__(self) -> "CtrlC":
-        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune's handler would swallow the fact
+        if self.tune:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune's handler would swallow the fact
+            TUNE_LOGGER.addFilter(_tune_stop_lines)
         self._previous = signal.signal(signal.SIGINT, self._handle)
-        TUNE_LOGGER.addFilter(_tune_stop_lines)
         return self
 
     def _handle(self, signum: int, frame) -> None:
-        if self.pressed:
-            raise KeyboardInterrupt
+        first = not self.pressed
         self.pressed = True
-        os.kill(os.getpid(), signal.SIGUSR1)  # Tune ends the run, saving its state one last time
+        if self.tune and first:
+            os.kill(os.getpid(), signal.SIGUSR1)  # Tune ends the run, saving its state one last time
+        else:
+            raise KeyboardInterrupt
 
     def __exit__(
         self, kind: Optional[type], error: Optional[BaseException], traceback: Optional[TracebackType]
     ) -> None:
         signal.signal(signal.SIGINT, self._previous)
-        TUNE_LOGGER.removeFilter(_tune_stop_lines)
+        if self.tune:
+            TUNE_LOGGER.removeFilter(_tune_stop_lines)
 
 
 TUNE_LOGGER = logging.getLogger("ray.tune.tune")

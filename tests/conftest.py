@@ -11,11 +11,18 @@ from pathlib import Path
 # One BLAS thread per process: tests run beside Ray workers and subprocesses on 2 cores, where
 # OpenBLAS's default of a thread per core, oversubscribed, slows the FID linear algebra 10×.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# The suite runs in two pytest-xdist workers (pyproject's addopts) on two cores: one torch thread
+# each, in this process and in the sweeps it starts, or four threads fight for two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 from diffusion_lib.build import create_model_and_diffusion
 from diffusion_lib.config import TOTAL_STEPS_KEY, RunConfig

@@ -12,6 +12,7 @@ import ray
 import torch
 from typer.testing import CliRunner
 
+from analysis.curves import floor_gap
 from cli.main import app
 from diffusion_lib.losses import DiffusionLoss
 from diffusion_lib.run_files import FLOOR_FILE
@@ -80,11 +81,11 @@ def test_grid_sweep_reports_every_milestone_key_against_one_stored_reference(tmp
             trial.milestones[-1]["val/fid_jackknife"]
         ) == 6
         assert not (trial.path / FLOOR_FILE).exists()
-    # The FID floor: computed once, in the launcher, stored with the experiment, stated in the report.
+    # The FID floor: computed once, in the launcher, stored with the experiment, stated by the analysis.
     floor = experiment.floor_point()
     assert floor is not None and floor.num_samples == 8 and floor.fid > 0 and floor.stderr > 0
     assert experiment.floor.held_out_images == 32
-    assert "How low can FID go here?" in (experiment.path / "analysis" / "report.md").read_text()
+    assert floor_gap(experiment).sentence.startswith("Real images (training images outside the reference) score")
 
 
 def test_racing_stops_the_clearly_worse_arm_and_the_record_says_stopped(tmp_path, local_ray):
