@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,12 +68,23 @@ def resolve(location: str | os.PathLike, what: str = "storage"):
         ) from None
 
 
+def _check_writable(folder: Path, what: str) -> None:
+    """An unwritable folder (or a full disk) is refused now, not after Ray started and trials ran."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{what}: cannot write to {folder}: {err.strerror or err}") from None
+
+
 def validate_storage(location: str, what: str = "storage") -> None:
     """Check a storage URI now rather than after Ray started and trials ran: the scheme is known,
     the URI well formed, the endpoint reachable with the credentials at hand and the bucket
-    there. A local path is left to the run (its folders are created). Raises ConfigError, its
-    message starting with `what` (the spec key, or the command's argument)."""
+    there; a local folder made (as the run would make it) and written to once. Raises
+    ConfigError, its message starting with `what` (the spec key, or the command's argument)."""
     if not is_uri(location):
+        _check_writable(Path(location), what)
         return
     fs, path = resolve(location, what)
     bucket = path.strip("/").split("/", 1)[0]

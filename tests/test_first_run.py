@@ -187,3 +187,13 @@ def test_dry_run_warns_of_a_gpu_request_on_a_machine_without_one(tmp_path):
         pytest.skip("this machine has a GPU")
     result = runner.invoke(app, ["run", str(REPO / "search_spaces" / "min_snr_gamma.yaml"), "--dry-run"])
     assert result.exit_code == 0 and "warning: resources.gpu" in result.output
+
+
+def test_an_unwritable_experiment_folder_is_exit_2_before_ray_starts(tmp_path):
+    (tmp_path / "taken").write_text("a file where the storage folder should go")
+    spec = write_spec(tmp_path, storage=str(tmp_path / "taken" / "runs"), search={"optim.lr": {"grid": [1e-4]}})
+    result = CliRunner().invoke(app, ["run", str(spec)])
+    assert result.exit_code == 2, result.output
+    (error,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert error.startswith(f"error: storage: cannot write to {tmp_path / 'taken' / 'runs'}")
+    assert not ray.is_initialized()  # refused before Ray started, so before any trial
