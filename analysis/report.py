@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from optuna import load_study
+from tqdm import tqdm
 
 from diffusion_lib.atomic import atomic_write_text
 from diffusion_lib.config import SEED_KEY, ConfigError
@@ -54,8 +55,11 @@ def _ranked(experiment: Experiment) -> list[tuple[Trial, Optional[dict]]]:
     return sorted(scored, key=lambda tb: (tb[1] is None, sign * tb[1][metric] if tb[1] else 0.0))
 
 
-def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = TOP_K) -> list[str]:
-    """Write trials/milestones tables, grids, plots, report.md and report.html; return the warnings met."""
+def analyze_experiment(
+    path: Path, out_dir: Optional[Path] = None, top_k: int = TOP_K, *, progress: bool = False
+) -> list[str]:
+    """Write trials/milestones tables, grids, plots, report.md and report.html; return the
+    warnings met. With `progress`, a progress bar over those stages (for a terminal)."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{path}: no such experiment directory")
@@ -74,6 +78,8 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
     write_table(configurations_table(configs), out, "configurations")
     study = load_study(study_name=path.name, storage=f"sqlite:///{write_optuna_study(experiment, out / STUDY_FILE)}")
     importances, importance_trials = param_importances(experiment)
+    bar = tqdm(total=3, desc="analysis", unit="stage", disable=not progress, leave=False)
+    bar.update()  # tables and the study
 
     images: list[tuple[str, Path]] = []
     ranked = _ranked(experiment)
@@ -109,6 +115,7 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
             warnings.append(f"{trial.trial_id}: {err}")
     if not with_checkpoint:
         warnings.append(f"no trial has a checkpoint for a milestone with {metric}; no sample grids")
+    bar.update()  # the sample grids
 
     figures = [
         plots.overlay(
@@ -159,6 +166,8 @@ def analyze_experiment(path: Path, out_dir: Optional[Path] = None, top_k: int = 
         parallel_coordinates(study, out / "parallel_coordinates.png", metric),
     ]
     plot_images = [(p.stem.replace("_", " "), p) for p in figures if p is not None]
+    bar.update()  # the plots
+    bar.close()
 
     write_report(
         ReportData(
@@ -385,19 +394,19 @@ def write_report(report: ReportData, out: Path) -> None:
 # --- An experiment on cloud storage: analysed on a local mirror ------------------------------
 
 
-def analyze_location(location: str, out: Optional[Path] = None) -> tuple[str, list[str]]:
+def analyze_location(location: str, out: Optional[Path] = None, *, progress: bool = False) -> tuple[str, list[str]]:
     """`analyze_experiment` on an experiment at a local path or a URI; return where report.md
     is and the warnings (paths in them named as `location`, not the mirror). For a URI the
     experiment is mirrored into a temporary folder (small files, each trial's best checkpoint)
     and, without `out`, the analysis is uploaded to `location/analysis/`."""
     if not storage.is_uri(location):
-        warnings = analyze_experiment(Path(location), out)
+        warnings = analyze_experiment(Path(location), out, progress=progress)
         return str((out or Path(location) / ANALYSIS_DIR) / REPORT_FILE), warnings
     storage.validate_storage(location, "EXPERIMENT")
     with tempfile.TemporaryDirectory(prefix="sweep-analyze-") as scratch:
         mirror = Path(scratch) / storage.name_of(location)  # the report is titled by the folder's name
         mirror_experiment(location, mirror, checkpoints=_best_checkpoints)
-        warnings = [w.replace(str(mirror), location) for w in analyze_experiment(mirror, out)]
+        warnings = [w.replace(str(mirror), location) for w in analyze_experiment(mirror, out, progress=progress)]
         if out is not None:
             return str(out / REPORT_FILE), warnings
         target = storage.join(location, ANALYSIS_DIR)

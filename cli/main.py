@@ -69,7 +69,7 @@ def _features(weights: Optional[str], device: str, batch_size: int):
     from diffusion_lib.build import resolve_device
     from diffusion_lib.metrics.fid import InceptionFeatures
 
-    return InceptionFeatures(fid_weights(weights)[0], resolve_device(device), batch_size)
+    return InceptionFeatures(fid_weights(weights)[0], resolve_device(device), batch_size, progress=sys.stderr.isatty())
 
 
 WeightsOption = typer.Option(
@@ -253,7 +253,7 @@ def report_results(spec, results, *, analyze: bool) -> int:
         from analysis.report import analyze_location
 
         typer.echo("analysing: tables, plots, sample grids and the report", err=True)
-        report, _ = analyze_location(spec.experiment_path)
+        report, _ = analyze_location(spec.experiment_path, progress=sys.stderr.isatty())
         typer.echo(f"report: {report} (and report.html beside it)")
     typer.echo(f"TensorBoard: tensorboard --logdir {spec.experiment_path}")
     errored = [r for r in results if r.error]
@@ -318,7 +318,8 @@ def analyze(
     are copied to a temporary local mirror first."""
     from analysis.report import analyze_location
 
-    report, warnings = analyze_location(experiment_dir, out)
+    typer.echo(f"analysing {experiment_dir}: tables, the study, sample grids, plots and the report", err=True)
+    report, warnings = analyze_location(experiment_dir, out, progress=sys.stderr.isatty())
     for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"wrote {report}")

@@ -217,7 +217,7 @@ def with_shared_fid_reference(
     if not spec.fid_enabled or per_trial or config.fid.reference:
         return spec
     features = features or InceptionFeatures(
-        config.fid.weights, resolve_device(config.train.device), config.fid.batch_size
+        config.fid.weights, resolve_device(config.train.device), config.fid.batch_size, progress=sys.stderr.isatty()
     )
     experiment = spec.experiment_path
     count = min(config.fid.ref_num_images or len(data), len(data))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 from pytorch_fid import inception as pytorch_fid_inception
+from tqdm import tqdm
 
 from ..atomic import atomic_path
 from ..config import WEIGHTS_ENV, ConfigError, FidConfig, RunConfig
@@ -100,18 +101,27 @@ def _torch_hub_holding(weights: Path) -> Iterator[None]:
 
 
 class InceptionFeatures:
-    """pool3 features (2048-d, full fp32) of uint8 images, batched, under `inference_mode`."""
+    """pool3 features (2048-d, full fp32) of uint8 images, batched, under `inference_mode`; with
+    `progress`, a progress bar over the batches (for a terminal)."""
 
-    def __init__(self, weights: Optional[str] = None, device: torch.device | str = "cpu", batch_size: int = 200):
+    def __init__(
+        self,
+        weights: Optional[str] = None,
+        device: torch.device | str = "cpu",
+        batch_size: int = 200,
+        progress: bool = False,
+    ):
         self.device = torch.device(device)
         self.model = load_inception(weights, self.device)
         self.batch_size = batch_size
+        self.progress = progress
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         out = []
+        starts = range(0, images.shape[0], self.batch_size)
         with full_fp32():
-            for start in range(0, images.shape[0], self.batch_size):
+            for start in tqdm(starts, desc="Inception", unit="batch", disable=not self.progress, leave=False):
                 batch = images[start : start + self.batch_size].to(self.device, non_blocking=True)
                 batch = (batch.float() / 255.0).contiguous(memory_format=torch.channels_last)
                 out.append(self.model(batch)[0].flatten(1))
