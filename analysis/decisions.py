@@ -30,6 +30,7 @@ from record.experiment import Experiment, Trial
 
 NOISE_MULTIPLE = 2.0  # an effect is a gap beyond this many standard errors
 ENDED = (states.FINISHED, states.STOPPED)
+MAX_VALUES_COMPARED = 8  # a key sampled from a range takes a value per trial: no sentence lists them all
 MIN_TRIALS_FOR_TAU = 5  # with 4 or fewer, Kendall's τ cannot reach p < 0.05 (exact, two-sided) whatever the ranks
 
 
@@ -147,7 +148,7 @@ def effect_sentences(configs: list[Configuration], keys: list[str]) -> list[str]
         best_at: dict[str, Configuration] = {}
         for config in held:
             best_at.setdefault(repr(config.searched[key]), config)
-        if len(best_at) < 2:
+        if not 2 <= len(best_at) <= MAX_VALUES_COMPARED:  # a continuous key: its best_by plot shows it
             continue
         name = key.split(".")[-1]
         ranked = list(best_at.values())

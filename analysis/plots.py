@@ -40,9 +40,12 @@ def overlay(
     """Lines of `y` against `x` for every trial that reported `y`; None when none did. With
     `count` (e.g. `val/fid_num_samples`), points measured at different counts are never joined:
     each count is its own line, labelled with it. With `band` (e.g. `val/fid_stderr`), each line
-    carries a shaded ± one-standard-error band. An FID plot also draws the experiment's FID floor."""
+    carries a shaded ± one-standard-error band. An FID plot also draws the experiment's FID floor.
+    Beyond COLOURED trials, the best COLOURED (by the sweep's metric) are drawn in colour and
+    labelled, the others as thin grey lines under one legend entry: a legend that fits."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = 0
+    coloured = set(_best_trial_ids(experiment, COLOURED))
+    drawn, greyed = 0, 0
     for trial in experiment.trials:
         lines: dict[Any, list[tuple[float, float, float]]] = {}
         for r in trial.milestones:
@@ -51,12 +54,17 @@ def overlay(
                 lines.setdefault(r.get(count) if count else None, []).append((r[x], r[y], se))
         for n, points in lines.items():
             xs, ys, ses = (np.array(column, dtype=float) for column in zip(*points))
+            if trial.trial_id not in coloured:
+                label = f"{len(experiment.trials) - len(coloured)} other trials" if not greyed else None
+                ax.plot(xs, ys, color="0.75", linewidth=0.6, zorder=1, label=label)
+                greyed += 1
+                continue
             label = trial.label if len(lines) == 1 else f"{trial.label} (N={n})"
-            (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=label, zorder=3)
             if np.isfinite(ses).any():
-                ax.fill_between(xs, ys - ses, ys + ses, color=line.get_color(), alpha=0.2, linewidth=0)
+                ax.fill_between(xs, ys - ses, ys + ses, color=line.get_color(), alpha=0.2, linewidth=0, zorder=2)
             drawn += 1
-    if not drawn:
+    if not drawn and not greyed:
         plt.close(fig)
         return None
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
@@ -65,6 +73,19 @@ def overlay(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
+
+
+COLOURED = 10
+
+
+def _best_trial_ids(experiment: Experiment, k: int) -> list[str]:
+    """The k best trials by the sweep's metric (all of them when there are k or fewer)."""
+    if len(experiment.trials) <= k:
+        return [t.trial_id for t in experiment.trials]
+    sign = 1 if experiment.mode == "min" else -1
+    scored = [(t, experiment.best(t)) for t in experiment.trials]
+    ranked = sorted((b[experiment.metric] * sign, t.trial_id) for t, b in scored if b is not None)
+    return [trial_id for _, trial_id in ranked[:k]]
 
 
 def draw_floor(experiment: Experiment, ax) -> None:

@@ -38,6 +38,9 @@ from .tables import configurations_table, milestones_table, trials_table, write_
 
 TOP_K = 3
 REPORT_FILE = "report.md"
+# A sweep of a thousand trials stays readable: the report shows the best of them, the tables hold all.
+TRIALS_SHOWN = 50
+CONFIGURATIONS_SHOWN = 10
 
 
 def _fmt(value: Any) -> str:
@@ -180,8 +183,12 @@ def analyze_experiment(
             importance_trials,
             rank_agreement(experiment),
             floor_gap(experiment),
-            [g for g in (got_worse(experiment, c) for c in configs) if g is not None],
-            [r for r in (curvature_correlation(experiment, c) for c in configs) if r is not None],
+            [g for g in (got_worse(experiment, c) for c in configs[:CONFIGURATIONS_SHOWN]) if g is not None],
+            [
+                r
+                for r in (curvature_correlation(experiment, c) for c in configs[:CONFIGURATIONS_SHOWN])
+                if r is not None
+            ],
         ),
         out,
     )
@@ -244,7 +251,7 @@ def _trials_section(report: ReportData) -> list[Block]:
         "wall time (s)",
     ]
     rows = []
-    for trial, best in report.ranked:
+    for trial, best in report.ranked[:TRIALS_SHOWN]:
         last = trial.milestones[-1] if trial.milestones else {}
         value = _fmt(best[metric] if best else None)
         if best is not None and metric == FID.name and is_finite_number(best.get(FID_STDERR.name)):
@@ -261,6 +268,9 @@ def _trials_section(report: ReportData) -> list[Block]:
             ]
         )
     blocks: list[Block] = [Heading("Trials, best first"), Table(header, rows, id="trials")]
+    if len(report.ranked) > TRIALS_SHOWN:
+        more = len(report.ranked) - TRIALS_SHOWN
+        blocks.append(Paragraph((f"The best {TRIALS_SHOWN}; {more} more in ", Code("trials.parquet"), ".")))
     errors = [t for t in experiment.trials if t.error]
     if errors:
         blocks.append(
@@ -321,6 +331,8 @@ def _over_training_section(report: ReportData) -> list[Block]:
     if not report.got_worse and not report.curvature:
         return []
     blocks: list[Block] = [Heading("Over training")]
+    if len(report.configurations) > CONFIGURATIONS_SHOWN:
+        blocks.append(Paragraph(f"The best {CONFIGURATIONS_SHOWN} of {len(report.configurations)} configurations."))
     if report.got_worse:
         blocks.append(BulletList([g.sentence for g in report.got_worse], intro="Did FID get worse after its best?"))
     if report.curvature:
