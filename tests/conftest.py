@@ -5,6 +5,7 @@ hand the Trainer parts of the test's choosing."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -138,6 +139,12 @@ def run_sweep_with_standin_fid(spec, *test_modules):
     held_out_pass = floor is not None and any(point.fid is not None for point in floor.points)
     assert driver_features.calls == 1 + held_out_pass  # one reference pass (and the floor's), in the launcher
     return results
+
+
+def as_from_a_terminal() -> None:
+    """`preexec_fn` for a child that a test will Ctrl-C: SIGINT at its default disposition, as in
+    a terminal's foreground job (a test run started in the background inherits it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 # ---- experiment folders, written with the record's own writers (no Ray) -----------------------

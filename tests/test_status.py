@@ -18,7 +18,7 @@ from analysis.status import CLEAR_SCREEN, experiment_status, watch
 from cli.main import app
 from record.files import SweepFile
 
-from conftest import write_ray_state, write_summary, write_trial
+from conftest import as_from_a_terminal, write_ray_state, write_summary, write_trial
 
 runner = CliRunner()
 TOTAL = 30
@@ -235,6 +235,7 @@ def test_watch_in_a_real_process_stops_cleanly_on_ctrl_c(mid_run):
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        preexec_fn=as_from_a_terminal,
     )
     try:
         lines = []

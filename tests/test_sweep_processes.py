@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import FID_WEIGHTS, REPO, TINY_RUN, needs_fid_weights, write_spec
+from conftest import FID_WEIGHTS, REPO, TINY_RUN, as_from_a_terminal, needs_fid_weights, write_spec
 
 
 def clean_env() -> dict[str, str]:
@@ -133,6 +133,7 @@ class Driver:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            preexec_fn=as_from_a_terminal,
         )
         self.err: list[str] = []
         threading.Thread(target=lambda: self.err.extend(self.process.stderr), daemon=True).start()
