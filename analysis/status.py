@@ -162,13 +162,14 @@ def best_line(info: StatusInfo) -> str:
     """The trial with the lowest best FID on the common basis (sample count and reference)."""
     progress = [(t, info.fid_progress(t)) for t in info.trials]
     compared = [(t, p) for t, p in progress if p is not None]
+    heading = "best" if info.experiment.summary_mtime is not None else "best so far"  # the sweep ended: its best
     if not compared:
-        return "best so far: no FID yet"
+        return f"{heading}: no FID yet"
     best, fid = min(compared, key=lambda tp: tp[1].best)
     searched = ", ".join(f"{k}={v}" for k, v in best.searched.items()) or "(no searched values)"
     left_out = sum(1 for t in info.trials if t.trial_id in info.experiment.off_basis and info.fid_progress(t) is None)
     return (
-        f"best so far: {best.trial_id}: {FID.name} {fid.best:.2f} at step {fid.best_step} ({fid.num_samples} "
+        f"{heading}: {best.trial_id}: {FID.name} {fid.best:.2f} at step {fid.best_step} ({fid.num_samples} "
         f"samples); {searched}"
         + (f" [{left_out} trial(s) with FIDs at other sample counts not compared]" if left_out else "")
     )

@@ -160,7 +160,7 @@ def test_one_best_fid_rule_for_tables_plots_report_status_and_decisions(tmp_path
     info = experiment_status(exp)
     shown = {t.trial_id: (p.best, p.best_step) for t in info.trials if (p := info.fid_progress(t)) is not None}
     assert shown == expected
-    assert info.lines[-1].startswith("best so far: a: val/fid 52.00 at step 20 (64 samples)")
+    assert info.lines[-1].startswith("best: a: val/fid 52.00 at step 20 (64 samples)")  # the sweep ended
     report = (analysis / "report.md").read_text()
     ranked = report.split("## Trials, best first\n\n")[1].split("\n\n")[0].splitlines()[2:]
     assert [line.split(" | ")[0].strip("| ") for line in ranked] == ["a", "b", "c"]
