@@ -41,6 +41,7 @@ REPORT_FILE = "report.md"
 # A sweep of a thousand trials stays readable: the report shows the best of them, the tables hold all.
 TRIALS_SHOWN = 50
 CONFIGURATIONS_SHOWN = 10
+ERRORED_NAMED = 5  # trials named per distinct error
 
 
 def _fmt(value: Any) -> str:
@@ -271,14 +272,20 @@ def _trials_section(report: ReportData) -> list[Block]:
     if len(report.ranked) > TRIALS_SHOWN:
         more = len(report.ranked) - TRIALS_SHOWN
         blocks.append(Paragraph((f"The best {TRIALS_SHOWN}; {more} more in ", Code("trials.parquet"), ".")))
-    errors = [t for t in experiment.trials if t.error]
-    if errors:
-        blocks.append(
-            BulletList(
-                [(Code(t.trial_id), f": {t.error}") for t in errors],
-                intro="Errors (full tracebacks in each trial's error.txt):",
-            )
-        )
+    by_error: dict[str, list[str]] = {}
+    for trial in experiment.trials:
+        if trial.error:
+            by_error.setdefault(trial.error, []).append(trial.trial_id)
+    if by_error:
+        items = []
+        for error, names in by_error.items():
+            pieces: list[str] = []
+            for name in names[:ERRORED_NAMED]:
+                pieces += [", "] if pieces else []
+                pieces.append(Code(name))
+            more = f" and {len(names) - ERRORED_NAMED} more" if len(names) > ERRORED_NAMED else ""
+            items.append((*pieces, f"{more}: {error}"))
+        blocks.append(BulletList(items, intro="Errors (full tracebacks in each trial's error.txt):"))
     return blocks
 
 
