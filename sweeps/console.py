@@ -1,5 +1,6 @@
 """The console a user reads: each warning as one line, `warning: …`, without Python's file,
-line number and source line (they point into this package, which the user did not write)."""
+line number and source line (they point into this package, which the user did not write), and
+Ray Tune's progress table without the lines the product says better itself."""
 
 from __future__ import annotations
 
