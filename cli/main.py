@@ -89,7 +89,13 @@ def fid(
     """Print the FID between two sources, like `python -m pytorch_fid A B` (the same number, by
     the exact symmetric-eigenvalue route instead of scipy's general matrix square root), with its
     jackknife standard error over B's images when B is a folder (statistics files hold no images)."""
-    from diffusion_lib.metrics.fid import FEATURE_DIMS, features_of_folder, small_sample_note, stats_of_source
+    from diffusion_lib.metrics.fid import (
+        FEATURE_DIMS,
+        FID_JACKKNIFE_GROUPS,
+        features_of_folder,
+        small_sample_note,
+        stats_of_source,
+    )
     from diffusion_lib.metrics.frechet import FrechetReference, fid_jackknife
 
     for source in (source_a, source_b):
@@ -107,12 +113,14 @@ def fid(
         b_features = features_of_folder(source_b, features)
         count = b_features.shape[0]
         value = reference.fid(b_features)
-        stderr = fid_jackknife(reference, b_features, num_groups=min(25, count - 2)).stderr if count >= 4 else None
+        groups = min(FID_JACKKNIFE_GROUPS, count - 2)
+        stderr = fid_jackknife(reference, b_features, num_groups=groups).stderr if count >= 4 else None
     spread = f" ± {stderr:.2g}" if stderr is not None else ""
-    sizes = [
-        f"{n} images of {s.name}" if n > 0 else f"{s.name}" for n, s in ((count, source_b), (a.num_images, source_a))
-    ]
-    typer.echo(f"FID: {value:.6g}{spread} ({sizes[0]} against {sizes[1]})")
+
+    def described(num_images: int, source: Path) -> str:  # a statistics file may not record its count
+        return f"{num_images} images of {source.name}" if num_images > 0 else source.name
+
+    typer.echo(f"FID: {value:.6g}{spread} ({described(count, source_b)} against {described(a.num_images, source_a)})")
     if 0 < count < FEATURE_DIMS:
         typer.echo(f"warning: {small_sample_note(count)}", err=True)
 

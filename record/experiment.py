@@ -139,9 +139,9 @@ def load_experiment(
         ray_mtime = max(ray_mtime, _mtime(path / SWEEP_FILE) or 0.0)
         driver_alive = now - ray_mtime <= stale_after_s
     interrupted_mtime = _mtime(path / INTERRUPTED_FILE)
-    if interrupted_mtime is not None and interrupted_mtime < (_mtime(path / SWEEP_FILE) or 0.0):
-        interrupted_mtime = None  # a later `sweep run --resume` has started
-    if interrupted_mtime is not None and summary is None:
+    if summary is not None or (interrupted_mtime or 0.0) < (_mtime(path / SWEEP_FILE) or 0.0):
+        interrupted_mtime = None  # the sweep ended, or a later `sweep run --resume` has started
+    if interrupted_mtime is not None:
         driver_alive = False
 
     read = {d.name: _read_trial(d, warnings) for d in trial_dirs}
@@ -178,7 +178,7 @@ def load_experiment(
         summary_mtime=_mtime(path / SUMMARY_FILE) if summary else None,
         ray_mtime=ray_mtime,
         driver_alive=driver_alive,
-        interrupted_mtime=interrupted_mtime if summary is None else None,
+        interrupted_mtime=interrupted_mtime,
         floor=FidFloor.read(path, warnings),
     )
 

@@ -13,6 +13,7 @@ from diffusion_lib.run_files import CHECKPOINT_DIR, CHECKPOINT_GLOB, FLOOR_FILE,
 
 from .files import (
     ANALYSIS_DIR,
+    INTERRUPTED_FILE,
     RAY_CHECKPOINT_GLOB,
     RAY_ERROR_FILE,
     RAY_STATE_GLOB,
@@ -27,16 +28,18 @@ SMALL, CHECKPOINT, SKIP = "small", "checkpoint", "skip"
 
 
 def experiment_file_kind(parts: tuple[str, ...]) -> str:
-    """SMALL: what analysis and status read (sweep.json, the summary, the FID floor, Ray's experiment state, each
-    trial's trial.json, metrics.jsonl and error.txt); CHECKPOINT: a trainer checkpoint in a Ray
-    `checkpoint_*/` (or `sweep train`'s `checkpoints/`) folder; SKIP: the rest (TensorBoard
-    events, sample grids, the FID reference, Ray's own files, earlier analyses)."""
+    """SMALL: what analysis and status read (sweep.json, the summary or the Ctrl-C record, the FID
+    floor, Ray's experiment state, each trial's trial.json, metrics.jsonl and error.txt);
+    CHECKPOINT: a trainer checkpoint in a Ray `checkpoint_*/` (or `sweep train`'s `checkpoints/`)
+    folder; SKIP: the rest (TensorBoard events, sample grids, the FID reference, Ray's own files,
+    earlier analyses)."""
     name = parts[-1]
     per_run = (TRIAL_FILE, METRICS_FILE, RAY_ERROR_FILE)
     if len(parts) == 1:
         return (
             SMALL
-            if name in (SWEEP_FILE, SUMMARY_FILE, FLOOR_FILE, *per_run) or fnmatch.fnmatch(name, RAY_STATE_GLOB)
+            if name in (SWEEP_FILE, SUMMARY_FILE, INTERRUPTED_FILE, FLOOR_FILE, *per_run)
+            or fnmatch.fnmatch(name, RAY_STATE_GLOB)
             else SKIP
         )
     if len(parts) == 2 and name in per_run and parts[0] != ANALYSIS_DIR:

@@ -11,6 +11,7 @@ of the files they read (`record.mirror`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -69,13 +70,19 @@ def resolve(location: str | os.PathLike, what: str = "storage"):
 
 
 def _check_writable(folder: Path, what: str) -> None:
-    """An unwritable folder (or a full disk) is refused now, not after Ray started and trials ran."""
+    """An unwritable folder (or a full disk) is refused now, not after Ray started and trials ran.
+    The folders made for the check are removed again: a run refused later leaves nothing behind."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
             pass
     except OSError as err:
         raise ConfigError(f"{what}: cannot write to {folder}: {err.strerror or err}") from None
+    finally:
+        for path in made:
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def validate_storage(location: str, what: str = "storage") -> None:

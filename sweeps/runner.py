@@ -49,13 +49,17 @@ def storage_root(spec: SweepSpec) -> str:
     return spec.storage if storage.is_uri(spec.storage) else str(Path(spec.experiment_path).parent)
 
 
-def make_tuner_parts(spec: SweepSpec, make_trainer: TrainerFactory) -> tuple[Any, Any, Any]:
+def make_tuner_parts(
+    spec: SweepSpec, make_trainer: TrainerFactory, fid_notes_said: bool = False
+) -> tuple[Any, Any, Any]:
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
 
     wrapped = tune.with_resources(
-        tune.with_parameters(train_trial, base=spec.run_config, make_trainer=make_trainer),
+        tune.with_parameters(
+            train_trial, base=spec.run_config, make_trainer=make_trainer, fid_notes_said=fid_notes_said
+        ),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
     search_alg = OptunaSearch(seed=spec.seed) if spec.algorithm == "optuna" else None
@@ -135,13 +139,14 @@ def run_sweep(
         data = load_dataset(spec.run_config.data)  # bad data is exit 2 before Ray starts
         start_ray(address or os.environ.get("RAY_ADDRESS"))
         check_resources(spec, ray_cluster_resources())
+        fid_notes_said = shares_fid_reference(spec)  # the launcher says them once, with the reference
         spec = with_shared_fid_reference(spec, data, features, say)
     except KeyboardInterrupt:
         raise SweepInterrupted(
             "interrupted before any trial started; "
             + ("`sweep run SPEC --resume` finishes it" if resume else "nothing to resume: run the same command again")
         ) from None
-    wrapped, tune_config, run_config = make_tuner_parts(spec, make_trainer)
+    wrapped, tune_config, run_config = make_tuner_parts(spec, make_trainer, fid_notes_said)
     if resume:
         tuner = tune.Tuner.restore(path, trainable=wrapped, resume_unfinished=True, resume_errored=True)
     else:
@@ -196,6 +201,13 @@ def write_hparams(experiment: str, hparam_names: list[str]) -> None:
         storage.upload_tree(scratch, experiment)
 
 
+def shares_fid_reference(spec: SweepSpec) -> bool:
+    """Whether the launcher computes the sweep's one FID reference: FID is on, the searched keys
+    leave the reference alone (data, fid.ref_num_images) and the user gave no reference file."""
+    per_trial = any(key in ("data", "fid.ref_num_images") or key.startswith("data.") for key in spec.dotted_keys())
+    return spec.fid_enabled and not per_trial and not spec.run_config.fid.reference
+
+
 def with_shared_fid_reference(
     spec: SweepSpec,
     data: ImageDataset,
@@ -213,8 +225,7 @@ def with_shared_fid_reference(
     stored, so a resumed sweep reuses its own), uploaded to the experiment, and `fid.reference`
     is the reference's URI: each trial downloads it (sweeps/trainable.py)."""
     config = spec.run_config
-    per_trial = any(key in ("data", "fid.ref_num_images") or key.startswith("data.") for key in spec.dotted_keys())
-    if not spec.fid_enabled or per_trial or config.fid.reference:
+    if not shares_fid_reference(spec):
         return spec
     features = features or InceptionFeatures(
         config.fid.weights, resolve_device(config.train.device), config.fid.batch_size, progress=sys.stderr.isatty()

@@ -155,13 +155,11 @@ class SectionSearch:
                 "mappings of keys"
             )
         is_section = name in run_config.to_dict()
-        flat = run_config.flat()
-        for variant in dist.args:
-            for key in variant if not is_section else ():
-                if key not in flat:
-                    raise ConfigError(
-                        f"search.{name}: {key} is not a run-config key; arms set dotted keys, e.g. train.total_steps"
-                    )
+        unknown = [k for v in dist.args for k in v if k not in run_config.flat()]
+        if not is_section and unknown:
+            raise ConfigError(
+                f"search.{name}: {unknown[0]} is not a run-config key; arms set dotted keys, e.g. train.total_steps"
+            )
         return cls(name, dist.kind, dist.args, f"{name}." if is_section else "")
 
     @property

@@ -35,12 +35,19 @@ from .console import one_line_warnings
 TrainerFactory = Callable[..., Trainer]
 
 
-def train_trial(searched: dict[str, Any], *, base: RunConfig, make_trainer: TrainerFactory = create_trainer) -> None:
-    """Ray Tune function trainable; `searched` is the trial's point in the search space."""
+def train_trial(
+    searched: dict[str, Any],
+    *,
+    base: RunConfig,
+    make_trainer: TrainerFactory = create_trainer,
+    fid_notes_said: bool = False,
+) -> None:
+    """Ray Tune function trainable; `searched` is the trial's point in the search space. With
+    `fid_notes_said`, the launcher has said what limits the FIDs' comparability for all trials."""
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint otherwise
     one_line_warnings()
     config = base.with_overrides(searched)
-    if config.fid.reference:  # the sweep's shared reference: the driver said these once for all trials
+    if fid_notes_said:
         warnings.simplefilter("ignore", FidComparabilityWarning)
     run_dir = Path.cwd()
     TrialFile(flatten(searched), config.flat(), ray.get_runtime_context().get_node_id()).write(run_dir)

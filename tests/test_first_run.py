@@ -197,3 +197,14 @@ def test_an_unwritable_experiment_folder_is_exit_2_before_ray_starts(tmp_path):
     (error,) = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert error.startswith(f"error: storage: cannot write to {tmp_path / 'taken' / 'runs'}")
     assert not ray.is_initialized()  # refused before Ray started, so before any trial
+
+
+def test_a_missing_data_folder_is_exit_2_and_leaves_no_experiment_folder(tmp_path):
+    spec = write_spec(
+        tmp_path,
+        base={**TINY_RUN, "data": {"name": "cifar10", "root": str(tmp_path / "no_data"), "download": False}},
+        search={"optim.lr": {"grid": [1e-4]}},
+    )
+    result = CliRunner().invoke(app, ["run", str(spec)])
+    assert result.exit_code == 2 and "data.root=" in result.output, result.output
+    assert not (tmp_path / "runs").exists() and not ray.is_initialized()

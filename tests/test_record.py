@@ -189,3 +189,15 @@ def test_written_files_carry_the_umasks_permissions(tmp_path, umask, mode):
     write = f"from record.files import SweepFile; SweepFile('val/fid', 'min', {{}}).write({str(tmp_path)!r})"
     subprocess.run([sys.executable, "-c", f"import os; os.umask({umask}); {write}"], check=True)
     assert (tmp_path / "sweep.json").stat().st_mode & 0o777 == mode
+
+
+def test_a_mirror_copies_every_experiment_file_status_and_analysis_read():
+    """A URI experiment is read through a local mirror: the Ctrl-C record and the FID floor must
+    travel with the summary, or `sweep status` and the report would not know them."""
+    from diffusion_lib.run_files import FLOOR_FILE
+    from record.files import INTERRUPTED_FILE, SUMMARY_FILE, SWEEP_FILE
+    from record.mirror import SKIP, SMALL, experiment_file_kind
+
+    for name in (SWEEP_FILE, SUMMARY_FILE, INTERRUPTED_FILE, FLOOR_FILE, "experiment_state-2026.json"):
+        assert experiment_file_kind((name,)) == SMALL, name
+    assert experiment_file_kind(("fid_reference", "ref.npz")) == SKIP
