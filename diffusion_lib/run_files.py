@@ -4,6 +4,7 @@ of torch so that readers of an experiment (`sweep status`, the analysis) start f
     <run_dir>/
         metrics.jsonl               one JSON object per milestone (`milestone.MILESTONE_METRICS`)
         events.out.tfevents.*       TensorBoard scalars, sample grids and the HParams session
+        events.out.tfevents.session_end   how the HParams session ended (a sweep's driver writes it)
         samples/step_NNNNNNN.png    the sample grid of each milestone
         checkpoints/step_NNNNNNN.pt the training state (`checkpoint.py`); a sweep trial keeps them
                                     in Ray's `checkpoint_*/` folders instead
@@ -28,6 +29,8 @@ SAMPLES_DIR = "samples"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_GLOB = "step_*.pt"
 EVENTS_GLOB = "events.out.tfevents.*"
+# One fixed name, so a trial that errored and was resumed to its end has one status, the last.
+SESSION_END_FILE = "events.out.tfevents.session_end"
 FLOOR_FILE = "fid_floor.json"
 _CHECKPOINT_NAME = re.compile(r"^step_(\d{7,})\.pt$")
 

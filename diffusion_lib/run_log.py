@@ -8,17 +8,30 @@ TensorBoard scalars, sample grids and hparams, and PNG sample grids."""
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torchvision.utils
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams_api
 from torch.utils.tensorboard import SummaryWriter
 
 from .atomic import atomic_path, atomic_write_text
 from .milestone import HPARAMS_METRICS, STEP
-from .run_files import EVENTS_GLOB, METRICS_FILE, SAMPLES_DIR, metrics_line, read_metrics, sample_grid_name
+from .run_files import (
+    EVENTS_GLOB,
+    METRICS_FILE,
+    SAMPLES_DIR,
+    SESSION_END_FILE,
+    metrics_line,
+    read_metrics,
+    sample_grid_name,
+)
 
 
 def hparams_value(value: Any) -> Any:
@@ -92,3 +105,25 @@ def write_hparams_config(log_dir: Path, hparam_names: list[str]) -> None:
     )
     with SummaryWriter(log_dir=str(log_dir), filename_suffix=".hparams") as writer:
         writer.file_writer.add_summary(config)
+
+
+def write_session_end(run_dir: Path, succeeded: bool) -> Path:
+    """How the run's HParams session ended, for the Status filter of TensorBoard's HParams tab:
+    Success, or Failure for a run that errored. Written once the run has ended (TensorBoard
+    keeps the first status it reads for a run, so none is written while it runs: a running run
+    reads Unknown), as `SESSION_END_FILE`, atomically, replacing an earlier one."""
+    status = api_pb2.STATUS_SUCCESS if succeeded else api_pb2.STATUS_FAILURE
+    end_info = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
+    summary = summary_pb2.Summary()
+    summary.value.add(
+        tag=metadata.SESSION_END_INFO_TAG,
+        metadata=metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(session_end_info=end_info)),
+        tensor=metadata.NULL_TENSOR,
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".session-end-") as scratch:
+        with SummaryWriter(log_dir=scratch) as writer:
+            writer.file_writer.add_summary(summary)
+        (written,) = Path(scratch).glob(EVENTS_GLOB)
+        os.replace(written, run_dir / SESSION_END_FILE)
+    return run_dir / SESSION_END_FILE

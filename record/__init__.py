@@ -11,6 +11,7 @@ through it. It depends on `diffusion_lib`'s torch-free modules only, so readers 
         <trial_id>_<label>/         one folder per trial, with
             trial.json              searched values, full config, node (files.TrialFile)
             metrics.jsonl, events…, samples/   (diffusion_lib.run_files)
+            events.out.tfevents.session_end   its HParams status, once it ended (sweeps.session_end)
             checkpoint_*/step_*.pt  Ray Tune's checkpoints of the trainer's state
             error.txt               Ray Tune's traceback of a failed attempt
 """

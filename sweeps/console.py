@@ -1,14 +1,46 @@
 """The console a user reads: each warning as one line, `warning: …`, without Python's file,
-line number and source line (they point into this package, which the user did not write), and
-Ray Tune's progress table without the lines the product says better itself."""
+line number and source line (they point into this package, which the user did not write);
+Ray's storage complaints as one line each, not a traceback; and Ray Tune's progress table
+without the lines the product says better itself."""
 
 from __future__ import annotations
 
+import logging
 import warnings
+
+from record.files import one_line_error
+
+# Ray's loggers that attach a traceback to a storage that did not answer (an outage Ray rides
+# out by retrying, or that fails an attempt the trial is restarted from).
+RAY_STORAGE_LOGGERS = (
+    "ray.train._internal.storage",
+    "ray.train._internal.syncer",
+    "ray.tune.execution.experiment_state",
+)
 
 
 def one_line_warnings() -> None:
     warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
+
+
+class OneLine(logging.Filter):
+    """A record with a traceback as one line: its message and the exception's own line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage().rstrip(': ')}: {one_line_error(f'{type(error).__name__}: {error}')}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+def one_line_console() -> None:
+    """This process's console in one-line messages: warnings, and Ray's storage complaints. Run
+    in the driver and, as Ray's `worker_process_setup_hook`, in every worker of the sweep."""
+    one_line_warnings()
+    for name in RAY_STORAGE_LOGGERS:
+        logging.getLogger(name).addFilter(OneLine())
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint otherwise
 
 
 def sweep_reporter(metric_columns: list[str], parameter_columns: list[str]):

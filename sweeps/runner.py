@@ -27,11 +27,13 @@ from record import states, storage
 from record.files import RAY_ERROR_FILE, REFERENCE_DIR, Interruption, Summary, SweepFile, TrialOutcome, one_line_error
 
 from .asha import Asha
-from .console import sweep_reporter
+from .console import one_line_console, sweep_reporter
 from .interrupt import CtrlC
 from .racing import RacingScheduler, RacingStateCallback
+from .session_end import SessionEndCallback
 from .spec import SweepSpec, short_params
 from .trainable import TrainerFactory, train_trial
+from .trial_failures import FailureLines
 
 
 def trial_dirname(trial) -> str:
@@ -88,7 +90,13 @@ def make_tuner_parts(
         sync_config=tune.SyncConfig(sync_artifacts=True),
         # Ray's result.json/progress.csv back the ResultGrid; its TensorBoard logger is left out
         # because the trainer writes the trial's TensorBoard log itself (with grids and hparams).
-        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *keeps_state],
+        callbacks=[
+            JsonLoggerCallback(),
+            CSVLoggerCallback(),
+            SessionEndCallback(spec.experiment_path),
+            FailureLines(spec.max_failures),
+            *keeps_state,
+        ],
         progress_reporter=sweep_reporter(
             list(dict.fromkeys([spec.metric, STEP.name, TRAIN_LOSS.name])),
             [column for searched in spec.search.values() for column in searched.columns()],
@@ -273,10 +281,12 @@ def configure_ray_console() -> None:
     """Ray Tune's console as the CLIReporter table with our columns, its loggers ours."""
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # loggers are chosen in make_tuner_parts
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the CLIReporter table with our columns
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")  # a failed attempt is one line (trial_failures.py)
     # Every milestone report carries a checkpoint by design; Ray's warning about that is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not (sys.stdout.isatty() and sys.stderr.isatty()):  # colour codes only for a terminal
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    one_line_console()
 
 
 def start_ray(address: Optional[str]) -> None:
@@ -291,7 +301,12 @@ def start_ray(address: Optional[str]) -> None:
     if ray.is_initialized():
         return
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        runtime_env={"worker_process_setup_hook": f"{one_line_console.__module__}.{one_line_console.__name__}"},
+    )
 
 
 def ray_cluster_resources() -> dict[str, float]:

@@ -10,7 +10,6 @@ into the trial's scratch folder and the trainer is handed that local file.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -29,8 +28,6 @@ from diffusion_lib.trainer import Trainer
 from record import storage
 from record.files import TrialFile
 
-from .console import one_line_warnings
-
 # (config, run_dir, *, checkpoint_dir, resume_from, progress) -> Trainer; tests hand in their own.
 TrainerFactory = Callable[..., Trainer]
 
@@ -44,8 +41,6 @@ def train_trial(
 ) -> None:
     """Ray Tune function trainable; `searched` is the trial's point in the search space. With
     `fid_notes_said`, the launcher has said what limits the FIDs' comparability for all trials."""
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint otherwise
-    one_line_warnings()
     config = base.with_overrides(searched)
     if fid_notes_said:
         warnings.simplefilter("ignore", FidComparabilityWarning)

@@ -1,8 +1,8 @@
 """Sweeps on cloud storage, against a real S3 API on 127.0.0.1 (moto's standalone server, in its
 own process): run, kill -9 and resume, `sweep status` and `sweep analyze` on an s3:// experiment;
-the shared FID reference uploaded once and downloaded by the trials; bad storage refused with
-exit 2 before Ray starts. Nothing of this project is mocked: every byte goes through pyarrow's
-S3 filesystem (the project's and Ray Tune's) over HTTP."""
+a 20 s storage outage mid-sweep; the shared FID reference uploaded once and downloaded by the
+trials; bad storage refused with exit 2 before Ray starts. Nothing of this project is mocked:
+every byte goes through pyarrow's S3 filesystem (the project's and Ray Tune's) over HTTP."""
 
 from __future__ import annotations
 
@@ -50,8 +50,9 @@ def free_port() -> int:
 
 
 class S3Server:
-    def __init__(self, port: int):
+    def __init__(self, port: int, process: subprocess.Popen):
         self.port = port
+        self.process = process
         self.endpoint = f"http://127.0.0.1:{port}"
         self.fs = pafs.S3FileSystem(
             access_key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
@@ -102,7 +103,7 @@ def s3(tmp_path_factory):
                 if time.time() > deadline:
                     pytest.skip("the local S3 server (moto) did not listen within 60 s")
                 time.sleep(0.2)
-        s3 = S3Server(port)
+        s3 = S3Server(port, server)
         s3.fs.create_dir(BUCKET)
         yield s3
     finally:
@@ -234,6 +235,7 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
         assert [r["step"] for r in rows(s3.read(f"{prefix}/{trial}/metrics.jsonl"))] == list(
             range(20, total + 1, 20)
         ), trial
+        assert f"{trial}/events.out.tfevents.session_end" in files  # TensorBoard's HParams status, on S3 too
     after = rows(s3.read(f"{prefix}/{interrupted}/metrics.jsonl"))
     assert after[: len(before)] == before  # resumed from its checkpoint (same rows, same wall times), not from step 0
     assert {"sweep.json", "experiment_summary.json"} <= set(files)
@@ -273,6 +275,64 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
     uploaded = {key.removeprefix("analysis/") for key in s3.files(prefix) if key.startswith("analysis/")}
     assert {"report.md", "report.html", "trials.parquet", "milestones.parquet", "best_grid.png"} <= uploaded
     assert "best_grid.png" in s3.read(f"{prefix}/analysis/report.md")
+
+
+def test_a_storage_outage_mid_sweep_loses_no_milestone_and_repeats_none(aws_env, tmp_path):
+    """The S3 server stops answering for 20 s (SIGSTOP: requests hang and time out, as with a
+    network partition) while a trial reports its milestones, then answers again."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    s3 = aws_env
+    total, every = 300, 30
+    spec = write_spec(
+        tmp_path,
+        base={
+            **TINY_RUN,
+            "train": {"total_steps": total, "batch_size": 8},
+            "eval": {**TINY_RUN["eval"], "every": every},
+        },
+        search={"optim.lr": {"grid": [1e-4]}},
+        max_failures=3,
+        storage=f"s3://{BUCKET}/outage",
+    )
+    prefix = "outage/tiny"
+    cmd = [sys.executable, "-m", "cli", "run", str(spec), "--no-analyze"]
+    log = tmp_path / "console.txt"
+    with open(log, "w") as console:
+        driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 120
+            while not any("/checkpoint_" in key for key in s3.files(prefix)):  # a milestone stored: mid-trial
+                if driver.poll() is not None or time.time() > deadline:
+                    pytest.fail(
+                        f"no checkpoint reached the bucket (exit code {driver.poll()}): {log.read_text()[-2000:]}"
+                    )
+                time.sleep(0.2)
+            os.killpg(s3.process.pid, signal.SIGSTOP)
+            time.sleep(20)
+        finally:
+            os.killpg(s3.process.pid, signal.SIGCONT)
+        code = driver.wait(timeout=300)
+    output = log.read_text()
+    if code != 0:  # Ray gave up: the record says how to finish it
+        resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        output += resumed.stdout + resumed.stderr
+
+    # Each failed attempt said in one line, with what happens next; no traceback on the console.
+    failures = [line for line in output.splitlines() if re.match(r"trial \S+: (attempt \d+ failed|errored) \(", line)]
+    assert failures and all("OSError" in line for line in failures), output[-3000:]
+    assert "Traceback" not in output and "Trial task failed" not in output, output[-3000:]
+    # Every milestone once: in metrics.jsonl, in the checkpointed copy and in TensorBoard's scalars.
+    (trial,) = {key.split("/")[0] for key in s3.files(prefix) if key.endswith("/trial.json")}
+    steps = list(range(every, total + 1, every))
+    assert [r["step"] for r in rows(s3.read(f"{prefix}/{trial}/metrics.jsonl"))] == steps
+    local = storage.download_tree(f"s3://{BUCKET}/{prefix}/{trial}", tmp_path / "trial")
+    events = EventAccumulator(str(local), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == steps
+    summary = json.loads(s3.read(f"{prefix}/experiment_summary.json"))
+    assert [t["state"] for t in summary["trials"].values()] == ["finished"]
 
 
 def test_fid_reference_is_computed_once_uploaded_and_downloaded_by_the_trials(aws_env, tmp_path, monkeypatch):

@@ -132,10 +132,36 @@ def test_optuna_with_asha_stops_the_clearly_worse_arm_early(tmp_path, local_ray)
     assert set(final_steps) == {3e-3, 1e-8}  # both arms explored
     assert any(step < 40 for step in final_steps[1e-8])  # ASHA stopped the bad arm early
     assert max(final_steps[3e-3]) == 40
-    # TensorBoard's HParams view knows every trial, the ones ASHA stopped too, by its own reader.
+    # TensorBoard's HParams view knows every trial, the ones ASHA stopped too, by its own reader,
+    # and its Status filter counts every one of them a success: none failed, none runs.
     for result in results:
         (session,) = hparams_sessions(Path(result.path))
         assert session.hparams["optim.lr"].number_value == result.config["optim.lr"]
+    by_status = sessions_by_status(Path(results.experiment_path))
+    assert by_status == {"Success": {Path(r.path).name for r in results}, "Failure": set(), "Unknown": set()}
+
+
+def sessions_by_status(logdir: Path) -> dict[str, set[str]]:
+    """The sessions (runs) that TensorBoard's HParams tab lists under each Status filter, as its
+    plugin answers the request of the filter's checkbox."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    tensorboard = backend_context.Context(base_plugin.TBContext(logdir=str(logdir), data_provider=provider))
+    listed = {}
+    for name in ("Success", "Failure", "Unknown"):
+        request = api_pb2.ListSessionGroupsRequest(
+            allowed_statuses=[api_pb2.Status.Value(f"STATUS_{name.upper()}")], start_index=0, slice_size=10_000
+        )
+        response = list_session_groups.Handler(context.RequestContext(), tensorboard, "", request).run()
+        listed[name] = {session.name for group in response.session_groups for session in group.sessions}
+    return listed
 
 
 def hparams_sessions(run_dir: Path) -> list:
@@ -179,6 +205,9 @@ def test_a_nan_trial_errors_with_its_reason_while_siblings_finish(tmp_path, loca
     assert sorted(r.metrics["step"] for r in results if not r.error) == [20, 20]
     summary = json.loads((Path(results.experiment_path) / "experiment_summary.json").read_text())
     assert sum(t["state"] == "errored" for t in summary["trials"].values()) == 1
+    by_status = sessions_by_status(Path(results.experiment_path))
+    assert by_status["Failure"] == {Path(errored[0].path).name}
+    assert by_status["Success"] == {Path(r.path).name for r in results if not r.error} and not by_status["Unknown"]
 
 
 class CrashOnceAtStep20(Trainer):
