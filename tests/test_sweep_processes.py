@@ -1,5 +1,5 @@
 """Sweeps as a user runs them, in their own processes: kill -9 of the driver then --resume,
-and `sweep run --address` on a two-node Ray cluster."""
+and `sweep run --address` on a two-node Ray cluster whose worker node dies mid-trial."""
 
 from __future__ import annotations
 
@@ -102,13 +102,25 @@ def test_kill_minus_9_then_resume_finishes_without_recomputing(tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
-def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
+def test_a_node_dies_and_its_trial_resumes_on_the_other_from_its_checkpoint(tmp_path):
     """`sweep run --address` against a two-node Ray cluster (ray.cluster_utils on one machine),
-    each in its own process as a user would run them."""
-    spec = write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4, 2e-4, 3e-4, 4e-4]}})
+    each in its own process as a user would run them; the worker node's raylet is killed
+    (kill -9) while a trial runs there with a checkpoint stored."""
+    total, every = 200, 20
+    spec = write_spec(
+        tmp_path,
+        base={
+            **TINY_RUN,
+            "train": {"total_steps": total, "batch_size": 8},
+            "eval": {**TINY_RUN["eval"], "every": every},
+        },
+        search={"optim.lr": {"grid": [1e-4, 2e-4]}},
+        max_failures=1,
+    )
+    experiment = tmp_path / "runs" / "tiny"
     script = REPO / "tests" / "two_node_cluster.py"
     done = subprocess.run(
-        [sys.executable, str(script), str(spec)],
+        [sys.executable, str(script), str(spec), str(experiment)],
         cwd=tmp_path,
         env=clean_env(),
         capture_output=True,
@@ -116,9 +128,25 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
         timeout=400,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    trials = list((tmp_path / "runs" / "tiny").glob("*/trial.json"))
-    assert len(trials) == 4
-    assert len({json.loads(p.read_text())["node_id"] for p in trials}) == 2
+    killed = json.loads((tmp_path / "killed.json").read_text())
+    trials = {p.parent.name: json.loads(p.read_text()) for p in experiment.glob("*/trial.json")}
+    assert len(trials) == 2 and killed["trial"] in trials
+    # The trial restarted on the node that lived (its trial.json is rewritten by each attempt).
+    assert trials[killed["trial"]]["node_id"] != killed["node_id"]
+    failed = [
+        line for line in done.stderr.splitlines() if line.startswith(f"trial {killed['trial']}: attempt 1 failed")
+    ]
+    assert len(failed) == 1 and "restarts it from its last checkpoint" in failed[0], done.stderr[-3000:]
+    # Every milestone once, and those stored before the node died kept as they were, not recomputed.
+    steps = list(range(every, total + 1, every))
+    for name in trials:
+        rows = [json.loads(line) for line in (experiment / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == steps, name
+    stored = [json.loads(line) for line in killed["stored"].splitlines()]
+    after = [json.loads(line) for line in (experiment / killed["trial"] / "metrics.jsonl").read_text().splitlines()]
+    assert stored and after[: len(stored)] == stored
+    summary = json.loads((experiment / "experiment_summary.json").read_text())
+    assert {t["state"] for t in summary["trials"].values()} == {"finished"}
 
 
 class Driver:

@@ -1,18 +1,78 @@
 """Start a two-node Ray cluster on this machine, run `sweep run SPEC --address` against it in a
-separate process, shut the cluster down. Used by test_sweeps.py; exits with the CLI's code."""
+separate process, shut the cluster down; exits with the CLI's code. Used by
+test_sweep_processes.py.
 
+With a third argument, the experiment folder, the worker node dies mid-sweep: once a trial
+running on it has a checkpoint stored, its raylet and the worker processes it started are
+killed (kill -9), as when the machine goes down, and `killed.json` in the working directory
+says which trial, on which node, with which milestones stored. The head checks its nodes'
+health every second (Ray's default, 3 s × 5 misses, would only slow the test)."""
+
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+
+def descendants(pid: int) -> list[int]:
+    """The processes `pid` started, and theirs, read from /proc."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        started = children.get(todo.pop(), [])
+        found += started
+        todo += started
+    return found
+
+
+def checkpoint_on(node_id: str, experiment: Path):
+    """(trial folder, metrics.jsonl rows of its newest checkpoint) of a trial running on the node."""
+    for trial_file in experiment.glob("*/trial.json"):
+        if json.loads(trial_file.read_text())["node_id"] != node_id:
+            continue
+        for checkpoint in sorted(trial_file.parent.glob("checkpoint_*"), reverse=True):
+            try:
+                return trial_file.parent, (checkpoint / "metrics.jsonl").read_text()
+            except OSError:  # replaced by a newer one meanwhile
+                continue
+    return None
+
+
+health_checks = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+cluster = Cluster(
+    initialize_head=True,
+    head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": health_checks},
+)
 try:
-    cluster.add_node(num_cpus=1)
+    worker = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    code = subprocess.call(
+    sweep = subprocess.Popen(
         [sys.executable, "-m", "cli", "run", sys.argv[1], "--address", cluster.address, "--no-analyze"]
     )
+    if len(sys.argv) > 2:
+        deadline = time.time() + 180
+        while (found := checkpoint_on(worker.node_id, Path(sys.argv[2]))) is None:
+            if sweep.poll() is not None or time.time() > deadline:
+                sys.exit(f"no trial checkpointed on the worker node (sweep exit code {sweep.poll()})")
+            time.sleep(0.1)
+        raylet = worker.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
+        for pid in [raylet.pid, *descendants(raylet.pid)]:
+            os.kill(pid, signal.SIGKILL)
+        trial, stored = found
+        Path("killed.json").write_text(json.dumps({"trial": trial.name, "node_id": worker.node_id, "stored": stored}))
+    code = sweep.wait()
 finally:
     cluster.shutdown()
 sys.exit(code)
