@@ -24,6 +24,7 @@ from diffusion_lib.config import ConfigError
 
 _BUCKETED = ("s3", "gcs")  # pyarrow filesystems whose first path component is a bucket
 _COPY_THREADS = 8
+_WRITE_CHECK_BYTES = 1 << 20  # less room than this for a sweep's files is a full disk
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -71,12 +72,15 @@ def resolve(location: str | os.PathLike, what: str = "storage"):
 
 def _check_writable(folder: Path, what: str) -> None:
     """An unwritable folder (or a full disk) is refused now, not after Ray started and trials ran.
-    The folders made for the check are removed again: a run refused later leaves nothing behind."""
+    A block is written and flushed to disk: a full disk still makes an empty file. The folders
+    made for the check are removed again: a run refused later leaves nothing behind."""
     made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
-            pass
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as probe:
+            probe.write(bytes(_WRITE_CHECK_BYTES))
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as err:
         raise ConfigError(f"{what}: cannot write to {folder}: {err.strerror or err}") from None
     finally:

@@ -3,6 +3,7 @@ failed sweep failing with one readable line per trial, and --resume telling the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -197,6 +198,26 @@ def test_an_unwritable_experiment_folder_is_exit_2_before_ray_starts(tmp_path):
     (error,) = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert error.startswith(f"error: storage: cannot write to {tmp_path / 'taken' / 'runs'}")
     assert not ray.is_initialized()  # refused before Ray started, so before any trial
+
+
+def test_a_full_disk_is_exit_2_before_ray_starts(tmp_path):
+    """A 64 KiB filesystem (tmpfs), filled: an empty file can still be made there, a checkpoint not."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        with open(disk / "filler", "wb") as filler, contextlib.suppress(OSError):
+            filler.write(bytes(1 << 20))
+        spec = write_spec(tmp_path, storage=str(disk / "runs"), search={"optim.lr": {"grid": [1e-4]}})
+        result = CliRunner().invoke(app, ["run", str(spec)])
+        assert result.exit_code == 2, result.output
+        (error,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert error == f"error: storage: cannot write to {disk / 'runs'}: No space left on device"
+        assert not ray.is_initialized() and sorted(p.name for p in disk.iterdir()) == ["filler"]  # nothing left
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_a_missing_data_folder_is_exit_2_and_leaves_no_experiment_folder(tmp_path):
