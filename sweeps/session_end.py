@@ -5,7 +5,8 @@ The Status filter of TensorBoard's HParams tab has Success, Failure, Running and
 "stopped early": a trial that ran its steps and one the scheduler stopped both read Success,
 as TensorBoard's own Keras callback marks a run ended by early stopping; an errored trial
 (after its retries) reads Failure; a running or interrupted one, Unknown. A finished trial is
-told from a stopped one by its `val/final_fid` column, and in `sweep status` and the report.
+told from a stopped one by its `val/final_fid` column (where the spec computes one), and in
+`sweep status` and the report.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ separate process, shut the cluster down; exits with the CLI's code. Used by
 test_sweep_processes.py.
 
 With a third argument, the experiment folder, the worker node dies mid-sweep: once a trial
-running on it has a checkpoint stored, its raylet and the worker processes it started are
+running on it has stored two checkpoints, its raylet and the worker processes it started are
 killed (kill -9), as when the machine goes down, and `killed.json` in the working directory
 says which trial, on which node, with which milestones stored. The head checks its nodes'
 health every second (Ray's default, 3 s × 5 misses, would only slow the test)."""
@@ -37,16 +37,19 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def checkpoint_on(node_id: str, experiment: Path):
-    """(trial folder, metrics.jsonl rows of its newest checkpoint) of a trial running on the node."""
+def checkpoints_on(node_id: str, experiment: Path):
+    """(trial folder, metrics.jsonl of its newest checkpoint) of a trial running on the node,
+    once that checkpoint holds two milestones: the trial went on past its first report, which it
+    does only once the driver took that report, so Ray knows of a checkpoint to restart from."""
     for trial_file in experiment.glob("*/trial.json"):
         if json.loads(trial_file.read_text())["node_id"] != node_id:
             continue
         for checkpoint in sorted(trial_file.parent.glob("checkpoint_*"), reverse=True):
             try:
-                return trial_file.parent, (checkpoint / "metrics.jsonl").read_text()
+                rows = (checkpoint / "metrics.jsonl").read_text()
             except OSError:  # replaced by a newer one meanwhile
                 continue
+            return (trial_file.parent, rows) if len(rows.splitlines()) >= 2 else None
     return None
 
 
@@ -63,7 +66,7 @@ try:
     )
     if len(sys.argv) > 2:
         deadline = time.time() + 180
-        while (found := checkpoint_on(worker.node_id, Path(sys.argv[2]))) is None:
+        while (found := checkpoints_on(worker.node_id, Path(sys.argv[2]))) is None:
             if sweep.poll() is not None or time.time() > deadline:
                 sys.exit(f"no trial checkpointed on the worker node (sweep exit code {sweep.poll()})")
             time.sleep(0.1)
