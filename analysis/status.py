@@ -155,7 +155,8 @@ def table(info: StatusInfo) -> list[str]:
 def totals_line(trials: list[Trial]) -> str:
     counts = Counter(t.state for t in trials)
     shown = [s for s in states.STATES if s != states.INTERRUPTED or counts[s]]
-    return f"totals: {len(trials)} trials: " + ", ".join(f"{counts[s]} {s}" for s in shown)
+    noun = "trial" if len(trials) == 1 else "trials"
+    return f"totals: {len(trials)} {noun}: " + ", ".join(f"{counts[s]} {s}" for s in shown)
 
 
 def best_line(info: StatusInfo) -> str:

@@ -188,7 +188,7 @@ def describe(spec) -> str:
             f"{cost['fid_samples']:,} FID samples, {cost['inception_images']:,} images through Inception (reference "
             "included)"
         )
-    lines.append(f"{spec.num_trials} trials")
+    lines.append(f"{spec.num_trials} trial{'s' if spec.num_trials != 1 else ''}")
     return "\n".join(lines)
 
 
