@@ -49,7 +49,7 @@ def train(
     from diffusion_lib.build import create_trainer
     from diffusion_lib.config import load_config
     from diffusion_lib.metrics.fid import fid_floor
-    from diffusion_lib.run_log import write_hparams_config
+    from diffusion_lib.run_log import write_hparams_config, write_session_end
 
     run_config = load_config(config, set_)
     trainer = create_trainer(run_config, out, progress=progress and sys.stderr.isatty())
@@ -61,7 +61,12 @@ def train(
         typer.echo(f"resuming {out} from step {trainer.step}", err=True)
     else:
         write_hparams_config(out, list(run_config.flat()))
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    except Exception:  # TensorBoard's HParams Status: Failure (a Ctrl-C leaves it Unknown, to resume)
+        write_session_end(out, succeeded=False)
+        raise
+    write_session_end(out, succeeded=True)
     typer.echo(json.dumps(summary))
 
 

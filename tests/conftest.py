@@ -1,6 +1,7 @@
 """Shared fixtures and helpers: the ../shared material (skipping where absent), tiny configs
-and spec files, a stand-in feature extractor for FID plumbing tests, and trainer factories that
-hand the Trainer parts of the test's choosing."""
+and spec files, a stand-in feature extractor for FID plumbing tests, trainer factories that
+hand the Trainer parts of the test's choosing, and the runs TensorBoard's HParams Status filter
+lists, as its own plugin answers."""
 
 from __future__ import annotations
 
@@ -241,3 +242,26 @@ def standin_features() -> StandInFeatures:
 def _no_weights_from_the_environment(monkeypatch):
     """Tests say which FID weights they use; a SWEEP_FID_WEIGHTS in the shell must not leak in."""
     monkeypatch.delenv("SWEEP_FID_WEIGHTS", raising=False)
+
+
+def sessions_by_status(logdir: Path) -> dict[str, set[str]]:
+    """The sessions (runs) that TensorBoard's HParams tab lists under each Status filter, as its
+    plugin answers the request of the filter's checkbox."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    tensorboard = backend_context.Context(base_plugin.TBContext(logdir=str(logdir), data_provider=provider))
+    listed = {}
+    for name in ("Success", "Failure", "Unknown"):
+        request = api_pb2.ListSessionGroupsRequest(
+            allowed_statuses=[api_pb2.Status.Value(f"STATUS_{name.upper()}")], start_index=0, slice_size=10_000
+        )
+        response = list_session_groups.Handler(context.RequestContext(), tensorboard, "", request).run()
+        listed[name] = {session.name for group in response.session_groups for session in group.sessions}
+    return listed

@@ -12,7 +12,7 @@ from cli.main import app
 from diffusion_lib.config import ConfigError, DataConfig, RunConfig, load_config
 from diffusion_lib.data import load_dataset
 
-from conftest import CIFAR_ROOT, needs_cifar
+from conftest import CIFAR_ROOT, needs_cifar, sessions_by_status
 
 runner = CliRunner()
 
@@ -124,6 +124,7 @@ def test_sweep_train_console_script_runs_and_resumes(tmp_path):
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout.strip().splitlines()[-1])["step"] == 10
+    assert sessions_by_status(out) == {"Success": {"."}, "Failure": set(), "Unknown": set()}  # the run is the logdir
     again = subprocess.run(cmd + ["--set", "train.total_steps=15"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "resuming" in again.stderr and "from step 10" in again.stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3

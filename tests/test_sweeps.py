@@ -23,7 +23,7 @@ from sweeps.runner import run_sweep
 from sweeps.spec import load_spec
 
 import conftest
-from conftest import TINY_RUN, run_sweep_with_standin_fid, trainer_with_parts, write_spec
+from conftest import TINY_RUN, run_sweep_with_standin_fid, sessions_by_status, trainer_with_parts, write_spec
 
 runner = CliRunner()
 
@@ -139,29 +139,6 @@ def test_optuna_with_asha_stops_the_clearly_worse_arm_early(tmp_path, local_ray)
         assert session.hparams["optim.lr"].number_value == result.config["optim.lr"]
     by_status = sessions_by_status(Path(results.experiment_path))
     assert by_status == {"Success": {Path(r.path).name for r in results}, "Failure": set(), "Unknown": set()}
-
-
-def sessions_by_status(logdir: Path) -> dict[str, set[str]]:
-    """The sessions (runs) that TensorBoard's HParams tab lists under each Status filter, as its
-    plugin answers the request of the filter's checkbox."""
-    from tensorboard import context
-    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
-    from tensorboard.plugins import base_plugin
-    from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
-
-    multiplexer = plugin_event_multiplexer.EventMultiplexer()
-    multiplexer.AddRunsFromDirectory(str(logdir))
-    multiplexer.Reload()
-    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
-    tensorboard = backend_context.Context(base_plugin.TBContext(logdir=str(logdir), data_provider=provider))
-    listed = {}
-    for name in ("Success", "Failure", "Unknown"):
-        request = api_pb2.ListSessionGroupsRequest(
-            allowed_statuses=[api_pb2.Status.Value(f"STATUS_{name.upper()}")], start_index=0, slice_size=10_000
-        )
-        response = list_session_groups.Handler(context.RequestContext(), tensorboard, "", request).run()
-        listed[name] = {session.name for group in response.session_groups for session in group.sessions}
-    return listed
 
 
 def hparams_sessions(run_dir: Path) -> list:
