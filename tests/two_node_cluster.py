@@ -10,14 +10,20 @@ health every second (Ray's default, 3 s × 5 misses, would only slow the test)."
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from ray._private import ray_constants
-from ray.cluster_utils import Cluster
+# Ray's temp folder of this cluster alone: `Cluster` writes its address into the temp folder,
+# where a `ray.init()` without an address (another test's, running meanwhile) would join it.
+os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray2n-", dir="/tmp")  # short: Ray's socket paths
+
+from ray._private import ray_constants  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
 
 
 def descendants(pid: int) -> list[int]:
@@ -78,4 +84,5 @@ try:
     code = sweep.wait()
 finally:
     cluster.shutdown()
+    shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
 sys.exit(code)
