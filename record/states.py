@@ -44,6 +44,11 @@ RAY_STATUSES = (RAY_PENDING, RAY_RUNNING, RAY_PAUSED, RAY_TERMINATED, RAY_ERROR)
 _RAY_WAITING = (RAY_PENDING, RAY_PAUSED)
 
 
+def terminated_state(reached_step: int, total_steps: int) -> str:
+    """A trial Ray calls TERMINATED, in these words: finished at its last step, else stopped."""
+    return FINISHED if reached_step >= total_steps else STOPPED
+
+
 @dataclass(frozen=True)
 class Evidence:
     """What the experiment's files say about one trial."""

@@ -100,6 +100,7 @@ def make_tuner_parts(
         progress_reporter=sweep_reporter(
             list(dict.fromkeys([spec.metric, STEP.name, TRAIN_LOSS.name])),
             [column for searched in spec.search.values() for column in searched.columns()],
+            total_steps=lambda searched: spec.trial_config(searched).train.total_steps,
         ),
         verbose=1,
     )
@@ -340,5 +341,5 @@ def summary(results, spec: SweepSpec) -> Summary:
             continue
         total = spec.trial_config(result.config).train.total_steps
         reached = (result.metrics or {}).get(STEP.name, 0)
-        outcomes[name] = TrialOutcome(states.FINISHED if reached >= total else states.STOPPED)
+        outcomes[name] = TrialOutcome(states.terminated_state(reached, total))
     return Summary(outcomes)

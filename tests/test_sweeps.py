@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from diffusion_lib.run_files import FLOOR_FILE
 from diffusion_lib.trainer import Trainer
 from record.experiment import load_experiment
 from record.files import REFERENCE_DIR
+from sweeps.console import sweep_reporter
 from sweeps.runner import run_sweep
 from sweeps.spec import load_spec
 
@@ -154,6 +156,34 @@ def hparams_sessions(run_dir: Path) -> list:
                     data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
                     sessions.append(data.session_start_info)
     return sessions
+
+
+def test_the_progress_table_says_finished_or_stopped_where_ray_says_terminated(tmp_path, local_ray, capsys):
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    trials = []
+    for i, (status, step) in enumerate([("TERMINATED", 40), ("TERMINATED", 10), ("RUNNING", 20), ("ERROR", 10)]):
+        storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="tiny", trial_dir_name=f"t{i}")
+        trial = Trial("train_trial", config={"optim.lr": 10.0**-i}, trial_id=f"t{i}", stub=True, storage=storage)
+        trial.set_status(status)
+        trial.update_last_result({"step": step, "config": trial.config})  # as a real result holds it
+        trials.append(trial)
+    reporter = sweep_reporter(["step"], ["optim.lr"], total_steps=lambda searched: 40)
+    reporter.setup(start_time=time.time(), total_samples=4, metric="step", mode="max")
+    reporter.report(trials, False)
+    printed = capsys.readouterr().out.splitlines()
+    assert "Number of trials: 4/4 (1 ERROR, 1 RUNNING, 1 finished, 1 stopped)" in printed
+    table = [line for line in printed if line.startswith(("|", "+"))]
+    statuses = {cells[1].strip(): cells[2].strip() for cells in (line.split("|") for line in table) if len(cells) > 3}
+    assert statuses == {
+        "Trial name": "status",
+        "train_trial_t0": "finished",  # at its last step
+        "train_trial_t1": "stopped",  # before it: by the scheduler
+        "train_trial_t2": "RUNNING",
+        "train_trial_t3": "ERROR",
+    }
+    assert len({len(line) for line in table}) == 1  # the columns still line up
 
 
 def pickle_tests_by_value() -> None:
