@@ -1,7 +1,7 @@
 """The console a user reads: each warning as one line, `warning: …`, without Python's file,
 line number and source line (they point into this package, which the user did not write);
-Ray's storage complaints as one line each, not a traceback; and Ray Tune's progress table
-without the lines the product says better itself."""
+Ray's storage complaints as one line each, not a traceback; and Ray Tune's progress table in
+the record's words, without the lines the product says better itself."""
 
 from __future__ import annotations
 
