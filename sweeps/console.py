@@ -81,6 +81,7 @@ def sweep_reporter(
         parameter_columns=parameter_columns,
         max_report_frequency=30,
         sort_by_metric=True,
+        print_intermediate_tables=True,  # not left to Ray's global verbosity, which an earlier sweep set
     )
 
 
