@@ -60,12 +60,16 @@ TINY_RUN = {
 }
 
 
-def tiny_config(**sections) -> RunConfig:
-    """TINY_RUN with `sections` overriding it, e.g. train={"total_steps": 30}."""
+def tiny_run(**sections) -> dict:
+    """TINY_RUN with the keys of `sections` overriding its own, e.g. train={"total_steps": 30}."""
     raw = {name: dict(values) for name, values in TINY_RUN.items()}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
-    return RunConfig.from_dict(raw)
+    return raw
+
+
+def tiny_config(**sections) -> RunConfig:
+    return RunConfig.from_dict(tiny_run(**sections))
 
 
 def write_spec(tmp_path: Path, **fields) -> Path:

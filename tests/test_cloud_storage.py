@@ -26,7 +26,7 @@ from cli.main import app
 from record import storage
 from sweeps.spec import load_spec
 
-from conftest import TINY_RUN, run_sweep_with_standin_fid, write_spec
+from conftest import TINY_RUN, run_sweep_with_standin_fid, tiny_run, write_spec
 
 BUCKET = "sweeps-test"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -180,7 +180,7 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
     total = 60
     spec = write_spec(
         tmp_path,
-        base={**TINY_RUN, "train": {"total_steps": total, "batch_size": 8}, "eval": {**TINY_RUN["eval"], "every": 20}},
+        base=tiny_run(train={"total_steps": total}, eval={"every": 20}),
         search={"optim.lr": {"grid": [1e-4, 2e-4]}},
         max_concurrent=1,
         storage=f"s3://{BUCKET}/sweeps",
@@ -286,11 +286,7 @@ def test_a_storage_outage_mid_sweep_loses_no_milestone_and_repeats_none(aws_env,
     total, every = 300, 30
     spec = write_spec(
         tmp_path,
-        base={
-            **TINY_RUN,
-            "train": {"total_steps": total, "batch_size": 8},
-            "eval": {**TINY_RUN["eval"], "every": every},
-        },
+        base=tiny_run(train={"total_steps": total}, eval={"every": every}),
         search={"optim.lr": {"grid": [1e-4]}},
         max_failures=3,
         storage=f"s3://{BUCKET}/outage",

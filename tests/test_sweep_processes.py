@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import FID_WEIGHTS, REPO, TINY_RUN, as_from_a_terminal, needs_fid_weights, write_spec
+from conftest import FID_WEIGHTS, REPO, TINY_RUN, as_from_a_terminal, needs_fid_weights, tiny_run, write_spec
 
 
 def clean_env() -> dict[str, str]:
@@ -27,12 +27,7 @@ def test_kill_minus_9_then_resume_finishes_without_recomputing(tmp_path):
     records made before the kill were restored (the interrupted trial resumes past step 20)."""
     spec = write_spec(
         tmp_path,
-        base={
-            **TINY_RUN,
-            "train": {"total_steps": 120, "batch_size": 8},
-            "eval": {**TINY_RUN["eval"], "every": 20},
-            "curvature": {"probes": 2, "batch_size": 4},
-        },
+        base=tiny_run(train={"total_steps": 120}, eval={"every": 20}, curvature={"probes": 2}),
         search={"optim.lr": {"grid": [1e-4, 2e-4, 3e-4]}},
         metric="curvature/hutch_trace_mean",
         scheduler={"type": "racing", "grace_period": 20, "reduction_factor": 2, "z": 100},
@@ -109,11 +104,7 @@ def test_a_node_dies_and_its_trial_resumes_on_the_other_from_its_checkpoint(tmp_
     total, every = 200, 20
     spec = write_spec(
         tmp_path,
-        base={
-            **TINY_RUN,
-            "train": {"total_steps": total, "batch_size": 8},
-            "eval": {**TINY_RUN["eval"], "every": every},
-        },
+        base=tiny_run(train={"total_steps": total}, eval={"every": every}),
         search={"optim.lr": {"grid": [1e-4, 2e-4]}},
         max_failures=1,
     )
