@@ -44,7 +44,9 @@ def one_line_console() -> None:
     in the driver and, as Ray's `worker_process_setup_hook`, in every worker of the sweep."""
     one_line_warnings()
     for name in RAY_STORAGE_LOGGERS:
-        logging.getLogger(name).addFilter(OneLine())
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OneLine) for f in logger.filters):  # once, however many sweeps run here
+            logger.addFilter(OneLine())
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint otherwise
 
 

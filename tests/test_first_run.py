@@ -4,7 +4,9 @@ failed sweep failing with one readable line per trial, and --resume telling the 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,6 +21,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cli.main import app, report_results
+from sweeps.console import RAY_STORAGE_LOGGERS, one_line_console
 from sweeps.runner import run_sweep
 from sweeps.spec import load_spec
 
@@ -198,6 +201,27 @@ def test_an_unwritable_experiment_folder_is_exit_2_before_ray_starts(tmp_path):
     (error,) = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert error.startswith(f"error: storage: cannot write to {tmp_path / 'taken' / 'runs'}")
     assert not ray.is_initialized()  # refused before Ray started, so before any trial
+
+
+@pytest.mark.parametrize("logger_name", RAY_STORAGE_LOGGERS)
+def test_a_storage_complaint_of_ray_with_a_traceback_reaches_the_console_as_one_line(logger_name):
+    one_line_console()
+    one_line_console()  # a second sweep in the process adds nothing
+    console = io.StringIO()
+    handler = logging.StreamHandler(console)
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        try:
+            raise OSError("When uploading part for key 'x': AWS Error NETWORK_CONNECTION\nTimeout was reached")
+        except OSError:
+            logger.error("Saving experiment state to storage at 'bucket/x' failed with exception: ", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert console.getvalue() == (
+        "Saving experiment state to storage at 'bucket/x' failed with exception: OSError: When uploading part for "
+        "key 'x': AWS Error NETWORK_CONNECTION\n"
+    )
 
 
 def test_a_full_disk_is_exit_2_before_ray_starts(tmp_path):
