@@ -147,7 +147,9 @@ def run_sweep(
     try:
         data = load_dataset(spec.run_config.data)  # bad data is exit 2 before Ray starts
         start_ray(address or os.environ.get("RAY_ADDRESS"))
-        check_resources(spec, ray_cluster_resources())
+        cluster = ray_cluster_resources()
+        say(describe_cluster(cluster))
+        check_resources(spec, cluster)
         fid_notes_said = shares_fid_reference(spec)  # the launcher says them once, with the reference
         spec = with_shared_fid_reference(spec, data, features, say)
     except KeyboardInterrupt:
@@ -314,6 +316,18 @@ def ray_cluster_resources() -> dict[str, float]:
     import ray
 
     return ray.cluster_resources()
+
+
+def describe_cluster(cluster: dict[str, float]) -> str:
+    """Which Ray the sweep runs on, and its size: `ray.init()` without an address also joins a
+    cluster that `ray start` left running on this machine."""
+    import ray
+
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    return (
+        f"Ray at {ray.get_runtime_context().gcs_address}: {nodes} node{'s' if nodes != 1 else ''}, "
+        f"{cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs"
+    )
 
 
 def check_resources(spec: SweepSpec, cluster: dict[str, float]) -> None:

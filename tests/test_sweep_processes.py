@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,6 +120,7 @@ def test_a_node_dies_and_its_trial_resumes_on_the_other_from_its_checkpoint(tmp_
         timeout=400,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"^Ray at \S+: 2 nodes, 2 CPUs, 0 GPUs$", done.stderr, re.MULTILINE), done.stderr[-3000:]
     killed = json.loads((tmp_path / "killed.json").read_text())
     trials = {p.parent.name: json.loads(p.read_text()) for p in experiment.glob("*/trial.json")}
     assert len(trials) == 2 and killed["trial"] in trials
