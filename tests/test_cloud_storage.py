@@ -321,7 +321,7 @@ def test_a_storage_outage_mid_sweep_loses_no_milestone_and_repeats_none(aws_env,
     failures = [line for line in output.splitlines() if re.match(r"trial \S+: (attempt \d+ failed|errored) \(", line)]
     assert not failures or any("OSError" in line for line in failures), output[-3000:]
     assert "Traceback" not in output and "Trial task failed" not in output, output[-3000:]
-    # Every milestone once: in metrics.jsonl, in the checkpointed copy and in TensorBoard's scalars.
+    # Every milestone once, in metrics.jsonl and in TensorBoard's scalars.
     (trial,) = {key.split("/")[0] for key in s3.files(prefix) if key.endswith("/trial.json")}
     steps = list(range(every, total + 1, every))
     assert [r["step"] for r in rows(s3.read(f"{prefix}/{trial}/metrics.jsonl"))] == steps
