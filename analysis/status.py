@@ -155,8 +155,7 @@ def table(info: StatusInfo) -> list[str]:
 def totals_line(trials: list[Trial]) -> str:
     counts = Counter(t.state for t in trials)
     shown = [s for s in states.STATES if s != states.INTERRUPTED or counts[s]]
-    noun = "trial" if len(trials) == 1 else "trials"
-    return f"totals: {len(trials)} {noun}: " + ", ".join(f"{counts[s]} {s}" for s in shown)
+    return f"totals: {states.trial_count(len(trials))}: " + ", ".join(f"{counts[s]} {s}" for s in shown)
 
 
 def best_line(info: StatusInfo) -> str:

@@ -151,6 +151,7 @@ def fid_stats(
 
 def describe(spec) -> str:
     """The expanded trial list `--dry-run` prints, ending with the line `N trials`."""
+    from record.states import trial_count
     from sweeps.spec import short_params
 
     scheduler = spec.scheduler
@@ -193,7 +194,7 @@ def describe(spec) -> str:
             f"{cost['fid_samples']:,} FID samples, {cost['inception_images']:,} images through Inception (reference "
             "included)"
         )
-    lines.append(f"{spec.num_trials} trial{'s' if spec.num_trials != 1 else ''}")
+    lines.append(trial_count(spec.num_trials))
     return "\n".join(lines)
 
 

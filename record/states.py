@@ -44,6 +44,11 @@ RAY_STATUSES = (RAY_PENDING, RAY_RUNNING, RAY_PAUSED, RAY_TERMINATED, RAY_ERROR)
 _RAY_WAITING = (RAY_PENDING, RAY_PAUSED)
 
 
+def trial_count(n: int) -> str:
+    """`1 trial`, `4 trials`: how every console line counts trials."""
+    return f"{n} trial" if n == 1 else f"{n} trials"
+
+
 def terminated_state(reached_step: int, total_steps: int) -> str:
     """A trial Ray calls TERMINATED, in these words: finished at its last step, else stopped."""
     return FINISHED if reached_step >= total_steps else STOPPED

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from ray.tune.schedulers import ASHAScheduler
 
+from record.states import trial_count
+
 
 class Asha(ASHAScheduler):
     def debug_string(self) -> str:
@@ -16,6 +18,6 @@ class Asha(ASHAScheduler):
                 cutoff = bracket.cutoff(recorded)
                 shown = "-" if cutoff is None else f"{self._metric_op * cutoff:.4g}"
                 lines.append(
-                    f"Rung {self._time_attr} {rung:g} ({len(recorded)} trials): {self._metric} cut-off {shown}"
+                    f"Rung {self._time_attr} {rung:g} ({trial_count(len(recorded))}): {self._metric} cut-off {shown}"
                 )
         return "\n".join(lines)

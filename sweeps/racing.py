@@ -57,6 +57,7 @@ from diffusion_lib.milestone import (
     KID_STDERR,
 )
 from record.best import is_finite_number
+from record.states import trial_count
 
 DEFAULT_Z = 2.5  # standard errors of the difference; the module docstring says why
 
@@ -218,7 +219,7 @@ class RacingScheduler(FIFOScheduler):
         for rung, recorded in self._rungs.items():
             values = sorted(recorded.values(), key=lambda m: m.value, reverse=self._mode == "max")
             shown = ", ".join(f"{m.value:.4g}" + ("" if m.stderr is None else f" ± {m.stderr:.2g}") for m in values)
-            lines.append(f"Rung {self._time_attr} {rung:g} ({len(values)} trials): {shown or '-'}")
+            lines.append(f"Rung {self._time_attr} {rung:g} ({trial_count(len(values))}): {shown or '-'}")
         return "\n".join(lines)
 
     def _settings(self) -> dict[str, Any]:

@@ -165,7 +165,7 @@ def run_sweep(
         write_hparams(path, spec.dotted_keys())
     # What analysis and `sweep status` need to read the experiment from files alone, on any storage.
     SweepFile(spec.metric, spec.mode, spec.recorded_search()).write(path)
-    say(f"starting {spec.num_trials} trial{'s' if spec.num_trials != 1 else ''}")
+    say(f"starting {states.trial_count(spec.num_trials)}")
     with CtrlC() as ctrl_c:
         results = tuner.fit()
     finished = results.num_terminated + results.num_errors  # early-stopped trials count as terminated
