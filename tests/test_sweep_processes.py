@@ -92,7 +92,7 @@ def test_kill_minus_9_then_resume_finishes_without_recomputing(tmp_path):
     assert (experiment / done[0] / "metrics.jsonl").read_text() == finished_before  # not recomputed
     interrupted = started[0]
     assert after[interrupted][0] == before[interrupted][0]  # resumed from a checkpoint, not step 0 (wall time included)
-    assert "Rung step 20 (3 trials)" in resumed.stdout  # not (1 trials): the records before the kill were restored
+    assert "Rung step 20 (3 trials)" in resumed.stdout  # not (1 trial): the records before the kill were restored
     # Without --resume, the existing experiment is refused rather than overwritten.
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "--resume" in again.stderr
