@@ -58,6 +58,7 @@ class RunLog:
         if resume_step == 0:  # a fresh start: events of an attempt that never checkpointed are stale
             for stale in run_dir.glob(EVENTS_GLOB):
                 stale.unlink()
+        (run_dir / SESSION_END_FILE).unlink(missing_ok=True)  # running again: how it ends is not known yet
         # purge_step hides TensorBoard events past the checkpoint written before a crash.
         writer = SummaryWriter(log_dir=str(run_dir), purge_step=resume_step + 1 if resume_step else None)
         if resume_step == 0:  # a resumed run keeps the session it started with: one per run

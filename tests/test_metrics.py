@@ -18,7 +18,7 @@ from diffusion_lib.metrics.curvature import hutchinson_trace
 from diffusion_lib.metrics.fid import FeatureStats, InceptionFeatures, reference_statistics
 from diffusion_lib.metrics.frechet import FrechetReference
 from diffusion_lib.milestone import HPARAMS_METRICS
-from diffusion_lib.run_log import write_hparams_config
+from diffusion_lib.run_log import RunLog, write_hparams_config, write_session_end
 
 from conftest import CIFAR_ROOT, FID_WEIGHTS, needs_cifar, needs_fid_weights, tiny_config
 
@@ -177,6 +177,12 @@ def test_a_run_without_reachable_weights_fails_fast_with_exit_2(tmp_path, monkey
 def test_a_missing_weights_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nowhere.pth: no such file"):
         InceptionFeatures(str(tmp_path / "nowhere.pth"))
+
+
+def test_a_resumed_run_reads_unknown_until_it_ends_again(tmp_path):
+    ended = write_session_end(tmp_path / "run", succeeded=True)
+    RunLog.open(tmp_path / "run", resume_step=10, hparams={}).close()
+    assert not ended.exists()  # TensorBoard would show the earlier end's Success while it runs
 
 
 def test_tensorboard_reader_finds_fid_and_hparams_from_the_first_moment(tmp_path, standin_features):
