@@ -2,13 +2,13 @@
 observations): did FID get worse after its best milestone, and does curvature track FID?
 
 "Got worse" is a paired comparison within each run: every milestone of a trial samples from the
-same noise (`eval.seed`), so FID(last) − FID(best step) is measured with the paired jackknife
-of the two milestones (`frechet.paired_stderr`), in which the shared sampling noise cancels.
+same noise (`eval.seed`), so FID(last) − FID(best step) is measured by `record.noise`'s rule,
+paired from the two milestones' jackknife replicates, in which the shared sampling noise cancels.
 With seed repeats the configuration's best step is where its mean FID over seeds is lowest, and
 the gap's standard error is the spread of the seeds' own gaps, sd/√K (which holds the sampling
 noise too). The best step is picked from the same curves, so noise alone makes the gap
-positive: the sentence says so, and the rule (`decisions.NOISE_MULTIPLE` standard errors)
-guards against it only in part.
+positive: the sentence says so, and the rule (`NOISE_MULTIPLE` standard errors) guards against
+it only in part.
 """
 
 from __future__ import annotations
@@ -20,16 +20,17 @@ from typing import Any, Optional
 
 from scipy import stats
 
-from diffusion_lib.metrics.frechet import paired_stderr
-from diffusion_lib.milestone import CURVATURE, FID, FID_NUM_SAMPLES, FID_REPLICATES, FID_STDERR, STEP
+from diffusion_lib.milestone import CURVATURE, FID, STEP
 from record.best import comparable_rows, is_finite_number
 from record.experiment import Experiment
 from record.files import trial_label
+from record.noise import INDEPENDENT, PAIRED, SEED_SPREAD, Difference, Measurement, difference, stderr_of_mean
 
-from .decisions import ENDED, NOISE_MULTIPLE, SEED_SPREAD, Configuration
+from .decisions import ENDED, Configuration
 
-PAIRED_IN_RUN = "paired jackknife within the run"
-UNPAIRED_IN_RUN = "the two FIDs' jackknife"
+# The standard error's name in a sentence about one run's two milestones.
+PAIRED_IN_RUN, INDEPENDENT_IN_RUN = "paired jackknife within the run", "the two FIDs' jackknife"
+IN_RUN_WORDS = {PAIRED: PAIRED_IN_RUN, INDEPENDENT: INDEPENDENT_IN_RUN}
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class GotWorse:
 
     @property
     def is_effect(self) -> bool:
-        return math.isfinite(self.stderr) and self.gap > NOISE_MULTIPLE * self.stderr
+        """Worse beyond noise (a lower last FID is no sign of getting worse)."""
+        return self.gap > 0 and Difference(self.gap, self.stderr, self.kind).is_effect
 
     @property
     def sentence(self) -> str:
@@ -85,9 +87,12 @@ def got_worse(experiment: Experiment, config: Configuration) -> Optional[GotWors
     best_step, last_step = min(steps, key=mean_at.get), steps[-1]
     gaps = [c[last_step][FID.name] - c[best_step][FID.name] for c in curves]
     if len(curves) >= 2:
-        stderr, kind = statistics.stdev(gaps) / math.sqrt(len(gaps)), SEED_SPREAD
+        stderr, kind = stderr_of_mean(gaps), SEED_SPREAD
     else:
-        stderr, kind = _in_run_stderr(curves[0][best_step], curves[0][last_step])
+        in_run = difference(
+            Measurement.from_row(curves[0][last_step], FID.name), Measurement.from_row(curves[0][best_step], FID.name)
+        )
+        stderr, kind = in_run.stderr, IN_RUN_WORDS[in_run.kind]
     return GotWorse(
         dict(config.searched),
         best_step,
@@ -100,18 +105,6 @@ def got_worse(experiment: Experiment, config: Configuration) -> Optional[GotWors
         stderr,
         kind,
     )
-
-
-def _in_run_stderr(best: dict[str, Any], last: dict[str, Any]) -> tuple[float, str]:
-    """The standard error of FID(last) − FID(best) in one run: paired when both milestones kept
-    their jackknife replicates, else from the two FIDs' own standard errors."""
-    a, b = best.get(FID_REPLICATES.name), last.get(FID_REPLICATES.name)
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) > 1:
-        return paired_stderr(a, b, best[FID_NUM_SAMPLES.name]), PAIRED_IN_RUN
-    se_a, se_b = best.get(FID_STDERR.name), last.get(FID_STDERR.name)
-    if is_finite_number(se_a) and is_finite_number(se_b):
-        return math.hypot(se_a, se_b), UNPAIRED_IN_RUN
-    return math.nan, UNPAIRED_IN_RUN
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,12 @@
 searched key called effects only beyond two standard errors, and whether ASHA's early cuts can be
 trusted here (rank agreement between an early milestone and the end).
 
-The rule, used in every sentence: two numbers differ when their gap exceeds twice its standard
-error. A configuration's standard error is the seed spread, sd/√K, when it ran with K ≥ 2 seeds
-(that spread holds the sampling noise too), else the FID's own jackknife standard error at its
-best milestone (sampling noise only: training noise is then unmeasured). The gap's standard
-error is √(se_a² + se_b²), except between two single-seed configurations whose best FIDs were
-sampled from the same noise (same `eval.seed`, count and reference): then it is the paired
-jackknife's, from the differences of their replicates (`frechet.paired_stderr`), in which the
-shared sampling noise cancels. Each sentence says which standard error it used.
+The rule, used in every sentence, is `record.noise`'s: two numbers differ when their gap exceeds
+twice its standard error. A configuration is measured by its best FID, the mean over its K ≥ 2
+seeds with their spread sd/√K (which holds the sampling noise too), or one seed's best FID with
+its jackknife standard error and replicates (sampling noise only: training noise is then
+unmeasured); two single-seed configurations sampled from the same noise (same `eval.seed`,
+count and reference) are compared paired. Each sentence says which standard error it used.
 """
 
 from __future__ import annotations
@@ -22,13 +20,12 @@ from typing import Any
 from scipy import stats
 
 from diffusion_lib.config import EVAL_SEED_KEY, SEED_KEY
-from diffusion_lib.metrics.frechet import paired_stderr
-from diffusion_lib.milestone import FID, FID_NUM_SAMPLES, FID_REPLICATES, FID_STDERR, STEP
+from diffusion_lib.milestone import FID, STEP
 from record import states
-from record.best import comparable_rows, is_finite_number
+from record.best import comparable_rows
 from record.experiment import Experiment, Trial
+from record.noise import Difference, Measurement, difference
 
-NOISE_MULTIPLE = 2.0  # an effect is a gap beyond this many standard errors
 ENDED = (states.FINISHED, states.STOPPED)
 MAX_VALUES_COMPARED = 8  # a key sampled from a range takes a value per trial: no sentence lists them all
 MIN_TRIALS_FOR_TAU = 5  # with 4 or fewer, Kendall's τ cannot reach p < 0.05 (exact, two-sided) whatever the ranks
@@ -40,23 +37,29 @@ class Configuration:
 
     searched: dict[str, Any]
     trials: list[Trial] = field(default_factory=list)
-    best_fids: list[float] = field(default_factory=list)  # same-count best FID of each finished seed
-    stderrs: list[float] = field(default_factory=list)  # the FID's own standard error at that best
-    best_rows: list[dict[str, Any]] = field(default_factory=list)  # the milestone of each best FID
+    bests: list[Measurement] = field(default_factory=list)  # same-count best FID of each finished seed
+
+    @property
+    def best_fids(self) -> list[float]:
+        return [best.value for best in self.bests]
+
+    @property
+    def measurement(self) -> Measurement:
+        """Its best FID over seeds (mean and spread), or its one seed's with that FID's noise."""
+        return self.bests[0] if len(self.bests) == 1 else Measurement.over_seeds(self.best_fids)
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.best_fids) if self.best_fids else math.nan
+        return self.measurement.value if self.bests else math.nan
 
     @property
     def sd(self) -> float:
-        return statistics.stdev(self.best_fids) if len(self.best_fids) >= 2 else math.nan
+        return statistics.stdev(self.best_fids) if len(self.bests) >= 2 else math.nan
 
     @property
     def stderr(self) -> float:
-        if len(self.best_fids) >= 2:
-            return self.sd / math.sqrt(len(self.best_fids))
-        return self.stderrs[0] if self.stderrs else math.nan
+        stderr = self.measurement.stderr if self.bests else None
+        return math.nan if stderr is None else stderr
 
 
 def basis_warnings(experiment: Experiment) -> list[str]:
@@ -82,44 +85,13 @@ def configurations(experiment: Experiment) -> list[Configuration]:
             experiment.best(trial, FID.name) if trial.state in ENDED else None
         )  # a running trial's best is not its last word
         if best is not None:
-            group.best_fids.append(best[FID.name])
-            group.stderrs.append(best.get(FID_STDERR.name) if is_finite_number(best.get(FID_STDERR.name)) else math.nan)
-            group.best_rows.append({**best, EVAL_SEED_KEY: trial.config.get(EVAL_SEED_KEY)})
+            group.bests.append(Measurement.from_row(best, FID.name, trial.config.get(EVAL_SEED_KEY)))
     return sorted(groups.values(), key=lambda c: (not c.best_fids, c.mean if c.best_fids else 0.0))
 
 
-SEED_SPREAD, PAIRED, UNPAIRED = "seed spread", "paired jackknife", "jackknife"
-
-
-def difference(a: Configuration, b: Configuration) -> tuple[float, float, bool, str]:
-    """(b − a, its standard error, whether it exceeds the noise, which standard error it is)."""
-    gap = b.mean - a.mean
-    if len(a.best_fids) == len(b.best_fids) == 1 and _sampled_alike(a.best_rows[0], b.best_rows[0]):
-        row_a, row_b = a.best_rows[0], b.best_rows[0]
-        stderr, kind = (
-            paired_stderr(row_a[FID_REPLICATES.name], row_b[FID_REPLICATES.name], row_a[FID_NUM_SAMPLES.name]),
-            PAIRED,
-        )
-    else:
-        stderr, kind = (
-            math.hypot(a.stderr, b.stderr),
-            SEED_SPREAD if len(a.best_fids) >= 2 or len(b.best_fids) >= 2 else UNPAIRED,
-        )
-    return gap, stderr, math.isfinite(stderr) and abs(gap) > NOISE_MULTIPLE * stderr, kind
-
-
-def _sampled_alike(row_a: dict[str, Any], row_b: dict[str, Any]) -> bool:
-    """Two FIDs from the same sampling noise: the same eval seed, count and reference, and
-    jackknife replicates over the same groups (`record.best` has checked the basis)."""
-    replicates_a, replicates_b = row_a.get(FID_REPLICATES.name), row_b.get(FID_REPLICATES.name)
-    return (
-        row_a[EVAL_SEED_KEY] is not None
-        and row_a[EVAL_SEED_KEY] == row_b[EVAL_SEED_KEY]
-        and row_a.get(FID_NUM_SAMPLES.name) == row_b.get(FID_NUM_SAMPLES.name)
-        and isinstance(replicates_a, list)
-        and isinstance(replicates_b, list)
-        and len(replicates_a) == len(replicates_b) > 1
-    )
+def config_difference(a: Configuration, b: Configuration) -> Difference:
+    """b − a by the noise rule (`record.noise.difference`)."""
+    return difference(b.measurement, a.measurement)
 
 
 def fmt(value: float, stderr: float) -> str:
@@ -155,11 +127,11 @@ def effect_sentences(configs: list[Configuration], keys: list[str]) -> list[str]
         winner = ranked[0]
         parts = []
         for other in ranked[1:]:
-            gap, stderr, real, kind = difference(winner, other)
-            verdict = "an effect" if real else "within noise"
+            gap = config_difference(winner, other)
+            verdict = "an effect" if gap.is_effect else "within noise"
             parts.append(
                 f"{name} = {other.searched[key]}: {fmt(other.mean, other.stderr)} "
-                f"({verdict}: {gap:+.3g} ± {stderr:.2g}, {kind})"
+                f"({verdict}: {gap.gap:+.3g} ± {gap.stderr:.2g}, {gap.kind})"
             )
         fixed = ", ".join(f"{k.split('.')[-1]} = {winner.searched.get(k)}" for k in others)
         condition = (f" with {fixed}" if fixed else "") if varied else (" (other keys free)" if others else "")

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_lib.metrics.frechet import FrechetReference, fid_jackknife, replicate_stderr
+from diffusion_lib.jackknife import replicate_stderr
+from diffusion_lib.metrics.frechet import FrechetReference, fid_jackknife
 
 SHARED = Path(os.environ.get("SWEEP_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 TOLERANCE = 1e-9  # relative

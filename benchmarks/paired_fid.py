@@ -11,7 +11,7 @@ its delete-d jackknife against the reference. Then, for each pair:
 - the FIDs per seed, and their correlation across seeds;
 - the SD over seeds of FID_A(s) − FID_B(s) (same noise) and of FID_A(s) − FID_B(s+1 mod seeds)
   (different noise): the spread a paired and an unpaired comparison really have;
-- the mean paired SE of the difference (`frechet.paired_stderr`, from the differences of the
+- the mean paired SE of the difference (`jackknife.paired_stderr`, from the differences of the
   two jackknifes' replicates) and the mean unpaired one, √(se_A² + se_B²);
 - the mean gap FID_A − FID_B in paired and in unpaired SEs.
 
@@ -46,8 +46,9 @@ from diffusion_lib.build import create_diffusion, create_model, create_trainer
 from diffusion_lib.checkpoint import checkpoint_config, load_checkpoint
 from diffusion_lib.config import SEED_KEY, TOTAL_STEPS_KEY, WEIGHTS_ENV, ConfigError, RunConfig
 from diffusion_lib.diffusion import GaussianDiffusion
+from diffusion_lib.jackknife import paired_stderr
 from diffusion_lib.metrics.fid import FID_JACKKNIFE_GROUPS, FidReference, InceptionFeatures
-from diffusion_lib.metrics.frechet import Jackknife, fid_jackknife, paired_stderr
+from diffusion_lib.metrics.frechet import Jackknife, fid_jackknife
 from diffusion_lib.samplers import sample_images
 
 # Config keys that do not change what a model samples: left out when saying how two models differ.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from diffusion_lib.config import TOTAL_STEPS_KEY, ConfigError, flatten
+from diffusion_lib.config import TOTAL_STEPS_KEY, ConfigError
 from diffusion_lib.milestone import FID, STEP, WALL_TIME
 from diffusion_lib.run_files import CHECKPOINT_DIR, METRICS_FILE, FidFloor, FloorPoint, list_checkpoints, read_metrics
 
@@ -30,6 +30,7 @@ from .files import (
     SweepFile,
     TrialFile,
     read_error_line,
+    searched_values,
     trial_label,
 )
 
@@ -227,7 +228,7 @@ def _read_ray_state(path: Path, warnings: list[str]) -> tuple[Optional[float], O
                 raise ValueError(f"unexpected trial status {status!r}")
             name = state.get("relative_logdir") or trial_id
             config = state.get("config")
-            searched = flatten(config) if isinstance(config, dict) else {}
+            searched = searched_values(config) if isinstance(config, dict) else {}
             trials[str(name)] = {
                 "status": status,
                 "searched": {k: v for k, v in searched.items() if not isinstance(v, dict)},

@@ -5,11 +5,14 @@ a warning, never a traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from diffusion_lib.config import RunConfig, flatten
 
 from . import storage
 
@@ -35,6 +38,20 @@ def one_line_error(text: str, limit: int = 300) -> str:
         return "(no error message)"
     named = [line for line in lines if _EXCEPTION_LINE.match(line)]
     return (named or lines)[-1][:limit]
+
+
+def searched_values(point: dict[str, Any]) -> dict[str, Any]:
+    """A trial's point in the search space as dotted run-config keys: a searched section's
+    mapping spelled out (`{"loss": {"weighting": "constant"}}` -> `loss.weighting`), and the
+    mapping of an arm (a search key that is not a section) merged in, its keys dotted already."""
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    flat = {}
+    for key, value in point.items():
+        if isinstance(value, dict) and key not in sections:
+            flat.update(value)
+        else:
+            flat.update(flatten({key: value}))
+    return flat
 
 
 def trial_label(searched: dict[str, Any]) -> str:

@@ -5,8 +5,10 @@ environment (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGIO
 server other than AWS, AWS_ENDPOINT_URL) or from the URI's query (pyarrow's options, e.g.
 `s3://bucket/prefix?endpoint_override=host:9000&scheme=http`).
 
-`sweep status` and `sweep analyze` read local files: for a URI they work on a local mirror
-of the files they read (`record.mirror`).
+Code that reads or writes local files works on `local_folder(location)`: the location itself
+when it is local, else a temporary folder seeded from the location and uploaded back to it.
+`sweep status` and `sweep analyze` seed theirs with a mirror of the files they read
+(`record.mirror`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tempfile
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 from diffusion_lib.atomic import atomic_path, atomic_write_text
 from diffusion_lib.config import ConfigError
@@ -43,6 +46,12 @@ def join(location: str, *parts: str) -> str:
     split = urllib.parse.urlsplit(location)
     path = "/".join([split.path.rstrip("/"), *(p.strip("/") for p in parts)])
     return urllib.parse.urlunsplit(split._replace(path=path))
+
+
+def experiment_location(storage: str, name: str) -> str:
+    """Where experiment `name` lives in `storage`: a local path made absolute, or a URI (its
+    ?query of pyarrow options kept at the end)."""
+    return join(storage, name) if is_uri(storage) else str(Path(storage).expanduser().resolve() / name)
 
 
 def name_of(location: str) -> str:
@@ -120,6 +129,37 @@ def validate_storage(location: str, what: str = "storage") -> None:
         )
     if info.type == pyarrow.fs.FileType.File:
         raise ConfigError(f"{what}: {location} is a file, not a folder")
+
+
+@contextlib.contextmanager
+def local_folder(
+    location: str, *, seed: Optional[Callable[[str, Path], object]] = None, upload_changes: bool = True
+) -> Iterator[Path]:
+    """A local folder standing for `location` (a path or URI): the location itself when local;
+    else a temporary folder named like it, seeded by `seed(location, folder)` (e.g.
+    `download_tree`), whose new and changed files are uploaded to `location` when the block
+    ends without an error (unless `upload_changes` is False), and which is removed then."""
+    if not is_uri(location):
+        yield Path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="sweep-") as scratch:
+        folder = Path(scratch) / name_of(location)
+        folder.mkdir()
+        if seed is not None:
+            seed(location, folder)
+        seeded = _file_stamps(folder)
+        yield folder
+        if upload_changes:
+            changed = [p for p, stamp in _file_stamps(folder).items() if seeded.get(p) != stamp]
+            with ThreadPoolExecutor(_COPY_THREADS) as pool:
+                list(pool.map(lambda p: upload(folder / p, join(location, *Path(p).parts)), changed))
+
+
+def _file_stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    """Each file under `folder` (relative path) with its size and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def exists(location: str) -> bool:

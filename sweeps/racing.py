@@ -6,22 +6,22 @@ survives depends on which reported first. Here the rungs sit where ASHA's do (gr
 reduction_factor^k below max_t, in units of `time_attr`) and so does the keep threshold (the
 worst of the best ⌈n / reduction_factor⌉ of the n trials recorded at the rung, this one
 included), but a trial outside those is stopped only when it is worse than the threshold trial
-by more than `z` standard errors of the difference (`should_stop`). The standard error comes
-from the metric's own: for FID, the jackknife replicates of the two trials, paired when both
-were measured at the same sample count with the same groups (every trial samples the same
-seeded noise, so the shared sampling noise cancels), else √(se_a² + se_b²); a metric without a
-standard error is compared plainly, as ASHA does.
+by more than `z` standard errors of the difference (`should_stop`), the one rule of
+`record.noise`: for FID, paired from the two trials' jackknife replicates when both were
+sampled from the same noise (every trial of a sweep samples the same seeded noise, so it
+cancels), else √(se_a² + se_b²); a metric without a standard error is compared plainly, as ASHA
+does. The rungs are `record.noise.rungs`, as the spec checks them.
 
-The default z = 2.5 is a one-sided test (only "worse" stops a trial) at 0.6% under the normal,
-1% under Student's t with the 24 degrees of freedom of a 25-group jackknife's standard error.
-The comparison that matters is the one that could cut the sweep's best trial, and that trial
-meets it once per rung: with up to four rungs, Bonferroni at 5% for the sweep asks for
-z = Φ⁻¹(1 − 0.05/4) ≈ 2.24, and 2.5 adds room for the standard error's own noise. Cutting the
-best loses the sweep's answer, while keeping a loser costs only its remaining steps, so the
-error is set on the side of keeping; z = 2 would cut a tied best with ≈ 2.8% per rung (t), ≈ 11%
-over four rungs. These rates are those of a trial tied with the threshold trial; a tied trial
-among more recorded ones is cut less often still, since the threshold is the ⌈n /
-reduction_factor⌉-th best, not the best.
+The default z = 2.5 (`record.noise.DEFAULT_CUT_Z`) is a one-sided test (only "worse" stops a
+trial) at 0.6% under the normal, 1% under Student's t with the 24 degrees of freedom of a
+25-group jackknife's standard error. The comparison that matters is the one that could cut the
+sweep's best trial, and that trial meets it once per rung: with up to four rungs, Bonferroni at
+5% for the sweep asks for z = Φ⁻¹(1 − 0.05/4) ≈ 2.24, and 2.5 adds room for the standard error's
+own noise. Cutting the best loses the sweep's answer, while keeping a loser costs only its
+remaining steps, so the error is set on the side of keeping; z = 2 would cut a tied best with ≈
+2.8% per rung (t), ≈ 11% over four rungs. These rates are those of a trial tied with the
+threshold trial; a tied trial among more recorded ones is cut less often still, since the
+threshold is the ⌈n / reduction_factor⌉-th best, not the best.
 
 Persistence: Ray 2.60's Tuner pickles the scheduler once, empty, into `tuner.pkl` when the
 Tuner is made, and its TuneController never calls a scheduler's `save`/`restore`: ASHA's rungs
@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from ray.tune import Callback
@@ -45,63 +45,11 @@ from ray.tune.result import DEFAULT_METRIC
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from diffusion_lib.atomic import atomic_write_text
-from diffusion_lib.metrics.frechet import paired_stderr
-from diffusion_lib.milestone import (
-    CURVATURE,
-    CURVATURE_STDERR,
-    FID,
-    FID_NUM_SAMPLES,
-    FID_REPLICATES,
-    FID_STDERR,
-    KID,
-    KID_STDERR,
-)
+from diffusion_lib.config import EVAL_SEED_KEY
 from record.best import is_finite_number
+from record.files import searched_values
+from record.noise import DEFAULT_CUT_Z, Measurement, difference, rungs
 from record.states import trial_count
-
-DEFAULT_Z = 2.5  # standard errors of the difference; the module docstring says why
-
-# The rankable metrics that carry a standard error, and its name; only FID has replicates.
-STDERR_OF = {FID.name: FID_STDERR.name, KID.name: KID_STDERR.name, CURVATURE.name: CURVATURE_STDERR.name}
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """A trial's metric at a rung with what is known of its noise: its standard error (None when
-    not reported) and, for FID, its jackknife replicates and sample count (empty and 0 without)."""
-
-    value: float
-    stderr: float | None = None
-    replicates: tuple[float, ...] = ()
-    num_samples: int = 0
-
-    @classmethod
-    def from_result(cls, result: Mapping[str, Any], metric: str) -> Measurement:
-        """From a Tune result (or milestone row) holding a finite `metric`."""
-        stderr = result.get(STDERR_OF.get(metric, ""))
-        replicates = result.get(FID_REPLICATES.name) if metric == FID.name else None
-        num_samples = result.get(FID_NUM_SAMPLES.name)
-        paired = (
-            bool(replicates)
-            and all(map(is_finite_number, replicates))
-            and is_finite_number(num_samples)
-            and num_samples > 0
-        )
-        return cls(
-            value=float(result[metric]),
-            stderr=float(stderr) if is_finite_number(stderr) else None,
-            replicates=tuple(float(r) for r in replicates) if paired else (),
-            num_samples=int(num_samples) if paired else 0,
-        )
-
-
-def difference_stderr(a: Measurement, b: Measurement) -> float:
-    """Standard error of a.value − b.value: paired from the jackknife replicates when both have as
-    many at the same sample count (frechet.paired_stderr), else √(se_a² + se_b²) with an unknown
-    standard error taken as 0 (so two without one give 0: a plain comparison)."""
-    if a.replicates and len(a.replicates) == len(b.replicates) and a.num_samples == b.num_samples:
-        return paired_stderr(a.replicates, b.replicates, a.num_samples)
-    return math.hypot(a.stderr or 0.0, b.stderr or 0.0)
 
 
 def should_stop(
@@ -110,23 +58,15 @@ def should_stop(
     """Whether `trial_id`, recorded at a rung with every other trial recorded there, is stopped:
     the trials kept are the best ⌈n / reduction_factor⌉ of the n recorded (ASHA's share), and one
     outside them is stopped only when it is worse than the worst kept one by more than z
-    standard errors of the difference. Trials with equal values are never told apart."""
+    standard errors of the difference (`record.noise`); without a standard error, by any margin,
+    as ASHA does. Trials with equal values are never told apart."""
     sign = 1.0 if mode == "min" else -1.0
     ranked = sorted(recorded, key=lambda t: sign * recorded[t].value)
     kept = math.ceil(len(ranked) / reduction_factor)
     if trial_id in ranked[:kept]:
         return False
-    trial, threshold = recorded[trial_id], recorded[ranked[kept - 1]]
-    return sign * (trial.value - threshold.value) > z * difference_stderr(trial, threshold)
-
-
-def rung_steps(grace_period: float, reduction_factor: float, max_t: float) -> list[float]:
-    """ASHA's rungs below max_t: grace_period · reduction_factor^k (as SweepSpec.asha_rungs)."""
-    rungs, rung = [], float(grace_period)
-    while rung < max_t:
-        rungs.append(int(rung) if round(rung, 6).is_integer() else round(rung, 6))
-        rung *= reduction_factor
-    return rungs
+    worse = difference(recorded[trial_id], recorded[ranked[kept - 1]])
+    return sign * worse.gap > worse.margin(z)
 
 
 class RacingScheduler(FIFOScheduler):
@@ -142,7 +82,7 @@ class RacingScheduler(FIFOScheduler):
         max_t: float,
         grace_period: float,
         reduction_factor: float = 2,
-        z: float = DEFAULT_Z,
+        z: float = DEFAULT_CUT_Z,
     ):
         if not 0 < grace_period <= max_t:
             raise ValueError(f"grace_period must be in (0, max_t = {max_t}], got {grace_period}")
@@ -160,9 +100,7 @@ class RacingScheduler(FIFOScheduler):
         self._grace_period = grace_period
         self._reduction_factor = reduction_factor
         self._z = z
-        self._rungs: dict[float, dict[str, Measurement]] = {
-            r: {} for r in rung_steps(grace_period, reduction_factor, max_t)
-        }
+        self._rungs: dict[float, dict[str, Measurement]] = {r: {} for r in rungs(grace_period, reduction_factor, max_t)}
         self._num_stopped = 0
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
@@ -209,7 +147,8 @@ class RacingScheduler(FIFOScheduler):
         reached = [r for r in self._rungs if r <= result[self._time_attr]]
         if not reached or trial_id in self._rungs[reached[-1]]:
             return None
-        self._rungs[reached[-1]][trial_id] = Measurement.from_result(result, self._metric)
+        sampling_seed = searched_values(result.get("config") or {}).get(EVAL_SEED_KEY)  # None: the sweep's one noise
+        self._rungs[reached[-1]][trial_id] = Measurement.from_row(result, self._metric, sampling_seed)
         return reached[-1]
 
     def debug_string(self) -> str:
@@ -250,10 +189,7 @@ class RacingScheduler(FIFOScheduler):
                 f"scheduler state saved with settings {state['settings']}, but this scheduler has {settings}"
             )
         self._rungs = {
-            rung: {
-                t: Measurement(m["value"], m["stderr"], tuple(m["replicates"]), m["num_samples"])
-                for t, m in recorded.items()
-            }
+            rung: {t: Measurement(**{**m, "replicates": tuple(m["replicates"])}) for t, m in recorded.items()}
             for rung, recorded in state["rungs"]
         }
         self._num_stopped = state["num_stopped"]

@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -204,12 +203,8 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
 
 def write_hparams(experiment: str, hparam_names: list[str]) -> None:
     """TensorBoard's HParams config (a local events file) into the experiment, uploaded for a URI."""
-    if not storage.is_uri(experiment):
-        write_hparams_config(Path(experiment), hparam_names)
-        return
-    with tempfile.TemporaryDirectory(prefix="sweep-hparams-") as scratch:
-        write_hparams_config(Path(scratch), hparam_names)
-        storage.upload_tree(scratch, experiment)
+    with storage.local_folder(experiment) as folder:
+        write_hparams_config(folder, hparam_names)
 
 
 def shares_fid_reference(spec: SweepSpec) -> bool:
@@ -233,8 +228,8 @@ def with_shared_fid_reference(
     fid.ref_num_images) or FID is off; no floor then, nor for a reference the user gave.
 
     On a URI storage the files are computed in a local folder (seeded with those already
-    stored, so a resumed sweep reuses its own), uploaded to the experiment, and `fid.reference`
-    is the reference's URI: each trial downloads it (sweeps/trainable.py)."""
+    stored, so a resumed sweep reuses its own) and uploaded; `fid.reference` is then the
+    reference's URI, which each trial downloads (sweeps/trainable.py)."""
     config = spec.run_config
     if not shares_fid_reference(spec):
         return spec
@@ -244,28 +239,19 @@ def with_shared_fid_reference(
     experiment = spec.experiment_path
     count = min(config.fid.ref_num_images or len(data), len(data))
     say(f"FID reference: {count:,} {data.name} images through Inception, once for the sweep (unless stored already)")
-    if not storage.is_uri(experiment):
-        folder = Path(experiment) / REFERENCE_DIR
-        reference = reference_statistics(data, features, config.fid.ref_num_images, folder)
+    with storage.local_folder(experiment, seed=_stored_reference_and_floor) as folder:
+        reference = reference_statistics(data, features, config.fid.ref_num_images, folder / REFERENCE_DIR)
         _say_once_for_all_trials(config, data, reference, say)
-        _say_floor(fid_floor(config, data, features, reference, Path(experiment)), say)
-        return dataclasses.replace(
-            spec, run_config=config.with_overrides({"fid.reference": str(folder / reference.name)})
-        )
-    stored = storage.join(experiment, REFERENCE_DIR)
-    stored_floor = storage.join(experiment, FLOOR_FILE)
-    with tempfile.TemporaryDirectory(prefix="sweep-fid-reference-") as scratch:
-        storage.download_tree(stored, scratch)
-        reference = reference_statistics(data, features, config.fid.ref_num_images, scratch)
-        _say_once_for_all_trials(config, data, reference, say)
-        target = storage.join(stored, reference.name)
-        if not storage.exists(target):
-            storage.upload(Path(scratch) / reference.name, target)
-        if storage.exists(stored_floor):
-            storage.download(stored_floor, Path(scratch) / FLOOR_FILE)
-        _say_floor(fid_floor(config, data, features, reference, Path(scratch)), say)
-        storage.upload(Path(scratch) / FLOOR_FILE, stored_floor)
-    return dataclasses.replace(spec, run_config=config.with_overrides({"fid.reference": target}))
+        _say_floor(fid_floor(config, data, features, reference, folder), say)
+    reference_location = storage.join(experiment, REFERENCE_DIR, reference.name)
+    return dataclasses.replace(spec, run_config=config.with_overrides({"fid.reference": reference_location}))
+
+
+def _stored_reference_and_floor(experiment: str, folder: Path) -> None:
+    """A resumed sweep's own reference and floor, so that neither is computed again."""
+    storage.download_tree(storage.join(experiment, REFERENCE_DIR), folder / REFERENCE_DIR)
+    if storage.exists(storage.join(experiment, FLOOR_FILE)):
+        storage.download(storage.join(experiment, FLOOR_FILE), folder / FLOOR_FILE)
 
 
 def _say_once_for_all_trials(config, data: ImageDataset, reference, say: Callable[[str], None]) -> None:

@@ -12,7 +12,6 @@ told from a stopped one by its `val/final_fid` column (where the spec computes o
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 from ray.tune import Callback
@@ -36,11 +35,7 @@ class SessionEndCallback(Callback):
     def _write(self, trial, succeeded: bool) -> None:
         folder = storage.join(self.experiment, Path(trial.path).name)
         try:
-            if not storage.is_uri(folder):
-                write_session_end(Path(folder), succeeded)
-                return
-            with tempfile.TemporaryDirectory(prefix="sweep-session-end-") as scratch:
-                written = write_session_end(Path(scratch), succeeded)
-                storage.upload(written, storage.join(folder, written.name))
+            with storage.local_folder(folder) as local:
+                write_session_end(local, succeeded)
         except OSError as err:  # a status TensorBoard lacks is no reason to stop the sweep
             print(f"warning: TensorBoard's HParams status of {trial} not written: {err}", file=sys.stderr)

@@ -22,7 +22,7 @@ import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 from diffusion_lib.config import (
     AT_LEAST_1,
@@ -34,7 +34,6 @@ from diffusion_lib.config import (
     ConfigError,
     EmaConfig,
     RunConfig,
-    flatten,
     load_dataclass,
     opt,
     parse_override,
@@ -44,161 +43,10 @@ from diffusion_lib.config import (
 )
 from diffusion_lib.milestone import CURVATURE, FID, RANKABLE
 from record import storage
-from record.files import trial_label
+from record.files import searched_values, trial_label
+from record.noise import DEFAULT_CUT_Z, rungs
 
-# Each distribution and the arguments it takes.
-DISTRIBUTION_FORMS = {
-    "grid": "a non-empty list of values",
-    "choice": "a non-empty list of values",
-    "uniform": "[low, high]",
-    "loguniform": "[low, high] with 0 < low",
-    "randint": "[low, high) integers",
-    "quniform": "[low, high, q]",
-}
-
-
-@dataclass(frozen=True)
-class Distribution:
-    """One searched key's values: listed (`grid`, `choice`) or drawn from a range."""
-
-    key: str  # the dotted run-config key
-    kind: Literal["grid", "choice", "uniform", "loguniform", "randint", "quniform"]
-    args: tuple
-
-    @classmethod
-    def parse(cls, key: str, raw: Any) -> "Distribution":
-        if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in DISTRIBUTION_FORMS:
-            forms = ", ".join(f"{{{kind}: {form}}}" for kind, form in DISTRIBUTION_FORMS.items())
-            raise ConfigError(f"search.{key}: expected one of {forms}; got {raw!r}")
-        kind, args = next(iter(raw.items()))
-        where = f"search.{key}"
-        numbers = isinstance(args, list) and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
-        if kind in ("grid", "choice"):
-            ok = isinstance(args, list) and len(args) > 0
-        elif kind == "quniform":
-            ok = numbers and len(args) == 3 and args[0] < args[1] and args[2] > 0
-        else:
-            ok = numbers and len(args) == 2 and args[0] < args[1] and (kind != "loguniform" or args[0] > 0)
-        if not ok:
-            raise ConfigError(f"{where}: {kind} needs {DISTRIBUTION_FORMS[kind]}; got {args!r}")
-        return cls(key, kind, tuple(args))
-
-    @property
-    def is_grid(self) -> bool:
-        return self.kind == "grid"
-
-    @property
-    def is_listed(self) -> bool:
-        return self.kind in ("grid", "choice")
-
-    def candidates(self) -> list[Any]:
-        """Values that must each make a valid run config: every listed value, or a range's ends."""
-        if self.is_listed:
-            return list(self.args)
-        if self.kind == "randint":
-            return [self.args[0], self.args[1] - 1]
-        return [self.args[0], self.args[1]]
-
-    def tune_domain(self) -> Any:
-        """The Ray Tune search-space object for this distribution."""
-        from ray import tune
-
-        make = {"grid": tune.grid_search, "choice": tune.choice}
-        if self.is_listed:
-            return make[self.kind](list(self.args))
-        return getattr(tune, self.kind)(*self.args)
-
-    def describe(self) -> str:
-        return f"{self.kind}({', '.join(map(str, self.args))})"
-
-    def dotted_keys(self) -> list[str]:
-        return [self.key]
-
-    def columns(self) -> list[str]:
-        return [self.key]
-
-    def recorded(self) -> dict[str, dict[str, list]]:
-        return {self.key: {self.kind: list(self.args)}}
-
-    def values_of(self, key: str, base: RunConfig) -> list[Any]:
-        return self.candidates()
-
-
-@dataclass(frozen=True)
-class SectionSearch:
-    """A list of variants searched as one (`grid` or `choice`), each a partial mapping that sets
-    only the keys it names; the others keep the base config's values. Under a section's name the
-    variants set that section's keys, e.g. a γ sweep plus the constant-weight baseline:
-
-        loss: {grid: [{weighting: constant}, {weighting: min_snr, minsnr_gamma: 5}]}
-
-    Under any other name they are arms of an experiment plan that set dotted keys across
-    sections, e.g. a longer run and a wider one beside a baseline (not their full grid):
-
-        arm: {grid: [{train.total_steps: 600}, {train.total_steps: 3000}, {model.base_channels: 32}]}"""
-
-    name: str  # the search key: a run-config section, or the arms' name
-    kind: Literal["grid", "choice"]
-    args: tuple  # the variants
-    prefix: str  # what makes a variant's key dotted: "loss." for a section, "" for arms
-
-    @property
-    def key(self) -> str:
-        return self.name
-
-    @classmethod
-    def parse(cls, name: str, raw: Any, run_config: RunConfig) -> "SectionSearch":
-        dist = Distribution.parse(name, raw)
-        if not dist.is_listed or not all(isinstance(v, dict) and v for v in dist.args):
-            raise ConfigError(
-                f"search.{name}: a whole section, or arms across sections, are searched with grid or choice over "
-                "mappings of keys"
-            )
-        is_section = name in run_config.to_dict()
-        unknown = [k for v in dist.args for k in v if k not in run_config.flat()]
-        if not is_section and unknown:
-            raise ConfigError(
-                f"search.{name}: {unknown[0]} is not a run-config key; arms set dotted keys, e.g. train.total_steps"
-            )
-        return cls(name, dist.kind, dist.args, f"{name}." if is_section else "")
-
-    @property
-    def is_grid(self) -> bool:
-        return self.kind == "grid"
-
-    def candidates(self) -> list[Any]:
-        return list(self.args)
-
-    def tune_domain(self) -> Any:
-        return Distribution(self.name, self.kind, self.args).tune_domain()
-
-    def describe(self) -> str:
-        return f"{self.kind}({', '.join(trial_label(v) for v in self.args)})"
-
-    def dotted_keys(self) -> list[str]:
-        """Every key some variant sets, dotted (`loss.minsnr_gamma`): the HParams columns."""
-        return list(dict.fromkeys(self.prefix + k for v in self.args for k in v))
-
-    def columns(self) -> list[str]:
-        """The keys every variant sets, as Ray's progress table names them (`loss/weighting`);
-        its table fails on a key some trials lack, and the trial name shows every value anyway."""
-        return [f"{self.name}/{k}" for k in self.args[0] if all(k in v for v in self.args)]
-
-    def recorded(self) -> dict[str, dict[str, list]]:
-        """sweep.json's record: a `choice` over the values each dotted key takes in the variants."""
-        return {key: {"choice": list(dict.fromkeys(self._set_in(key)))} for key in self.dotted_keys()}
-
-    def _set_in(self, key: str) -> list[Any]:
-        """The values of a dotted key in the variants that set it."""
-        name = key[len(self.prefix) :]
-        return [v[name] for v in self.args if name in v]
-
-    def values_of(self, key: str, base: RunConfig) -> list[Any]:
-        """The values a dotted key takes across the variants."""
-        return [v.get(key[len(self.prefix) :], base.flat()[key]) for v in self.args]
-
-
-Search = Union[Distribution, SectionSearch]
+from .search import Distribution, Search, SectionSearch, parse_search
 
 
 @dataclass
@@ -208,11 +56,10 @@ class Scheduler:
     errors of the difference."""
 
     type: Literal["none", "asha", "racing"] = "none"
-    grace_period: Optional[int] = opt(
-        None, Check(lambda v: v is None or v >= 1, "an integer >= 1")
-    )  # steps; default eval.every
+    # Steps; load_spec sets the first milestone (eval.every) where the spec leaves it out.
+    grace_period: Optional[int] = opt(None, Check(lambda v: v is None or v >= 1, "an integer >= 1"))
     reduction_factor: float = opt(2.0, Check(lambda v: v > 1, "a number > 1"))
-    z: float = opt(2.5, POSITIVE)  # racing only
+    z: float = opt(DEFAULT_CUT_Z, POSITIVE)  # racing only
 
 
 @dataclass
@@ -264,17 +111,13 @@ class SweepSpec:
                 "repeats: seed repeats need algorithm grid and train.seed not searched (repeats set the seeds)"
             )
         if self.scheduler.type != "none":
-            if self.scheduler.grace_period is None:
-                self.scheduler.grace_period = self.run_config.eval.every
             for every in self.candidates("eval.every"):
                 off = [rung for rung in self.rungs() if rung % every]
                 if off:
                     raise ConfigError(
-                        f"scheduler.grace_period: {self.scheduler.type} would compare trials at step {off[0]}, which "
-                        "is not a "
-                        f"milestone (eval.every = {every}); use a grace period that is a multiple of eval.every (and "
-                        "a whole "
-                        "reduction_factor)"
+                        f"scheduler.grace_period: {self.scheduler.type} would compare trials at step {off[0]}, "
+                        f"which is not a milestone (eval.every = {every}); "
+                        "use a grace period that is a multiple of eval.every (and a whole reduction_factor)"
                     )
 
     def candidates(self, key: str) -> list[Any]:
@@ -297,13 +140,9 @@ class SweepSpec:
         """Every searched dotted key (a section search's keys spelled out): the HParams columns."""
         return list(dict.fromkeys(k for searched in self.search.values() for k in searched.dotted_keys()))
 
-    def rungs(self) -> list[int]:
-        """The steps at which the scheduler compares trials: grace_period · reduction_factor^k below max_t."""
-        rungs, rung, max_t = [], float(self.scheduler.grace_period), self.max_total_steps()
-        while rung < max_t:
-            rungs.append(round(rung, 6))
-            rung *= self.scheduler.reduction_factor
-        return [int(r) if float(r).is_integer() else r for r in rungs]
+    def rungs(self) -> list[int | float]:
+        """The steps at which the scheduler compares trials (`record.noise.rungs`)."""
+        return rungs(self.scheduler.grace_period, self.scheduler.reduction_factor, self.max_total_steps())
 
     def cost(self, stop_at: Optional[int] = None) -> dict[str, int]:
         """What the sweep costs if every trial stops at `stop_at` steps (its own total when None
@@ -356,9 +195,8 @@ class SweepSpec:
                 if left > EMA_INITIALISATION_WARN_SHARE:
                     found.append(
                         f"ema.decay={decay}: at the scheduler's first rung (step {grace}) {left:.0%} of the EMA "
-                        "weights that FID "
-                        "is measured on are still the random initialisation, so the rung compares EMA lag, not models; "
-                        "lower ema.decay or raise scheduler.grace_period"
+                        "weights that FID is measured on are still the random initialisation, "
+                        "so the rung compares EMA lag, not models; lower ema.decay or raise scheduler.grace_period"
                     )
         return found
 
@@ -387,20 +225,16 @@ class SweepSpec:
 
     def trial_config(self, searched: dict[str, Any]) -> RunConfig:
         """The run config of a trial with these searched values."""
-        return self.run_config.with_overrides(searched)
+        return self.run_config.with_overrides(searched_values(searched))
 
     @property
     def experiment_path(self) -> str:
-        """storage/name: a local storage path made absolute, or a URI (s3://…, its ?query of
-        pyarrow options kept at the end)."""
-        if storage.is_uri(self.storage):
-            return storage.join(self.storage, self.name)
-        return str(Path(self.storage).expanduser().resolve() / self.name)
+        return storage.experiment_location(self.storage, self.name)
 
 
 def short_params(searched: dict[str, Any]) -> str:
     """`{"loss": {"minsnr_gamma": 5}, "model.base_channels": 64}` -> `minsnr_gamma=5,base_channels=64`."""
-    return trial_label(flatten(searched))
+    return trial_label(searched_values(searched))
 
 
 def load_spec(
@@ -422,29 +256,15 @@ def load_spec(
     raw = set_nested(raw, spec_overrides)
 
     run_config = _run_config(path, raw.get("base", {}), raw.get("overrides", {}), run_overrides)
-    search = raw.get("search")
-    if not isinstance(search, dict) or not search:
-        raise ConfigError("search: expected a mapping of dotted run-config keys to distributions")
-    sections = run_config.to_dict().keys()
-    distributions: dict[str, Search] = {}
-    for key, value in search.items():
-        if key in run_config.flat():
-            distributions[key] = searched = Distribution.parse(key, value)
-        elif key in sections or "." not in key:
-            distributions[key] = searched = SectionSearch.parse(key, value, run_config)
-        else:
-            raise ConfigError(
-                f"search.{key}: not a run-config key (e.g. loss.minsnr_gamma, train.total_steps), section or arms"
-            )
-        for candidate in searched.candidates():
-            try:
-                run_config.with_overrides({key: candidate})
-            except ConfigError as err:
-                raise ConfigError(f"search.{key}: value {candidate!r} gives an invalid run config: {err}") from None
+    distributions = parse_search(raw.get("search"), run_config)
 
     options = {k: v for k, v in raw.items() if k not in ("base", "overrides", "search")}
-    if isinstance(options.get("scheduler"), str):
-        options["scheduler"] = {"type": options["scheduler"]}
+    scheduler = options.get("scheduler")
+    scheduler = {"type": scheduler} if isinstance(scheduler, str) else scheduler
+    if isinstance(scheduler, dict) and scheduler.get("grace_period") is None:
+        scheduler = {**scheduler, "grace_period": run_config.eval.every}  # the first rung: the first milestone
+    if scheduler is not None:
+        options["scheduler"] = scheduler
     options["name"] = name or options.get("name") or path.stem
     if storage:
         options["storage"] = storage

@@ -21,12 +21,12 @@ import ray
 from ray import tune
 
 from diffusion_lib.build import create_trainer
-from diffusion_lib.config import RunConfig, flatten
+from diffusion_lib.config import RunConfig
 from diffusion_lib.metrics.fid import FidComparabilityWarning
 from diffusion_lib.run_files import CHECKPOINT_DIR, CHECKPOINT_GLOB, METRICS_FILE
 from diffusion_lib.trainer import Trainer
 from record import storage
-from record.files import TrialFile
+from record.files import TrialFile, searched_values
 
 # (config, run_dir, *, checkpoint_dir, resume_from, progress) -> Trainer; tests hand in their own.
 TrainerFactory = Callable[..., Trainer]
@@ -41,11 +41,11 @@ def train_trial(
 ) -> None:
     """Ray Tune function trainable; `searched` is the trial's point in the search space. With
     `fid_notes_said`, the launcher has said what limits the FIDs' comparability for all trials."""
-    config = base.with_overrides(searched)
+    config = base.with_overrides(searched_values(searched))
     if fid_notes_said:
         warnings.simplefilter("ignore", FidComparabilityWarning)
     run_dir = Path.cwd()
-    TrialFile(flatten(searched), config.flat(), ray.get_runtime_context().get_node_id()).write(run_dir)
+    TrialFile(searched_values(searched), config.flat(), ray.get_runtime_context().get_node_id()).write(run_dir)
     with tempfile.TemporaryDirectory(prefix="trial-ckpt-") as scratch:
         scratch = Path(scratch)
         resume_from = None

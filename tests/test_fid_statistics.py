@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_lib.metrics.frechet import FrechetReference, fid_jackknife, paired_stderr, replicate_stderr
+from diffusion_lib.jackknife import paired_stderr, replicate_stderr
+from diffusion_lib.metrics.frechet import FrechetReference, fid_jackknife
 from diffusion_lib.metrics.kid import kernel_inception_distance
 
 from conftest import SHARED
@@ -59,6 +60,7 @@ def sqrt_psd(matrix: np.ndarray) -> np.ndarray:
 # --- FID -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @needs_pool3
 def test_fid_equals_pytorch_fid_with_fewer_and_with_more_samples_than_dimensions(pool3):
     """1,500 generated samples take the N×N Gram route, 2,500 the D×D one (D = 2,048)."""

@@ -12,9 +12,10 @@ import ray.cloudpickle as pickle
 from ray.tune.callback import CallbackList
 from ray.tune.schedulers import TrialScheduler
 
-from diffusion_lib.metrics.frechet import replicate_stderr
+from diffusion_lib.jackknife import replicate_stderr
 from diffusion_lib.milestone import FID, FID_NUM_SAMPLES, FID_REPLICATES, FID_STDERR, STEP
-from sweeps.racing import Measurement, RacingScheduler, RacingStateCallback, difference_stderr, rung_steps, should_stop
+from record.noise import Measurement, difference
+from sweeps.racing import RacingScheduler, RacingStateCallback, should_stop
 from sweeps.replay import render, replay
 
 NUM_SAMPLES, GROUPS = 250, 25
@@ -49,12 +50,6 @@ def scheduler(**settings) -> RacingScheduler:
     return RacingScheduler(STEP.name, FID.name, "min", **({"max_t": 60, "grace_period": 20} | settings))
 
 
-def test_rungs_sit_where_ashas_do():
-    assert rung_steps(20, 2, 60) == [20, 40]
-    assert rung_steps(20, 3, 60) == [20]
-    assert rung_steps(2000, 2.0, 10000) == [2000, 4000, 8000]
-
-
 def test_rule_stops_what_is_many_standard_errors_worse_and_keeps_what_is_within_noise():
     best = Measurement(400.0, stderr=4.0)
     assert should_stop("b", {"a": best, "b": Measurement(470.0, stderr=4.0)}, 2, 2.5, "min")
@@ -72,16 +67,16 @@ def test_rule_stops_what_is_many_standard_errors_worse_and_keeps_what_is_within_
 def test_paired_replicates_make_a_small_gap_significant():
     rng = np.random.default_rng(0)
     shared = rng.standard_normal(GROUPS)  # both trials sampled the same noise: their errors move together
-    a = Measurement.from_result(row(20, 400.0, 4.0, rng, shared), FID.name)
+    a = Measurement.from_row(row(20, 400.0, 4.0, rng, shared), FID.name)
     b_row = row(20, 403.0, 4.0, rng, shared + 0.02 * rng.standard_normal(GROUPS))
-    b = Measurement.from_result(b_row, FID.name)
-    assert difference_stderr(a, b) < 0.5
+    b = Measurement.from_row(b_row, FID.name)
+    assert difference(a, b).stderr < 0.5
     assert should_stop("b", {"a": a, "b": b}, 2, 2.5, "min")
     unpaired = Measurement(403.0, stderr=4.0)  # the same gap, only the standard errors known
-    assert difference_stderr(a, unpaired) == pytest.approx(np.hypot(4.0, 4.0))
+    assert difference(a, unpaired).stderr == pytest.approx(np.hypot(4.0, 4.0))
     assert not should_stop("b", {"a": a, "b": unpaired}, 2, 2.5, "min")
-    other_count = Measurement.from_result(b_row | {FID_NUM_SAMPLES.name: 500}, FID.name)  # not paired: other N
-    assert difference_stderr(a, other_count) == pytest.approx(np.hypot(4.0, 4.0), rel=1e-3)
+    other_count = Measurement.from_row(b_row | {FID_NUM_SAMPLES.name: 500}, FID.name)  # not paired: other N
+    assert difference(a, other_count).stderr == pytest.approx(np.hypot(4.0, 4.0), rel=1e-3)
 
 
 def test_first_trial_at_a_rung_continues_and_max_t_ends_a_trial():

@@ -124,7 +124,7 @@ def test_set_reaches_the_specs_own_keys_through_the_same_strict_loader(tmp_path)
 def test_arms_set_dotted_keys_across_sections_and_each_trial_gets_its_arm(tmp_path):
     """E7's plan: a baseline, the same run 5× longer, the same run twice as wide — three arms,
     not the 2 × 2 grid of their keys; each arm's trial config is the base with its keys set."""
-    from diffusion_lib.config import flatten
+    from record.files import searched_values
     from sweeps.runner import param_space
 
     spec = load_spec(REPO / "search_spaces" / "cpu_steps_vs_capacity.yaml")
@@ -140,8 +140,8 @@ def test_arms_set_dotted_keys_across_sections_and_each_trial_gets_its_arm(tmp_pa
     assert arms.columns() == ["arm/model.base_channels", "arm/train.total_steps"]
     # A trial's point in Ray's search space, as the trainable receives it: its arm's keys, dotted.
     point = {"arm": param_space(spec)["arm"]["grid_search"][2], "train.seed": 1078}
-    assert flatten(point) == {"model.base_channels": 32, "train.total_steps": 600, "train.seed": 1078}
-    config = spec.run_config.with_overrides(point)
+    assert searched_values(point) == {"model.base_channels": 32, "train.total_steps": 600, "train.seed": 1078}
+    config = spec.trial_config(point)
     assert (config.model.base_channels, config.train.total_steps, config.train.seed) == (32, 600, 1078)
     assert config.optim.lr == 1e-3  # the spec's overrides stay
     described = runner.invoke(app, ["run", str(REPO / "search_spaces" / "cpu_steps_vs_capacity.yaml"), "--dry-run"])

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..jackknife import replicate_stderr
+
 
 def _sqrt_of_eigenvalues(eigenvalues: np.ndarray) -> np.ndarray:
     """√λ of a PSD matrix's computed eigenvalues, those within round-off of 0 taken as exactly 0.
@@ -108,7 +110,7 @@ class Jackknife:
     d = N // G samples. Which samples form each group depends only on (N, G, seed), so two runs
     that draw their samples from the same seeded noise delete the same samples in each group:
     their replicates are paired, and the jackknife of the difference of their FIDs is the
-    difference of their replicates (`paired_stderr`)."""
+    difference of their replicates (`jackknife.paired_stderr`)."""
 
     replicates: np.ndarray  # (G,) float64
     num_samples: int  # N
@@ -120,28 +122,6 @@ class Jackknife:
     @property
     def stderr(self) -> float:
         return replicate_stderr(self.replicates, self.num_samples)
-
-
-def replicate_stderr(replicates: np.ndarray, num_samples: int) -> float:
-    """The delete-d jackknife standard error from G replicates of N − d samples each:
-
-    SE² = (N − d) / (d · G) · Σ_g (F_g − F̄)².
-    """
-    replicates = np.asarray(replicates, dtype=np.float64)
-    groups = replicates.size
-    d = num_samples // groups
-    return float(np.sqrt((num_samples - d) / (d * groups) * np.sum((replicates - replicates.mean()) ** 2)))
-
-
-def paired_stderr(replicates_a: np.ndarray, replicates_b: np.ndarray, num_samples: int) -> float:
-    """Standard error of FID_a − FID_b for two sample sets drawn from the same noise (same N,
-    same groups): the jackknife of the difference, whose replicates are the differences of the
-    two jackknifes' replicates. Shared sampling noise cancels in it; for independent sets it
-    agrees with √(se_a² + se_b²)."""
-    a, b = np.asarray(replicates_a, dtype=np.float64), np.asarray(replicates_b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired replicates need the same number of groups, got {a.size} and {b.size}")
-    return replicate_stderr(a - b, num_samples)
 
 
 def fid_jackknife(
