@@ -25,6 +25,7 @@ ANALYSIS_DIR = "analysis"  # what `sweep analyze` writes, unless told another fo
 RAY_STATE_GLOB = "experiment_state-*.json"  # Ray Tune's driver rewrites it every ~10 s while it runs
 RAY_CHECKPOINT_GLOB = "checkpoint_*"
 RAY_ERROR_FILE = "error.txt"
+STOPPED_FILE = "stopped_early.json"  # why the racing scheduler stopped the trial
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b.*")
@@ -152,6 +153,26 @@ class TrialFile:
         if not isinstance(raw, dict):
             return None
         return cls(raw.get("searched") or {}, raw.get("config") or {}, raw.get("node_id"))
+
+
+@dataclass
+class StoppedEarly:
+    """Why the racing scheduler stopped a trial at a rung: the step and its console line (the
+    trial's value, the keep threshold's, and the margin the cut needed)."""
+
+    step: int
+    reason: str
+
+    def write(self, trial_dir: str) -> None:
+        """Into the trial's folder, a path or URI."""
+        storage.write_text(storage.join(trial_dir, STOPPED_FILE), json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def read(cls, trial_dir: Path, warnings: list[str]) -> Optional["StoppedEarly"]:
+        raw = read_json(Path(trial_dir) / STOPPED_FILE, warnings)
+        if not isinstance(raw, dict) or not isinstance(raw.get("reason"), str):
+            return None
+        return cls(int(raw.get("step") or 0), raw["reason"])
 
 
 def read_error_line(trial_dir: Path) -> Optional[str]:

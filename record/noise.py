@@ -19,13 +19,14 @@ checks them against the milestones and the schedulers compare there, so both mus
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from diffusion_lib.jackknife import paired_stderr
+from diffusion_lib.jackknife import paired_stderr, replicate_stderr
 from diffusion_lib.milestone import (
     CURVATURE,
     CURVATURE_STDERR,
@@ -144,3 +145,71 @@ def rungs(grace_period: float, reduction_factor: float, max_t: float) -> list[in
         found.append(int(rounded) if rounded.is_integer() else rounded)
         rung *= reduction_factor
     return found
+
+
+# --- How far rankings still move after a rung ---------------------------------------------------
+
+MIN_DYNAMICS_TRIALS = 3  # trials gone past a rung before its dynamics term counts as measured
+
+Curve = Mapping[int, Measurement]  # one trial's measurements by step
+
+
+@dataclass(frozen=True)
+class LaterChange:
+    """How much the difference between two trials changed from a rung to the last step both
+    reached: Δ = (a − b at `later_step`) − (a − b at the rung), with its sampling standard error."""
+
+    later_step: int
+    change: float
+    stderr: float
+
+
+def later_change(a: Curve, b: Curve, rung: int | float) -> Optional[LaterChange]:
+    """Δ for two trials measured at the rung and at some later common step (None otherwise). Its
+    standard error is the jackknife of the four measurements' replicates combined the same way
+    when all four were sampled alike (the noise shared across trials and steps cancels), else
+    the four standard errors in quadrature (an unknown one counted as 0)."""
+    later = [step for step in a if step > rung and step in b]
+    if rung not in a or rung not in b or not later:
+        return None
+    last = max(later)
+    four = (a[last], b[last], a[rung], b[rung])
+    change = four[0].value - four[1].value - four[2].value + four[3].value
+    if all(sampled_alike(four[0], m) for m in four[1:]):
+        replicates = [
+            ra - rb - rr + rs for ra, rb, rr, rs in zip(*(m.replicates for m in four))
+        ]  # the replicates of Δ itself
+        return LaterChange(last, change, replicate_stderr(replicates, four[0].num_samples))
+    return LaterChange(last, change, math.sqrt(sum((m.stderr or 0.0) ** 2 for m in four)))
+
+
+@dataclass(frozen=True)
+class RungDynamics:
+    """The training-dynamics noise of a comparison at a rung: the spread of the later change Δ
+    between two trials beyond what sampling explains, τ = √max(0, mean(Δ² − se_Δ²)) over the
+    pairs of trials that went past the rung (a moment estimate: E[Δ²] = τ² + E[se_Δ²])."""
+
+    rung: int | float
+    num_trials: int
+    num_pairs: int
+    spread: float  # τ, in the metric's units
+    sampling_spread: float  # √mean(se_Δ²): what sampling alone would move the pairs' differences by
+
+
+def rung_dynamics(
+    curves: Mapping[str, Curve], rung: int | float, min_trials: int = MIN_DYNAMICS_TRIALS
+) -> Optional[RungDynamics]:
+    """τ at `rung` from every pair of the trials measured there and later; None until
+    `min_trials` trials have gone past the rung (a rung not yet measured)."""
+    past = sorted(t for t, curve in curves.items() if rung in curve and any(step > rung for step in curve))
+    changes = [c for a, b in itertools.combinations(past, 2) if (c := later_change(curves[a], curves[b], rung))]
+    if len(past) < max(min_trials, 2) or not changes:
+        return None
+    excess = statistics.fmean(c.change**2 - c.stderr**2 for c in changes)
+    sampling = math.sqrt(statistics.fmean(c.stderr**2 for c in changes))
+    return RungDynamics(rung, len(past), len(changes), math.sqrt(max(excess, 0.0)), sampling)
+
+
+def with_dynamics(gap: Difference, dynamics: RungDynamics) -> Difference:
+    """The difference at a rung with the rung's training-dynamics noise added to its standard error."""
+    return Difference(gap.gap, math.hypot(gap.stderr, dynamics.spread), f"{gap.kind} + training dynamics")

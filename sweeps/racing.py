@@ -34,11 +34,14 @@ callback holds the restored scheduler), carries the rungs across a driver kill. 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import sys
 from collections.abc import Mapping
-from dataclasses import asdict
-from typing import Any
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
 
 from ray.tune import Callback
 from ray.tune.result import DEFAULT_METRIC
@@ -46,27 +49,82 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from diffusion_lib.atomic import atomic_write_text
 from diffusion_lib.config import EVAL_SEED_KEY
+from record import storage
 from record.best import is_finite_number
-from record.files import searched_values
-from record.noise import DEFAULT_CUT_Z, Measurement, difference, rungs
+from record.files import StoppedEarly, searched_values
+from record.noise import (
+    DEFAULT_CUT_Z,
+    MIN_DYNAMICS_TRIALS,
+    Difference,
+    Measurement,
+    RungDynamics,
+    difference,
+    rung_dynamics,
+    rungs,
+    with_dynamics,
+)
 from record.states import trial_count
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A trial outside the kept share at a rung, against the keep threshold (the worst kept)."""
+
+    trial_id: str
+    threshold_id: str
+    gap: Difference  # trial − threshold, with its standard error
+    sign: float  # +1 when lower is better (mode min), −1 when higher is
+    z: float
+    dynamics: Optional[RungDynamics] = None  # the rung's training-dynamics term, when it counts
+
+    @property
+    def worse_by(self) -> float:
+        return self.sign * self.gap.gap
+
+    @property
+    def stops(self) -> bool:
+        return self.worse_by > self.gap.margin(self.z)
+
+    def line(self, metric: str, rung: float, value: float, threshold: float) -> str:
+        """What the console and the trial's record say of a stop."""
+        needed = f"{self.z:g} × {self.gap.stderr:.3g} = {self.gap.margin(self.z):.3g}"
+        if self.dynamics is not None:
+            sampling = math.sqrt(max(self.gap.stderr**2 - self.dynamics.spread**2, 0.0))
+            needed += (
+                f" (sampling {sampling:.3g}, training dynamics {self.dynamics.spread:.3g} "
+                f"from {self.dynamics.num_pairs} pairs of {trial_count(self.dynamics.num_trials)} past the rung)"
+            )
+        return (
+            f"trial {self.trial_id} stopped at step {rung:g}: {metric} {value:.4g}, "
+            f"{self.worse_by:.3g} worse than the keep threshold {threshold:.4g} (trial {self.threshold_id}); "
+            f"the cut needed more than {needed}"
+        )
+
+
+def compare_at_rung(
+    trial_id: str, recorded: Mapping[str, Measurement], reduction_factor: float, z: float, mode: str
+) -> Optional[Comparison]:
+    """The comparison of `trial_id`, recorded at a rung with every other trial recorded there,
+    with the keep threshold; None when it is among the kept: the best ⌈n / reduction_factor⌉ of
+    the n recorded (ASHA's share). Trials with equal values are never told apart."""
+    sign = 1.0 if mode == "min" else -1.0
+    ranked = sorted(recorded, key=lambda t: sign * recorded[t].value)
+    kept = math.ceil(len(ranked) / reduction_factor)
+    if trial_id in ranked[:kept]:
+        return None
+    threshold_id = ranked[kept - 1]
+    gap = difference(recorded[trial_id], recorded[threshold_id])
+    return Comparison(trial_id, threshold_id, gap, sign, z)
 
 
 def should_stop(
     trial_id: str, recorded: Mapping[str, Measurement], reduction_factor: float, z: float, mode: str
 ) -> bool:
-    """Whether `trial_id`, recorded at a rung with every other trial recorded there, is stopped:
-    the trials kept are the best ⌈n / reduction_factor⌉ of the n recorded (ASHA's share), and one
-    outside them is stopped only when it is worse than the worst kept one by more than z
+    """Whether the trial, outside the kept share, is worse than the keep threshold by more than z
     standard errors of the difference (`record.noise`); without a standard error, by any margin,
-    as ASHA does. Trials with equal values are never told apart."""
-    sign = 1.0 if mode == "min" else -1.0
-    ranked = sorted(recorded, key=lambda t: sign * recorded[t].value)
-    kept = math.ceil(len(ranked) / reduction_factor)
-    if trial_id in ranked[:kept]:
-        return False
-    worse = difference(recorded[trial_id], recorded[ranked[kept - 1]])
-    return sign * worse.gap > worse.margin(z)
+    as ASHA does."""
+    comparison = compare_at_rung(trial_id, recorded, reduction_factor, z, mode)
+    return comparison is not None and comparison.stops
 
 
 class RacingScheduler(FIFOScheduler):
@@ -83,7 +141,10 @@ class RacingScheduler(FIFOScheduler):
         grace_period: float,
         reduction_factor: float = 2,
         z: float = DEFAULT_CUT_Z,
+        experiment: Optional[str] = None,
     ):
+        """`experiment` (a path or URI): where each stopped trial's folder gets its reason
+        (`record.files.StoppedEarly`); None writes none (the replay)."""
         if not 0 < grace_period <= max_t:
             raise ValueError(f"grace_period must be in (0, max_t = {max_t}], got {grace_period}")
         if reduction_factor <= 1:
@@ -102,6 +163,7 @@ class RacingScheduler(FIFOScheduler):
         self._z = z
         self._rungs: dict[float, dict[str, Measurement]] = {r: {} for r in rungs(grace_period, reduction_factor, max_t)}
         self._num_stopped = 0
+        self._experiment = experiment
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
         """Tune's metric and mode, unless the scheduler was given its own (ASHA's contract)."""
@@ -128,12 +190,22 @@ class RacingScheduler(FIFOScheduler):
         if result[self._time_attr] >= self._max_t:
             return TrialScheduler.STOP
         rung = self._record(trial.trial_id, result)
-        if rung is not None and should_stop(
-            trial.trial_id, self._rungs[rung], self._reduction_factor, self._z, self._mode
-        ):
-            self._num_stopped += 1
-            return TrialScheduler.STOP
-        return TrialScheduler.CONTINUE
+        comparison = None if rung is None else self._compare(trial.trial_id, rung)
+        if comparison is None or not comparison.stops:
+            return TrialScheduler.CONTINUE
+        self._num_stopped += 1
+        recorded = self._rungs[rung]
+        line = comparison.line(
+            self._metric, rung, recorded[trial.trial_id].value, recorded[comparison.threshold_id].value
+        )
+        print(line, file=sys.stderr, flush=True)
+        if self._experiment is not None:
+            StoppedEarly(int(rung), line).write(storage.join(self._experiment, Path(trial.path).name))
+        return TrialScheduler.STOP
+
+    def _compare(self, trial_id: str, rung: float) -> Optional[Comparison]:
+        """The trial against the rung's keep threshold (None: among the kept)."""
+        return compare_at_rung(trial_id, self._rungs[rung], self._reduction_factor, self._z, self._mode)
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         """The last result is recorded at its rung, if it is the trial's first there (as in ASHA),
@@ -200,6 +272,74 @@ class RacingScheduler(FIFOScheduler):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, encoding="utf-8") as f:
             self.load_state(json.load(f))
+
+
+class DynamicsRacingScheduler(RacingScheduler):
+    """Racing whose cut also allows for how far rankings still move after the rung: a trial is
+    stopped only when it is worse than the keep threshold by more than z standard errors of the
+    difference, sampling and training dynamics together, √(se² + τ²), where τ is measured from
+    the trials that went past the rung (`record.noise.rung_dynamics`). A rung whose τ is not yet
+    measured cuts nothing: its first trials run on as pilots until `min_trials_past` of them have
+    gone past it (the replay compares the choices). A trial is told apart from its rivals by
+    every milestone it reports, so the scheduler keeps each trial's curve, in its state too."""
+
+    RULE = "racing with training dynamics"
+
+    def __init__(self, *args, min_trials_past: int = MIN_DYNAMICS_TRIALS, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._min_trials_past = min_trials_past
+        self._curves: dict[str, dict[int, Measurement]] = {}
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._remember(trial.trial_id, result)
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._remember(trial.trial_id, result)
+        super().on_trial_complete(tune_controller, trial, result)
+
+    def _remember(self, trial_id: str, result: dict) -> None:
+        if self._time_attr in result and is_finite_number(result.get(self._metric)):
+            sampling_seed = searched_values(result.get("config") or {}).get(EVAL_SEED_KEY)
+            measured = Measurement.from_row(result, self._metric, sampling_seed)
+            self._curves.setdefault(trial_id, {})[int(result[self._time_attr])] = measured
+
+    def dynamics(self, rung: float) -> Optional[RungDynamics]:
+        """The rung's training-dynamics term, or None while too few trials have gone past it."""
+        return rung_dynamics(self._curves, rung, self._min_trials_past)
+
+    def _compare(self, trial_id: str, rung: float) -> Optional[Comparison]:
+        comparison = super()._compare(trial_id, rung)
+        dynamics = self.dynamics(rung)
+        if comparison is None or dynamics is None:  # kept, or the rung is not measured yet: no cut
+            return None
+        return dataclasses.replace(comparison, gap=with_dynamics(comparison.gap, dynamics), dynamics=dynamics)
+
+    def debug_string(self) -> str:
+        lines = super().debug_string().splitlines()
+        lines[0] = lines[0].replace("Using racing", f"Using {self.RULE}")
+        for i, rung in enumerate(self._rungs, start=1):
+            dynamics = self.dynamics(rung)
+            lines[i] += (
+                f"; training dynamics {dynamics.spread:.3g} ({dynamics.num_trials} trials past it)"
+                if dynamics
+                else f"; training dynamics not measured yet (cuts nothing until {self._min_trials_past} trials pass)"
+            )
+        return "\n".join(lines)
+
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "rule": self.RULE, "min_trials_past": self._min_trials_past}
+
+    def state(self) -> dict[str, Any]:
+        curves = {t: [[step, asdict(m)] for step, m in curve.items()] for t, curve in self._curves.items()}
+        return {**super().state(), "curves": curves}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        self._curves = {
+            t: {int(step): Measurement(**{**m, "replicates": tuple(m["replicates"])}) for step, m in curve}
+            for t, curve in state["curves"].items()
+        }
 
 
 class RacingStateCallback(Callback):

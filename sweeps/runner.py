@@ -28,7 +28,7 @@ from record.files import RAY_ERROR_FILE, REFERENCE_DIR, Interruption, Summary, S
 from .asha import Asha
 from .console import one_line_console, sweep_reporter
 from .interrupt import CtrlC
-from .racing import RacingScheduler, RacingStateCallback
+from .racing import DynamicsRacingScheduler, RacingScheduler, RacingStateCallback
 from .session_end import SessionEndCallback
 from .spec import SweepSpec, short_params
 from .trainable import TrainerFactory, train_trial
@@ -118,9 +118,8 @@ def make_scheduler(spec: SweepSpec) -> Any:
     )
     if settings.type == "asha":
         return Asha(**rungs)
-    if settings.type == "racing":
-        return RacingScheduler(**rungs, z=settings.z)
-    return None
+    racing = {"racing": RacingScheduler, "racing_dynamics": DynamicsRacingScheduler}.get(settings.type)
+    return racing(**rungs, z=settings.z, experiment=spec.experiment_path) if racing else None
 
 
 def run_sweep(

@@ -53,13 +53,14 @@ from .search import Distribution, Search, SectionSearch, parse_search
 class Scheduler:
     """Early stopping at rungs (steps grace_period · reduction_factor^k): `asha` is Ray's ASHA,
     `racing` (sweeps/racing.py) stops a trial only when it is worse by more than `z` standard
-    errors of the difference."""
+    errors of the difference, and `racing_dynamics` counts in that standard error how far
+    rankings still moved after the rung in the trials that went past it (none cut before)."""
 
-    type: Literal["none", "asha", "racing"] = "none"
+    type: Literal["none", "asha", "racing", "racing_dynamics"] = "none"
     # Steps; load_spec sets the first milestone (eval.every) where the spec leaves it out.
     grace_period: Optional[int] = opt(None, Check(lambda v: v is None or v >= 1, "an integer >= 1"))
     reduction_factor: float = opt(2.0, Check(lambda v: v > 1, "a number > 1"))
-    z: float = opt(DEFAULT_CUT_Z, POSITIVE)  # racing only
+    z: float = opt(DEFAULT_CUT_Z, POSITIVE)  # racing and racing_dynamics only
 
 
 @dataclass

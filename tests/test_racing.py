@@ -6,6 +6,8 @@ rung while racing keeps it."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import ray.cloudpickle as pickle
@@ -14,8 +16,8 @@ from ray.tune.schedulers import TrialScheduler
 
 from diffusion_lib.jackknife import replicate_stderr
 from diffusion_lib.milestone import FID, FID_NUM_SAMPLES, FID_REPLICATES, FID_STDERR, STEP
-from record.noise import Measurement, difference
-from sweeps.racing import RacingScheduler, RacingStateCallback, should_stop
+from record.noise import Measurement, difference, later_change, rung_dynamics
+from sweeps.racing import DynamicsRacingScheduler, RacingScheduler, RacingStateCallback, should_stop
 from sweeps.replay import render, replay
 
 NUM_SAMPLES, GROUPS = 250, 25
@@ -163,7 +165,7 @@ def grid_curves() -> dict[str, list[dict]]:
 
 def test_replay_asha_loses_a_best_that_trailed_within_noise_and_racing_keeps_it():
     info = replay(grid_curves(), grace_period=20, reduction_factor=2, max_t=60, concurrency=2, num_orders=200, seed=0)
-    asha, racing = info.schedulers
+    asha, racing, _ = info.schedulers
     assert (info.best_trial, info.best_step, info.best_fid, info.grid_trial_steps) == ("best", 60, 330.0, 360)
     assert asha.kept_best_share < 0.8
     assert asha.stop_counts["best", 20] > 0.2 * info.num_orders
@@ -180,10 +182,13 @@ def test_replay_asha_loses_a_best_that_trailed_within_noise_and_racing_keeps_it(
 def test_replay_trial_step_shares_by_hand():
     """One trial at a time, a first: b arrives at step 10 with 200 against a's 100 and is cut by
     both (no standard error: a plain comparison), so the run uses 20 + 10 of the grid's 40
-    trial-steps and sees 90, not the grid's best 80. b first: nothing is cut, 40 of 40."""
+    trial-steps and sees 90, not the grid's best 80. b first: nothing is cut, 40 of 40. The
+    dynamics rule cuts nothing: no three trials ever go past the rung to measure it."""
     curves = {"a": [row(10, 100.0), row(20, 90.0)], "b": [row(10, 200.0), row(20, 80.0)]}
     info = replay(curves, grace_period=10, reduction_factor=2, max_t=20, concurrency=1, num_orders=20, seed=5)
-    for replayed in info.schedulers:
+    asha, racing, dynamics = info.schedulers
+    assert all(run.stopped == {} for run in dynamics.runs)  # two trials: the rung's dynamics never measured
+    for replayed in (asha, racing):
         for run in replayed.runs:
             if run.arrival[0] == "a":
                 assert (run.steps_share, run.stopped, run.best_fid, run.kept_best) == (0.75, {"b": 10}, 90.0, False)
@@ -221,3 +226,108 @@ def test_sweep_replay_reads_a_finished_grid_from_its_files_and_refuses_an_unfini
     )  # an early-stopped sweep
     refused = CliRunner().invoke(app, ["replay", str(experiment)])
     assert refused.exit_code == 2 and "not ended: mid_a" in refused.output
+
+
+# --- The training-dynamics term: rankings that still move after the rung ---------------------
+
+
+def crossing_pilots(rng=None) -> dict[str, list[dict]]:
+    """Four pilot trials whose differences at step 20 do not last: pairs swap places by step 60,
+    by 30–60 FID, far beyond their sampling standard errors (± 4)."""
+    fids = {"p1": (400, 380, 340), "p2": (430, 370, 300), "p3": (410, 390, 380), "p4": (440, 380, 320)}
+    return {t: [row(20 * (i + 1), float(f), 4.0, rng) for i, f in enumerate(fs)] for t, fs in fids.items()}
+
+
+def dynamics_scheduler(**settings) -> DynamicsRacingScheduler:
+    return DynamicsRacingScheduler(STEP.name, FID.name, "min", **({"max_t": 60, "grace_period": 20} | settings))
+
+
+def feed(racing: RacingScheduler, curves: dict[str, list[dict]]) -> None:
+    """Every trial's every milestone, one trial after another, as if run one at a time to its end."""
+    for trial_id, rows in curves.items():
+        racing.on_trial_add(None, Trial(trial_id))
+        for result in rows:
+            racing.on_trial_result(None, Trial(trial_id), dict(result))
+        racing.on_trial_complete(None, Trial(trial_id), dict(rows[-1]))
+
+
+def test_the_dynamics_term_equals_its_definition_on_a_hand_computed_example():
+    """Three trials, rung 10, later step 20, standard error 1 each (no replicates: independent).
+    Pairs: (a, b) Δ = (80 − 70) − (100 − 110) = 20; (a, c) Δ = (80 − 100) − (100 − 120) = 0;
+    (b, c) Δ = (70 − 100) − (110 − 120) = −20; se_Δ² = 4 each. τ² = mean(Δ² − 4) = 788/3."""
+    curves = {
+        t: {10: Measurement(f10, stderr=1.0), 20: Measurement(f20, stderr=1.0)}
+        for t, (f10, f20) in {"a": (100, 80), "b": (110, 70), "c": (120, 100)}.items()
+    }
+    measured = rung_dynamics(curves, 10)
+    assert (measured.num_trials, measured.num_pairs, measured.sampling_spread) == (3, 3, 2.0)
+    assert measured.spread == pytest.approx(math.sqrt(788 / 3))
+    assert rung_dynamics({t: curves[t] for t in "ab"}, 10) is None  # two trials past it: not measured yet
+    assert rung_dynamics(curves, 20) is None  # nobody went past the last step
+
+
+def test_the_later_change_of_trials_sampled_alike_is_paired_across_trials_and_steps():
+    """With replicates from one noise, Δ's standard error is the jackknife of the replicates
+    combined as Δ combines the values: the noise every milestone shares cancels."""
+    rng = np.random.default_rng(4)
+    shared = rng.standard_normal(GROUPS)
+    curve = {  # every measurement carries the same sampling noise plus a little of its own
+        t: {
+            s: Measurement.from_row(row(s, f, 4.0, rng, shared + 0.01 * rng.standard_normal(GROUPS)), FID.name)
+            for s, f in points.items()
+        }
+        for t, points in {"a": {10: 400.0, 20: 350.0}, "b": {10: 410.0, 20: 340.0}}.items()
+    }
+    change = later_change(curve["a"], curve["b"], 10)
+    combined = [
+        a20 - b20 - a10 + b10
+        for a20, b20, a10, b10 in zip(
+            *(curve[t][s].replicates for t, s in (("a", 20), ("b", 20), ("a", 10), ("b", 10)))
+        )
+    ]
+    assert change.later_step == 20 and change.change == pytest.approx(20.0)
+    assert change.stderr == pytest.approx(replicate_stderr(combined, NUM_SAMPLES))
+    assert change.stderr < 0.5  # unpaired it would be √(4 · 4²) = 8
+
+
+def test_a_late_bloomer_is_kept_once_the_rung_has_measured_curves_like_it_and_a_loser_is_cut():
+    racing, dynamics = scheduler(), dynamics_scheduler()
+    for replayed in (racing, dynamics):
+        feed(replayed, crossing_pilots())
+    measured = dynamics.dynamics(20)
+    assert measured.num_trials == 4 and measured.spread > 30  # the pilots' rankings moved by 30–60
+    # The late bloomer trails the keep threshold (430, the third of five) at step 20 by 20: 3.5 standard
+    # errors of the difference, had only sampling noise to be allowed for.
+    late = row(20, 450.0, 4.0)
+    assert racing.on_trial_result(None, Trial("late"), dict(late)) == STOP  # sampling noise alone cuts it
+    assert dynamics.on_trial_result(None, Trial("late"), dict(late)) == CONTINUE
+    # A trial far worse than rankings ever moved is cut, and says why in one line.
+    assert dynamics.on_trial_result(None, Trial("loser"), row(20, 700.0, 4.0)) == STOP
+    assert "Rung step 20" in dynamics.debug_string() and "training dynamics" in dynamics.debug_string()
+
+
+def test_the_dynamics_rule_cuts_nothing_before_the_rung_is_measured(capsys):
+    dynamics = dynamics_scheduler()
+    feed(dynamics, dict(list(crossing_pilots().items())[:2]))  # two pilots past the rung: fewer than three
+    assert dynamics.dynamics(20) is None
+    assert dynamics.on_trial_result(None, Trial("loser"), row(20, 900.0, 4.0)) == CONTINUE
+    assert "not measured yet" in dynamics.debug_string()
+    feed(dynamics, {"p3": crossing_pilots()["p3"]})
+    assert dynamics.on_trial_result(None, Trial("loser2"), row(20, 900.0, 4.0)) == STOP
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("trial loser2 stopped at step 20: val/fid 900, ")
+    assert "training dynamics" in line and "from 3 pairs of 3 trials past the rung" in line
+
+
+def test_the_dynamics_state_survives_save_and_restore(tmp_path):
+    before = dynamics_scheduler()
+    feed(before, crossing_pilots(np.random.default_rng(5)))
+    before.save(str(tmp_path / "racing.json"))
+    after = dynamics_scheduler()
+    after.restore(str(tmp_path / "racing.json"))
+    assert after.state() == before.state() and after.debug_string() == before.debug_string()
+    assert after.dynamics(20) == before.dynamics(20) is not None
+    for decided in (before, after):
+        assert decided.on_trial_result(None, Trial("late"), row(20, 450.0, 4.0)) == CONTINUE
+    with pytest.raises(ValueError, match="settings"):
+        scheduler().restore(str(tmp_path / "racing.json"))  # plain racing cannot take a dynamics state
