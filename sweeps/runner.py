@@ -28,6 +28,7 @@ from record.files import RAY_ERROR_FILE, REFERENCE_DIR, Interruption, Summary, S
 from .asha import Asha
 from .console import one_line_console, sweep_reporter
 from .interrupt import CtrlC
+from .optuna_search import StoppedAsPrunedOptunaSearch
 from .racing import DynamicsRacingScheduler, RacingScheduler, RacingStateCallback
 from .session_end import SessionEndCallback
 from .spec import SweepSpec, short_params
@@ -55,7 +56,6 @@ def make_tuner_parts(
 ) -> tuple[Any, Any, Any]:
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.search.optuna import OptunaSearch
 
     wrapped = tune.with_resources(
         tune.with_parameters(
@@ -63,7 +63,7 @@ def make_tuner_parts(
         ),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
-    search_alg = OptunaSearch(seed=spec.seed) if spec.algorithm == "optuna" else None
+    search_alg = StoppedAsPrunedOptunaSearch(spec.run_config, seed=spec.seed) if spec.algorithm == "optuna" else None
     scheduler = make_scheduler(spec)
     # Ray keeps no scheduler state across a driver restart; the racing scheduler's rides along in
     # Tune's experiment checkpoints through its callback (sweeps/racing.py).
