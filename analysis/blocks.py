@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 
 class Code(str):
@@ -68,6 +69,16 @@ MIME_TYPES = {
     ".gif": "image/gif",
     ".svg": "image/svg+xml",
 }
+
+
+def format_value(value: Any) -> str:
+    """A value as the report writes it in a table or caption: a float to 4 significant digits,
+    an en dash for none or a non-finite number, anything else as `str` gives it."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def _pieces(text: Text) -> Sequence[str]:

@@ -2,37 +2,29 @@
 
 from __future__ import annotations
 
-import math
-import tempfile
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from optuna import load_study
+import optuna
 from tqdm import tqdm
 
 from diffusion_lib.atomic import atomic_write_text
 from diffusion_lib.config import SEED_KEY, ConfigError
-from diffusion_lib.milestone import CURVATURE, FID, FID_NUM_SAMPLES, FID_STDERR, STEP, TRAIN_LOSS, WALL_TIME
+from diffusion_lib.milestone import FID, FID_STDERR, STEP, TRAIN_LOSS, WALL_TIME
 from record import storage
 from record.best import is_finite_number
 from record.experiment import Experiment, Trial, load_experiment
 from record.files import ANALYSIS_DIR
 from record.mirror import mirror_experiment
+from record.noise import NOISE_MULTIPLE
 
 from . import plots
-from .blocks import Block, BulletList, Code, Heading, Image, Paragraph, Table, to_html, to_markdown
+from .blocks import Block, BulletList, Code, Heading, Image, Paragraph, Table, format_value, to_html, to_markdown
 from .curves import CurvatureCorrelation, FloorGap, GotWorse, curvature_correlation, floor_gap, got_worse
-from .decisions import (
-    NOISE_MULTIPLE,
-    Configuration,
-    RankAgreement,
-    basis_warnings,
-    configurations,
-    effect_sentences,
-    rank_agreement,
-)
-from .grids import denoising_diagnostic, sample_grid
+from .decisions import Configuration, RankAgreement, basis_warnings, configurations, effect_sentences, rank_agreement
+from .plot_info import Caption, figure_infos, ranked_trials, sample_grids_info
 from .study import MIN_TRIALS_TO_RANK, STUDY_FILE, parallel_coordinates, param_importances, write_optuna_study
 from .tables import configurations_table, milestones_table, trials_table, write_table
 
@@ -44,156 +36,80 @@ CONFIGURATIONS_SHOWN = 10
 ERRORED_NAMED = 5  # trials named per distinct error
 
 
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _ranked(experiment: Experiment) -> list[tuple[Trial, Optional[dict]]]:
-    """Every trial with its best milestone, best first; a trial without a comparable one last."""
-    metric, sign = experiment.metric, 1 if experiment.mode == "min" else -1
-    scored = [(t, experiment.best(t)) for t in experiment.trials]
-    return sorted(scored, key=lambda tb: (tb[1] is None, sign * tb[1][metric] if tb[1] else 0.0))
-
-
 def analyze_experiment(
     path: Path, out_dir: Optional[Path] = None, top_k: int = TOP_K, *, progress: bool = False
 ) -> list[str]:
     """Write trials/milestones tables, grids, plots, report.md and report.html; return the
-    warnings met. With `progress`, a progress bar over those stages (for a terminal)."""
-    path = Path(path)
+    warnings met (the experiment's own, then the analysis's: a new list, the experiment is left
+    as read). With `progress`, a progress bar over those stages (for a terminal)."""
+    experiment = _load(Path(path))
+    out = Path(out_dir) if out_dir else Path(path) / ANALYSIS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=3, desc="analysis", unit="stage", disable=not progress, leave=False) as bar:
+        configs = _write_tables(experiment, out)
+        study = _write_study(experiment, out)
+        importances, importance_trials = param_importances(experiment)
+        bar.update()
+        grids = sample_grids_info(experiment, top_k)
+        grid_images, grid_errors = plots.draw_sample_grids(grids, out)
+        bar.update()
+        figures = _figures(experiment, study, out)
+        bar.update()
+    warnings = [*experiment.warnings, *basis_warnings(experiment), *grids.warnings, *grid_errors]
+    report = ReportData(
+        experiment=experiment,
+        ranked=ranked_trials(experiment),
+        images=figures + grid_images,
+        warnings=warnings,
+        configurations=configs,
+        importances=importances,
+        importance_trials=importance_trials,
+        rank_agreements=rank_agreement(experiment),
+        floor=floor_gap(experiment),
+        got_worse=_found(got_worse, experiment, configs[:CONFIGURATIONS_SHOWN]),
+        curvature=_found(curvature_correlation, experiment, configs[:CONFIGURATIONS_SHOWN]),
+    )
+    write_report(report, out)
+    return warnings
+
+
+def _load(path: Path) -> Experiment:
     if not path.is_dir():
         raise ConfigError(f"{path}: no such experiment directory")
     experiment = load_experiment(path)
     if not experiment.trials:
         raise ConfigError(f"{path}: no trials found (expected folders with metrics.jsonl or trial.json)")
-    out = Path(out_dir) if out_dir else path / ANALYSIS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    warnings = experiment.warnings
-    metric = experiment.metric
+    return experiment
 
-    warnings += basis_warnings(experiment)
+
+def _write_tables(experiment: Experiment, out: Path) -> list[Configuration]:
+    """trials (Parquet and Arrow), milestones and configurations; return the configurations
+    (seed repeats grouped, best first), which the report reads too."""
     configs = configurations(experiment)
     write_table(trials_table(experiment), out, "trials", arrow_too=True)
     write_table(milestones_table(experiment), out, "milestones")
     write_table(configurations_table(configs), out, "configurations")
-    study = load_study(study_name=path.name, storage=f"sqlite:///{write_optuna_study(experiment, out / STUDY_FILE)}")
-    importances, importance_trials = param_importances(experiment)
-    bar = tqdm(total=3, desc="analysis", unit="stage", disable=not progress, leave=False)
-    bar.update()  # tables and the study
+    return configs
 
-    images: list[tuple[str, Path]] = []
-    ranked = _ranked(experiment)
-    with_checkpoint = [(t, experiment.best(t, checkpointed=True)) for t, _ in ranked]
-    with_checkpoint = [(t, m) for t, m in with_checkpoint if m is not None]
-    for trial, best in ranked:
-        if best is not None and best[STEP.name] not in trial.checkpoints:
-            warnings.append(
-                f"{trial.trial_id}: no checkpoint for its best milestone (step {best['step']}); its grid uses the "
-                "best one kept"
-            )
-    for rank, (trial, milestone) in enumerate(with_checkpoint[:top_k]):
-        checkpoint = trial.checkpoints[milestone[STEP.name]]
-        try:
-            name = "best_grid.png" if rank == 0 else f"grid_rank{rank + 1}.png"
-            sample_grid(checkpoint, out / name)
-            images.append(
-                (
-                    f"{'Best' if rank == 0 else f'Rank {rank + 1}'}: {trial.label}, step {milestone['step']}, "
-                    f"{metric} {_fmt(milestone[metric])}",
-                    out / name,
-                )
-            )
-            if rank == 0:
-                denoising_diagnostic(checkpoint, out / "denoise.png")
-                images.append(
-                    (
-                        "Denoising diagnostic of the best checkpoint: x0 | x_t | x̂0, rows t = 0, T/4, T/2, 3T/4, T−1",
-                        out / "denoise.png",
-                    )
-                )
-        except ConfigError as err:
-            warnings.append(f"{trial.trial_id}: {err}")
-    if not with_checkpoint:
-        warnings.append(f"no trial has a checkpoint for a milestone with {metric}; no sample grids")
-    bar.update()  # the sample grids
 
-    figures = [
-        plots.overlay(
-            experiment,
-            STEP.name,
-            FID.name,
-            "training step",
-            "FID",
-            "FID vs step (± standard error)",
-            out / "fid_vs_step.png",
-            count=FID_NUM_SAMPLES.name,
-            band=FID_STDERR.name,
-        ),
-        plots.overlay(
-            experiment,
-            STEP.name,
-            TRAIN_LOSS.name,
-            "training step",
-            "training loss",
-            "Loss vs step",
-            out / "loss_vs_step.png",
-        ),
-        plots.overlay(
-            experiment,
-            STEP.name,
-            CURVATURE.name,
-            "training step",
-            "Hutchinson tr(H)",
-            "Curvature vs step",
-            out / "curvature_vs_step.png",
-        ),
-        plots.overlay(
-            experiment,
-            WALL_TIME.name,
-            FID.name,
-            "wall time (s)",
-            "FID",
-            "FID vs wall time (± standard error)",
-            out / "fid_vs_wall_time.png",
-            count=FID_NUM_SAMPLES.name,
-            band=FID_STDERR.name,
-        ),
-        *[
-            plots.best_by_key(experiment, key, out / f"best_by_{key.replace('/', '_')}.png")
-            for key in experiment.searched_keys
-            if key != SEED_KEY  # seeds are repeats, not a knob
-        ],
-        parallel_coordinates(study, out / "parallel_coordinates.png", metric),
-    ]
-    plot_images = [(p.stem.replace("_", " "), p) for p in figures if p is not None]
-    bar.update()  # the plots
-    bar.close()
+def _write_study(experiment: Experiment, out: Path) -> optuna.Study:
+    """The sweep as an Optuna study in `out`, loaded back (the parallel-coordinates figure
+    reads it)."""
+    study_file = write_optuna_study(experiment, out / STUDY_FILE)
+    return optuna.load_study(study_name=experiment.path.name, storage=f"sqlite:///{study_file}")
 
-    write_report(
-        ReportData(
-            experiment,
-            ranked,
-            plot_images + images,
-            warnings,
-            configs,
-            importances,
-            importance_trials,
-            rank_agreement(experiment),
-            floor_gap(experiment),
-            [g for g in (got_worse(experiment, c) for c in configs[:CONFIGURATIONS_SHOWN]) if g is not None],
-            [
-                r
-                for r in (curvature_correlation(experiment, c) for c in configs[:CONFIGURATIONS_SHOWN])
-                if r is not None
-            ],
-        ),
-        out,
-    )
-    return warnings
+
+def _found(judge: Callable[[Experiment, Configuration], Any], experiment: Experiment, configs: list) -> list:
+    """`judge`'s verdict on each configuration, leaving out those it has none for."""
+    return [verdict for verdict in (judge(experiment, c) for c in configs) if verdict is not None]
+
+
+def _figures(experiment: Experiment, study: optuna.Study, out: Path) -> list[Caption]:
+    """Each figure with something to draw, captioned by its file name: those of
+    `plot_info.figure_infos`, then Optuna's parallel coordinates (drawn by Optuna from the study)."""
+    files = [plots.draw(info, out / f"{name}.png") for name, info in figure_infos(experiment)]
+    files.append(parallel_coordinates(study, out / "parallel_coordinates.png", experiment.metric))
+    return [(file.stem.replace("_", " "), file) for file in files if file is not None]
 
 
 # --- The report: a list of sections, each a function returning blocks ------------------------
@@ -202,13 +118,13 @@ def analyze_experiment(
 # (add a field to ReportData if it needs something computed in analyze_experiment).
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ReportData:
-    """What the report's sections are built from."""
+    """What the report's sections are built from (by keyword: eleven fields, several of one type)."""
 
     experiment: Experiment
     ranked: list[tuple[Trial, Optional[dict]]]  # every trial with its best milestone, best first
-    images: list[tuple[str, Path]]  # (caption, file): plots, then sample grids and diagnostics
+    images: list[Caption]  # plots, then sample grids and diagnostics
     warnings: list[str]
     configurations: list[Configuration]  # seed repeats grouped, best mean first
     importances: dict[str, float]  # Optuna's importance of each searched key
@@ -254,18 +170,18 @@ def _trials_section(report: ReportData) -> list[Block]:
     rows = []
     for trial, best in report.ranked[:TRIALS_SHOWN]:
         last = trial.milestones[-1] if trial.milestones else {}
-        value = _fmt(best[metric] if best else None)
+        value = format_value(best[metric] if best else None)
         if best is not None and metric == FID.name and is_finite_number(best.get(FID_STDERR.name)):
             value = f"{value} ± {best[FID_STDERR.name]:.2g}"
         rows.append(
             [
                 trial.trial_id,
                 trial.state,
-                *(_fmt(trial.searched.get(k)) for k in keys),
+                *(format_value(trial.searched.get(k)) for k in keys),
                 value,
-                _fmt(best[STEP.name] if best else None),
-                _fmt(last.get(TRAIN_LOSS.name)),
-                _fmt(last.get(WALL_TIME.name)),
+                format_value(best[STEP.name] if best else None),
+                format_value(last.get(TRAIN_LOSS.name)),
+                format_value(last.get(WALL_TIME.name)),
             ]
         )
     blocks: list[Block] = [Heading("Trials, best first"), Table(header, rows, id="trials")]
@@ -296,7 +212,13 @@ def _configurations_section(report: ReportData) -> list[Block]:
         return []
     keys = [k for k in report.experiment.searched_keys if k != SEED_KEY]
     rows = [
-        [*(_fmt(c.searched.get(k)) for k in keys), str(len(c.best_fids)), _fmt(c.mean), _fmt(c.sd), _fmt(c.stderr)]
+        [
+            *(format_value(c.searched.get(k)) for k in keys),
+            str(len(c.best_fids)),
+            format_value(c.mean),
+            format_value(c.sd),
+            format_value(c.stderr),
+        ]
         for c in configs
     ]
     return [
@@ -312,11 +234,12 @@ def _configurations_section(report: ReportData) -> list[Block]:
 def _effects_section(report: ReportData) -> list[Block]:
     sentences = effect_sentences(report.configurations, report.experiment.searched_keys)
     rule = (
-        f"A difference is called an effect when it exceeds {NOISE_MULTIPLE:g} standard errors of the gap; otherwise "
-        "it is "
-        "within noise. Each gap says its standard error: the seed spread (with repeats), the paired jackknife (two "
-        "single-seed configurations sampled from the same noise: the noise they share cancels), or the two FIDs' own "
-        "jackknife standard errors (sampling noise only)."
+        f"A difference is called an effect when it exceeds {NOISE_MULTIPLE:g} standard errors of the gap; "
+        "otherwise it is within noise. "
+        "Each gap says its standard error: the seed spread (with repeats), "
+        "the paired jackknife (two single-seed configurations sampled from the same noise: "
+        "the noise they share cancels), "
+        "or the two FIDs' own jackknife standard errors (sampling noise only)."
     )
     return [Heading("Effects"), Paragraph(rule), BulletList(sentences or ["Too few finished trials to compare."])]
 
@@ -327,9 +250,9 @@ def _floor_section(report: ReportData) -> list[Block]:
     return [
         Heading("How low can FID go here?"),
         Paragraph(
-            report.floor.sentence
-            + " The floor is the dashed line on the FID plots: no model can be expected to score below it at this "
-            "sample count and reference, so read each FID as its distance above the floor."
+            f"{report.floor.sentence} The floor is the dashed line on the FID plots: "
+            "no model can be expected to score below it at this sample count and reference, "
+            "so read each FID as its distance above the floor."
         ),
     ]
 
@@ -362,8 +285,9 @@ def _importance_section(report: ReportData) -> list[Block]:
     return [
         Heading("Which knob matters"),
         Paragraph(
-            f"Optuna's PED-ANOVA importance of each searched key for {report.experiment.metric}, over {n} finished "
-            f"and stopped trials, each at its best milestone (a ranking, not a test: with few trials it is a hint): "
+            f"Optuna's PED-ANOVA importance of each searched key for {report.experiment.metric}, "
+            f"over {n} finished and stopped trials, each at its best milestone "
+            "(a ranking, not a test: with few trials it is a hint): "
             f"{ranked}."
         ),
     ]
@@ -418,19 +342,12 @@ def analyze_location(location: str, out: Optional[Path] = None, *, progress: boo
     is and the warnings (paths in them named as `location`, not the mirror). For a URI the
     experiment is mirrored into a temporary folder (small files, each trial's best checkpoint)
     and, without `out`, the analysis is uploaded to `location/analysis/`."""
-    if not storage.is_uri(location):
-        warnings = analyze_experiment(Path(location), out, progress=progress)
-        return str((out or Path(location) / ANALYSIS_DIR) / REPORT_FILE), warnings
-    storage.validate_storage(location, "EXPERIMENT")
-    with tempfile.TemporaryDirectory(prefix="sweep-analyze-") as scratch:
-        mirror = Path(scratch) / storage.name_of(location)  # the report is titled by the folder's name
-        mirror_experiment(location, mirror, checkpoints=_best_checkpoints)
-        warnings = [w.replace(str(mirror), location) for w in analyze_experiment(mirror, out, progress=progress)]
-        if out is not None:
-            return str(out / REPORT_FILE), warnings
-        target = storage.join(location, ANALYSIS_DIR)
-        storage.upload_tree(mirror / ANALYSIS_DIR, target)
-        return storage.join(target, REPORT_FILE), warnings
+    if storage.is_uri(location):
+        storage.validate_storage(location, "EXPERIMENT")
+    mirror = functools.partial(mirror_experiment, checkpoints=_best_checkpoints)
+    with storage.local_folder(location, seed=mirror, upload_changes=out is None) as folder:
+        warnings = [w.replace(str(folder), location) for w in analyze_experiment(folder, out, progress=progress)]
+    return storage.join(str(out) if out else storage.join(location, ANALYSIS_DIR), REPORT_FILE), warnings
 
 
 def _best_checkpoints(mirror: Path) -> list[Path]:

@@ -19,6 +19,7 @@ from analysis.report import analyze_experiment
 from cli.main import app
 from diffusion_lib.data import load_dataset
 from diffusion_lib.metrics.fid import reference_statistics
+from record.experiment import load_experiment
 from record.files import REFERENCE_DIR
 
 from conftest import StandInFeatures, tiny_config, train_into_experiment, write_summary, write_sweep_file
@@ -143,6 +144,9 @@ def test_damaged_files_are_reported_and_the_rest_still_written(experiment, tmp_p
     warnings = analyze_experiment(damaged)
     assert any("metrics.jsonl:3: truncated or corrupt line" in w for w in warnings)
     assert any(broken.name in w and "no checkpoint" in w for w in warnings)
+    # The experiment's own warnings (met reading it) first, then the analysis's, in a list of its own.
+    read = load_experiment(damaged).warnings
+    assert warnings[: len(read)] == read and not any("no checkpoint" in w for w in read)
     trials = pq.read_table(damaged / "analysis" / "trials.parquet").to_pylist()
     assert len(trials) == 2
     by_id = {t["trial_id"]: t for t in trials}

@@ -1,11 +1,15 @@
-"""The FID floor (what real images score under a sweep's FID conditions) and what a
-configuration's curves say over training: did FID get worse after its best, does curvature
-track FID. Experiment folders are built with the record's own writers."""
+"""The FID floor (what real images score under a sweep's FID conditions), what a
+configuration's curves say over training (did FID get worse after its best, does curvature
+track FID), and what the report's figures show: their info objects (`analysis.plot_info`),
+checked without drawing them. Experiment folders are built with the record's own writers."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -14,13 +18,23 @@ import torch
 
 from analysis import plots
 from analysis.curves import PAIRED_IN_RUN, curvature_correlation, floor_gap, got_worse
-from analysis.decisions import SEED_SPREAD, configurations
+from analysis.decisions import configurations
+from analysis.plot_info import (
+    COLOURED,
+    DENOISE_CAPTION,
+    FloorBand,
+    best_by_key_info,
+    figure_infos,
+    floor_band,
+    sample_grids_info,
+)
 from analysis.report import analyze_experiment
 from diffusion_lib.config import RunConfig
 from diffusion_lib.data import ImageDataset, load_dataset
 from diffusion_lib.metrics.fid import FidReference, fid_floor
 from diffusion_lib.run_files import FidFloor, FloorPoint
-from record.experiment import load_experiment
+from record.experiment import Experiment, Trial, load_experiment
+from record.noise import SEED_SPREAD
 
 from conftest import SHARED, StandInFeatures, needs_cifar, tiny_config, write_sweep_file, write_trial
 
@@ -201,43 +215,48 @@ def test_curvature_falling_as_fid_rises_is_a_significant_negative_rank_correlati
     assert abs(found[1e-4].rho) < 0.5 and "within noise" in found[1e-4].sentence
 
 
-def test_the_floor_is_drawn_on_every_fid_plot_and_stated_in_the_report(tmp_path, monkeypatch):
+def test_the_floor_is_on_every_fid_figure_and_stated_in_the_report(tmp_path):
     rng = np.random.default_rng(4)
     experiment_dir = tmp_path / "exp"
-    _experiment(
-        experiment_dir,
-        {
-            "a": ({"optim.lr": 1e-3}, _rows([300, 290, 295], replicates=_replicates(rng, 3))),
-            "b": ({"optim.lr": 1e-4}, _rows([330, 320, 315], replicates=_replicates(rng, 3))),
-        },
-    )
+    curves = {
+        "a": ({"optim.lr": 1e-3}, _rows([300, 290, 295], replicates=_replicates(rng, 3))),
+        "b": ({"optim.lr": 1e-4}, _rows([330, 320, 315], replicates=_replicates(rng, 3))),
+    }
+    for _, rows in curves.values():
+        for row in rows:
+            row["train/loss"] = 0.05  # a figure that is not an FID's: no floor on it
+    _experiment(experiment_dir, curves)
     FidFloor("ref.npz", 1000, "training images outside the reference", 4085, "f", (FloorPoint(250, 94.0, 1.5),)).write(
         experiment_dir
     )
     experiment = load_experiment(experiment_dir)
     assert floor_gap(experiment).sentence.endswith("the best trial, lr=0.001, scores 290: 196 above that.")
 
-    drawn_on = []
+    band = FloorBand(fid=94.0, stderr=1.5, num_samples=250)
+    floors = {name: info.floor for name, info in figure_infos(experiment)}
+    assert floors == {
+        "fid_vs_step": band,
+        "loss_vs_step": None,
+        "fid_vs_wall_time": band,
+        "best_by_optim.lr": band,
+    }
+    assert band.label == "real images (N=250)"
 
-    def spy(experiment, ax):
-        drawn_on.append(ax.get_title())
-        real_draw_floor(experiment, ax)
-
-    real_draw_floor = plots.draw_floor
-    monkeypatch.setattr(plots, "draw_floor", spy)
     analyze_experiment(experiment_dir)
-    assert sorted(drawn_on) == [
-        "FID vs step (± standard error)",
-        "FID vs wall time (± standard error)",
-        "best val/fid by optim.lr",
-    ]
-    report = (experiment_dir / "analysis" / "report.md").read_text()
+    analysis = experiment_dir / "analysis"
+    assert all((analysis / f"{name}.png").is_file() for name in floors)
+    report = (analysis / "report.md").read_text()
     assert "Real images (training images outside the reference) score 94 ± 1.5 at 250 samples" in report
 
+
+def test_the_floor_is_drawn_as_a_dashed_line_in_its_band():
     fig, ax = plt.subplots()
-    real_draw_floor(experiment, ax)
+    plots.draw_floor(ax, FloorBand(fid=94.0, stderr=1.5, num_samples=250))
     (line,) = ax.get_lines()
     assert list(line.get_ydata()) == [94.0, 94.0] and line.get_linestyle() == "--"
+    assert line.get_label() == "real images (N=250)"
+    (band,) = ax.patches
+    assert band.get_extents().height > 0 and ax.get_ylim()[0] <= 92.5 and ax.get_ylim()[1] >= 95.5
     plt.close(fig)
 
 
@@ -248,4 +267,128 @@ def test_a_floor_for_another_reference_or_count_is_not_drawn(tmp_path):
     experiment = load_experiment(tmp_path)
     assert experiment.floor is not None and experiment.floor_point() is None
     assert "No FID floor was stored for 250 samples" in floor_gap(experiment).sentence
+    assert floor_band(experiment) is None
+    assert [name for name, _ in figure_infos(experiment)] == ["fid_vs_step", "fid_vs_wall_time"]
+    assert all(info.floor is None for _, info in figure_infos(experiment))
     assert not math.isnan(experiment.best(experiment.trials[0])["val/fid"])
+
+
+def test_a_floor_too_few_real_images_could_score_is_not_drawn(tmp_path):
+    rng = np.random.default_rng(6)
+    _experiment(tmp_path, {"a": ({"optim.lr": 1e-3}, _rows([300, 290], replicates=_replicates(rng, 2)))})
+    FidFloor("ref.npz", 1000, "training images outside the reference", 100, "f", (FloorPoint(250, None, None),)).write(
+        tmp_path
+    )
+    experiment = load_experiment(tmp_path)
+    assert experiment.floor_point() == FloorPoint(250, None, None) and floor_band(experiment) is None
+
+
+# --- What the figures show, from their info objects ------------------------------------------
+
+
+def _fid_trial(index: int, fids: list[float]) -> Trial:
+    """A finished trial with FIDs at 250 samples every 100 steps, standard errors 1, 2, ..."""
+    rows = [
+        {
+            "step": 100 * (i + 1),
+            "wall_time_s": 7.0 * (i + 1),
+            "val/fid": fid,
+            "val/fid_stderr": float(i + 1),
+            "val/fid_num_samples": 250,
+            "val/fid_reference": "ref.npz",
+        }
+        for i, fid in enumerate(fids)
+    ]
+    return Trial(f"t{index:02d}", Path(f"t{index:02d}"), searched={"optim.lr": 1e-4 * (index + 1)}, milestones=rows)
+
+
+def test_curves_colour_the_best_trials_grey_the_rest_and_never_join_two_sample_counts(tmp_path):
+    trials = [_fid_trial(i, [300.0 + 10 * i, 295.0 + 10 * i]) for i in range(COLOURED + 2)]  # t00 the best
+    trials[0].milestones.append(
+        {"step": 300, "wall_time_s": 21.0, "val/fid": 280.0, "val/fid_num_samples": 16, "val/fid_reference": "ref.npz"}
+    )
+    infos = dict(figure_infos(Experiment(tmp_path, trials=trials)))
+    assert list(infos) == ["fid_vs_step", "fid_vs_wall_time", "best_by_optim.lr"]  # no loss, no curvature
+
+    by_step = infos["fid_vs_step"]
+    assert (by_step.title, by_step.xlabel, by_step.ylabel) == ("FID vs step (± standard error)", "training step", "FID")
+    assert [c.trial_id for c in by_step.curves] == ["t00", *(t.trial_id for t in trials)]
+    first_at_250, first_at_16, second = by_step.curves[:3]
+    assert (first_at_250.label, first_at_16.label) == (f"{trials[0].label} (N=250)", f"{trials[0].label} (N=16)")
+    assert (first_at_16.xs, first_at_16.ys) == ((300.0,), (280.0,)) and math.isnan(first_at_16.stderrs[0])
+    assert (second.xs, second.ys, second.stderrs, second.label) == (
+        (100.0, 200.0),
+        (310.0, 305.0),
+        (1.0, 2.0),
+        "lr=0.0002",
+    )
+    assert [c.coloured for c in by_step.curves] == [True] * (COLOURED + 1) + [False, False]
+    assert [c.label for c in by_step.curves[-2:]] == ["2 other trials", None]  # one legend entry for the grey
+    assert by_step.floor is None  # none stored
+
+    by_time = infos["fid_vs_wall_time"]
+    assert by_time.xlabel == "wall time (s)" and by_time.curves[2].xs == (7.0, 14.0)
+
+
+def test_best_by_key_puts_words_on_a_category_axis_and_a_wide_range_on_a_log_one(tmp_path):
+    def trial(index: int, lr: float, weighting: str, fids: list[float]) -> Trial:
+        searched = {"optim.lr": lr, "loss.weighting": weighting, "model.dropout": 0.1, "train.seed": index}
+        milestones = [{"step": 100 * (i + 1), "val/fid": fid} for i, fid in enumerate(fids)]
+        return Trial(f"t{index}", Path(f"t{index}"), searched=searched, milestones=milestones)
+
+    experiment = Experiment(
+        tmp_path,
+        trials=[
+            trial(0, 1e-5, "min_snr", [320.0, 310.0]),
+            trial(1, 1e-4, "constant", [305.0, 300.0]),
+            trial(2, 1e-3, "min_snr", [330.0, 340.0]),
+        ],
+    )
+    infos = dict(figure_infos(experiment))
+    # dropout took one value (nothing to show); the seed is a repeat, not a knob
+    assert [name for name in infos if name.startswith("best_by_")] == ["best_by_optim.lr", "best_by_loss.weighting"]
+    assert best_by_key_info(experiment, "model.dropout") is None
+
+    lr = infos["best_by_optim.lr"]
+    assert (lr.xs, lr.ys, lr.categories, lr.log_x) == ((1e-5, 1e-4, 1e-3), (310.0, 300.0, 330.0), None, True)
+    assert (lr.title, lr.xlabel, lr.ylabel, lr.floor) == ("best val/fid by optim.lr", "optim.lr", "best val/fid", None)
+    weighting = infos["best_by_loss.weighting"]
+    assert weighting.categories == ("constant", "min_snr") and weighting.xs == (1, 0, 1) and not weighting.log_x
+    assert weighting.ys == (310.0, 300.0, 330.0)
+
+
+def test_sample_grids_come_from_each_best_trials_best_kept_checkpoint(tmp_path):
+    def trial(name: str, fids: list[float], kept: list[int]) -> Trial:
+        milestones = [{"step": 100 * (i + 1), "val/fid": fid} for i, fid in enumerate(fids)]
+        checkpoints = {step: tmp_path / name / f"step_{step}.pt" for step in kept}
+        return Trial(name, tmp_path / name, searched={"optim.lr": 1e-3}, milestones=milestones, checkpoints=checkpoints)
+
+    a = trial("a", [320.0, 300.0, 310.0], kept=[200, 300])
+    b = trial("b", [290.0, 295.0], kept=[200])  # the best milestone's checkpoint was not kept
+    c = trial("c", [400.0], kept=[100])
+    d = trial("d", [350.0], kept=[])
+    info = sample_grids_info(Experiment(tmp_path, trials=[a, b, c, d]), top_k=2)
+
+    assert [(g.trial_id, g.checkpoint.name, g.file) for g in info.grids] == [
+        ("b", "step_200.pt", "best_grid.png"),
+        ("a", "step_200.pt", "grid_rank2.png"),
+    ]
+    assert [g.caption for g in info.grids] == [
+        "Best: lr=0.001, step 200, val/fid 295",
+        "Rank 2: lr=0.001, step 200, val/fid 300",
+    ]
+    assert [g.with_denoising_diagnostic for g in info.grids] == [True, False]
+    assert info.warnings == (
+        "b: no checkpoint for its best milestone (step 100); its grid uses the best one kept",
+        "d: no checkpoint for its best milestone (step 100); its grid uses the best one kept",
+    )
+    nothing_kept = sample_grids_info(Experiment(tmp_path, trials=[d]), top_k=3)
+    assert nothing_kept.grids == () and nothing_kept.warnings[-1] == (
+        "no trial has a checkpoint for a milestone with val/fid; no sample grids"
+    )
+    assert DENOISE_CAPTION.startswith("Denoising diagnostic of the best checkpoint")
+
+
+def test_what_an_image_shows_is_computed_without_matplotlib():
+    code = "import sys, analysis.plot_info; sys.exit('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

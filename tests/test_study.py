@@ -157,7 +157,20 @@ def test_stopped_trials_count_in_the_ranking_and_four_trials_are_too_few_to_stat
 
     from analysis.report import ReportData, _importance_section
 
-    blocks = _importance_section(ReportData(experiment, [], [], [], [], importances, count, [], None, [], []))
+    report = ReportData(
+        experiment=experiment,
+        ranked=[],
+        images=[],
+        warnings=[],
+        configurations=[],
+        importances=importances,
+        importance_trials=count,
+        rank_agreements=[],
+        floor=None,
+        got_worse=[],
+        curvature=[],
+    )
+    blocks = _importance_section(report)
     assert "Too few trials to rank the searched keys: 4" in blocks[1].text
 
 
