@@ -24,7 +24,7 @@ from diffusion_lib.milestone import FID, STEP
 from record import states
 from record.best import comparable_rows
 from record.experiment import Experiment, Trial
-from record.noise import Difference, Measurement, difference
+from record.noise import Difference, Measurement, RungDynamics, difference, rung_dynamics
 
 ENDED = (states.FINISHED, states.STOPPED)
 MAX_VALUES_COMPARED = 8  # a key sampled from a range takes a value per trial: no sentence lists them all
@@ -183,3 +183,35 @@ def rank_agreement(experiment: Experiment) -> list[RankAgreement]:
         tau, p_value = stats.kendalltau([fids[t] for t in ids], [finals[t][FID.name] for t in ids])
         agreements.append(RankAgreement(step, len(ids), float(tau), float(p_value)))
     return agreements
+
+
+@dataclass(frozen=True)
+class RankingMovement:
+    """How far rankings still moved after an earlier milestone (`record.noise.RungDynamics`)."""
+
+    dynamics: RungDynamics
+
+    @property
+    def sentence(self) -> str:
+        d = self.dynamics
+        return (
+            f"Rankings still move after step {d.rung:g}: the FID difference between two trials there changed by "
+            f"{d.spread:.3g} by the last milestone both reached, beyond the {d.sampling_spread:.3g} that sampling "
+            f"alone explains ({d.num_pairs} pairs of {d.num_trials} trials); a cut at this step is safe only with "
+            "a margin that counts it (scheduler racing_dynamics)."
+        )
+
+
+def ranking_movements(experiment: Experiment) -> list[RankingMovement]:
+    """The training-dynamics term at every milestone step before the last, measured on the
+    same-count FID curves of every trial that went past it."""
+    curves = {
+        trial.trial_id: {
+            row[STEP.name]: Measurement.from_row(row, FID.name, trial.config.get(EVAL_SEED_KEY))
+            for row in comparable_rows(trial.milestones, FID.name, experiment.basis)
+        }
+        for trial in experiment.trials
+    }
+    steps = sorted({step for curve in curves.values() for step in curve})
+    found = (rung_dynamics(curves, step) for step in steps[:-1])
+    return [RankingMovement(d) for d in found if d is not None]

@@ -23,7 +23,16 @@ from record.noise import NOISE_MULTIPLE
 from . import plots
 from .blocks import Block, BulletList, Code, Heading, Image, Paragraph, Table, format_value, to_html, to_markdown
 from .curves import CurvatureCorrelation, FloorGap, GotWorse, curvature_correlation, floor_gap, got_worse
-from .decisions import Configuration, RankAgreement, basis_warnings, configurations, effect_sentences, rank_agreement
+from .decisions import (
+    Configuration,
+    RankAgreement,
+    RankingMovement,
+    basis_warnings,
+    configurations,
+    effect_sentences,
+    rank_agreement,
+    ranking_movements,
+)
 from .plot_info import Caption, figure_infos, ranked_trials, sample_grids_info
 from .study import MIN_TRIALS_TO_RANK, STUDY_FILE, parallel_coordinates, param_importances, write_optuna_study
 from .tables import configurations_table, milestones_table, trials_table, write_table
@@ -65,6 +74,7 @@ def analyze_experiment(
         importances=importances,
         importance_trials=importance_trials,
         rank_agreements=rank_agreement(experiment),
+        ranking_movements=ranking_movements(experiment),
         floor=floor_gap(experiment),
         got_worse=_found(got_worse, experiment, configs[:CONFIGURATIONS_SHOWN]),
         curvature=_found(curvature_correlation, experiment, configs[:CONFIGURATIONS_SHOWN]),
@@ -130,6 +140,7 @@ class ReportData:
     importances: dict[str, float]  # Optuna's importance of each searched key
     importance_trials: int  # finished and stopped trials the importances rest on
     rank_agreements: list[RankAgreement]
+    ranking_movements: list[RankingMovement]
     floor: Optional[FloorGap]  # what real images score under the sweep's FID conditions
     got_worse: list[GotWorse]  # per configuration: its last FID against its best
     curvature: list[CurvatureCorrelation]  # per configuration: curvature against FID
@@ -294,9 +305,8 @@ def _importance_section(report: ReportData) -> list[Block]:
 
 
 def _early_stopping_section(report: ReportData) -> list[Block]:
-    if not report.rank_agreements:
-        return []
-    return [Heading("Is early stopping safe here?"), BulletList([a.sentence for a in report.rank_agreements])]
+    sentences = [a.sentence for a in report.rank_agreements] + [m.sentence for m in report.ranking_movements]
+    return [Heading("Is early stopping safe here?"), BulletList(sentences)] if sentences else []
 
 
 def _figures_section(report: ReportData) -> list[Block]:

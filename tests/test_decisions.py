@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.decisions import basis_warnings, configurations, effect_sentences, rank_agreement
+from analysis.decisions import basis_warnings, configurations, effect_sentences, rank_agreement, ranking_movements
 from record.experiment import Experiment, Trial
 from sweeps.spec import load_spec
 
@@ -127,6 +127,25 @@ def test_rank_agreement_reads_strong_agreement_and_shuffled_finals_as_too_weak()
     shuffled = experiment(*[trial(f"t{i}", {"optim.lr": i}, [e, f]) for i, (e, f) in enumerate(zip(early, finals))])
     (weak,) = rank_agreement(shuffled)
     assert abs(weak.tau) < 0.4 and "too weak to trust" in weak.sentence
+
+
+def test_ranking_movements_measure_crossing_curves_and_not_parallel_ones():
+    """Curves that cross move each pair's difference by tens of FID after step 2000; parallel
+    curves keep every difference, so only sampling noise (± 1 each, not paired) is left."""
+    crossing = experiment(
+        *[trial(f"t{i}", {"optim.lr": i}, fids) for i, fids in enumerate([[300, 250], [320, 220], [340, 280]])]
+    )
+    (moved,) = ranking_movements(crossing)
+    # Δ: (250 − 220) − (300 − 320) = 50; (250 − 280) − (300 − 340) = 10; (220 − 280) − (320 − 340) = −40;
+    # each se_Δ² = 4: τ² = (2500 + 100 + 1600) / 3 − 4.
+    assert (moved.dynamics.rung, moved.dynamics.num_pairs) == (2000, 3)
+    assert moved.dynamics.spread == pytest.approx(np.sqrt(4200 / 3 - 4))
+    assert "Rankings still move after step 2000: the FID difference between two trials there changed by 37.4" in (
+        moved.sentence
+    )
+    parallel = experiment(*[trial(f"t{i}", {"optim.lr": i}, [300 + i, 250 + i]) for i in range(3)])
+    (still,) = ranking_movements(parallel)
+    assert still.dynamics.spread == 0.0 and still.dynamics.sampling_spread == pytest.approx(2.0)
 
 
 def test_repeats_give_each_configuration_k_distinct_seeds(tmp_path):

@@ -166,6 +166,7 @@ def test_stopped_trials_count_in_the_ranking_and_four_trials_are_too_few_to_stat
         importances=importances,
         importance_trials=count,
         rank_agreements=[],
+        ranking_movements=[],
         floor=None,
         got_worse=[],
         curvature=[],
