@@ -15,7 +15,7 @@ from diffusion_lib.config import SEED_KEY, ConfigError
 from diffusion_lib.milestone import FID, FID_STDERR, STEP, TRAIN_LOSS, WALL_TIME
 from record import storage
 from record.best import is_finite_number
-from record.experiment import Experiment, Trial, load_experiment
+from record.experiment import Experiment, Trial, load_experiment, require_experiment
 from record.files import ANALYSIS_DIR
 from record.mirror import mirror_experiment
 from record.noise import NOISE_MULTIPLE
@@ -84,8 +84,6 @@ def analyze_experiment(
 
 
 def _load(path: Path) -> Experiment:
-    if not path.is_dir():
-        raise ConfigError(f"{path}: no such experiment directory")
     experiment = load_experiment(path)
     if not experiment.trials:
         raise ConfigError(f"{path}: no trials found (expected folders with metrics.jsonl or trial.json)")
@@ -352,8 +350,7 @@ def analyze_location(location: str, out: Optional[Path] = None, *, progress: boo
     is and the warnings (paths in them named as `location`, not the mirror). For a URI the
     experiment is mirrored into a temporary folder (small files, each trial's best checkpoint)
     and, without `out`, the analysis is uploaded to `location/analysis/`."""
-    if storage.is_uri(location):
-        storage.validate_storage(location, "EXPERIMENT")
+    require_experiment(location)
     mirror = functools.partial(mirror_experiment, checkpoints=_best_checkpoints)
     with storage.local_folder(location, seed=mirror, upload_changes=out is None) as folder:
         warnings = [w.replace(str(folder), location) for w in analyze_experiment(folder, out, progress=progress)]

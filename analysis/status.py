@@ -9,6 +9,9 @@ nothing from Ray for `record.states.STALE_AFTER_S`) is shown as interrupted, not
 forever: the header says how long nothing has changed and that `sweep run SPEC --resume`
 finishes it. Pending trials are the ones Ray has created and not started: a searcher creates
 trials lazily, so later grid points or Optuna suggestions are not listed until Ray creates them.
+
+For a URI the small files status reads (no checkpoints) are mirrored locally, each with its
+object's time (what freshness is judged by), and brought up to date before every refresh.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from typing import Callable, Optional
 
 from diffusion_lib.config import ConfigError
 from diffusion_lib.milestone import FID, FID_NUM_SAMPLES, STEP, WALL_TIME
-from record import states
+from record import states, storage
 from record.best import comparable_rows, is_finite_number
 from record.experiment import Experiment, Trial, load_experiment
 from record.files import SUMMARY_FILE
+from record.mirror import mirror_experiment
 
 
 @dataclass
@@ -215,3 +219,43 @@ def watch(
             sleep(interval)
     except KeyboardInterrupt:
         pass
+
+
+def show_status(
+    location: str,
+    *,
+    watching: bool,
+    interval: float,
+    echo: Callable[[str], None],
+    warn: Callable[[str], None],
+    clear: bool,
+) -> None:
+    """The status of the experiment at `location` (a path or URI), once or, when `watching`, every
+    `interval` seconds until Ctrl-C. A URI is read through a temporary mirror, synced again
+    before each refresh; the lines name the URI, not the mirror the user never asked for."""
+    is_uri = storage.is_uri(location)
+    if is_uri:
+        storage.validate_storage(location, "EXPERIMENT")
+    with storage.local_folder(location, seed=mirror_experiment, upload_changes=False) as folder:
+
+        def shown(line: str) -> str:
+            return line.replace(str(folder), location) if is_uri else line
+
+        def echo_shown(line: str) -> None:
+            echo(shown(line))
+
+        def warn_shown(line: str) -> None:
+            warn(shown(line))
+
+        def sleep_and_sync(seconds: float) -> None:
+            time.sleep(seconds)
+            if is_uri:
+                try:
+                    mirror_experiment(location, folder)
+                except (ConfigError, OSError) as err:  # shown; the mirror stays as it was, retried next refresh
+                    warn_shown(f"warning: {err}")
+
+        if watching:
+            watch(folder, interval, echo_shown, warn_shown, clear=clear, sleep=sleep_and_sync)
+        else:
+            refresh(folder, echo_shown, warn_shown, clear=clear)

@@ -229,13 +229,11 @@ def set_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]
 
 
 def flatten(nested: dict[str, Any]) -> dict[str, Any]:
-    """{"loss": {"weighting": "constant"}, "optim.lr": 1e-4} -> {"loss.weighting": ..., "optim.lr": ...}.
-    A mapping under another name than a section's (a sweep's arms) holds dotted keys already."""
-    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    """{"loss": {"weighting": "constant"}, "optim.lr": 1e-4} -> {"loss.weighting": ..., "optim.lr": ...}."""
     flat = {}
     for key, value in nested.items():
         if isinstance(value, dict):
-            flat.update({f"{key}.{k}" if key in sections else k: v for k, v in value.items()})
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             flat[key] = value
     return flat
@@ -314,6 +312,8 @@ def check_type(key: str, value: Any, annotation: Any) -> Any:
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(annotation, type) and isinstance(value, annotation):  # built already, e.g. a runtime Protocol
         return value
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")
 

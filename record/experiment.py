@@ -17,7 +17,7 @@ from diffusion_lib.config import TOTAL_STEPS_KEY, ConfigError
 from diffusion_lib.milestone import FID, STEP, WALL_TIME
 from diffusion_lib.run_files import CHECKPOINT_DIR, METRICS_FILE, FidFloor, FloorPoint, list_checkpoints, read_metrics
 
-from . import states
+from . import states, storage
 from .best import Row, best_milestone, common_basis, is_finite_number
 from .files import (
     INTERRUPTED_FILE,
@@ -107,6 +107,15 @@ class Experiment:
             return True
         values = [t.searched[key] for t in self.trials if is_finite_number(t.searched.get(key))]
         return bool(values) and min(values) > 0 and max(values) / min(values) >= 100
+
+
+def require_experiment(location: str) -> None:
+    """Refuse a location that cannot hold an experiment before any reader starts: a URI whose
+    storage is unreachable (`storage.validate_storage`), a local path that is no folder."""
+    if storage.is_uri(location):
+        storage.validate_storage(location, "EXPERIMENT")
+    elif not Path(location).is_dir():
+        raise ConfigError(f"{location}: no such experiment directory")
 
 
 def load_experiment(

@@ -10,7 +10,7 @@ and frees its slot for the next. Both schedulers see the same orders and speeds.
 
 Per order and scheduler it records the trial-steps used (the last step each trial reached) as a
 share of the grid's, the best FID seen, whether that is the grid's best or within noise of it
-(the README's verdict rule: a gap within two standard errors, paired from the two milestones'
+(`record.noise`'s rule: a gap within two standard errors, paired from the two milestones'
 jackknife replicates where they have them), and which trials were stopped where. `replay`
 computes a `ReplayInfo`; `render` writes it as a short table, ASHA beside racing.
 
@@ -20,22 +20,34 @@ measured at one sample count against one reference (the caller checks).
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from diffusion_lib.milestone import FID, STEP
 from record.best import is_finite_number
+from record.noise import (
+    DEFAULT_CUT_Z,
+    MIN_DYNAMICS_TRIALS,
+    NOISE_MULTIPLE,
+    Measurement,
+    RungDynamics,
+    difference,
+    rung_dynamics,
+    rungs,
+)
 
-from .racing import DEFAULT_Z, Measurement, RacingScheduler, difference_stderr, rung_steps
+if TYPE_CHECKING:
+    from ray.tune.schedulers import TrialScheduler
 
-WITHIN_NOISE = 2.0  # a gap to the grid's best within this many standard errors counts as keeping it
+STOP = "STOP"  # ray.tune.schedulers.TrialScheduler.STOP, the decision that ends a trial
 SPEEDS = (0.75, 1.25)  # each trial's steps per unit time, drawn uniformly from this range
 
 Curves = dict[str, list[dict[str, Any]]]  # trial id -> its milestone rows in step order
@@ -101,6 +113,7 @@ class ReplayInfo:
     best_fid: float
     best_stderr: float | None
     schedulers: tuple[SchedulerReplay, ...]
+    dynamics: tuple[RungDynamics, ...]  # each rung's, from the whole grid
 
 
 @dataclass(frozen=True)
@@ -154,7 +167,7 @@ def _run_order(
         seen.append((trial_id, row))
         decision = scheduler.on_trial_result(None, _ReplayTrial(trial_id), dict(row))
         last = index == len(curves[trial_id]) - 1
-        if decision == TrialScheduler.STOP or last:
+        if decision == STOP or last:
             scheduler.on_trial_complete(None, _ReplayTrial(trial_id), dict(row))
             reached[trial_id] = row[STEP.name]
             if not last:
@@ -165,15 +178,14 @@ def _run_order(
             arrive(trial_id, index + 1)
 
     best_trial, best = _lowest_fid(seen)
-    gap = best[FID.name] - grid_best[FID.name]
-    noise = difference_stderr(Measurement.from_result(best, FID.name), Measurement.from_result(grid_best, FID.name))
+    above_best = difference(Measurement.from_row(best, FID.name), Measurement.from_row(grid_best, FID.name))
     return ReplayRun(
         arrival=arrival,
         steps_share=sum(reached.values()) / grid_trial_steps,
         best_trial=best_trial,
         best_step=best[STEP.name],
         best_fid=best[FID.name],
-        kept_best=gap <= WITHIN_NOISE * noise,
+        kept_best=above_best.gap <= above_best.margin(NOISE_MULTIPLE),
         stopped=stopped,
     )
 
@@ -184,16 +196,24 @@ def replay(
     grace_period: float,
     reduction_factor: float,
     max_t: float,
-    z: float = DEFAULT_Z,
+    z: float = DEFAULT_CUT_Z,
     concurrency: int = 2,
     num_orders: int = 200,
     seed: int = 0,
+    pilots: Sequence[int] = (MIN_DYNAMICS_TRIALS,),
 ) -> ReplayInfo:
-    """Replay the grid's `curves` in `num_orders` random arrival orders through a fresh ASHA and a
-    fresh RacingScheduler each (the same rungs: grace period, reduction factor, max_t in steps)."""
+    """Replay the grid's `curves` in `num_orders` random arrival orders through a fresh ASHA, a
+    fresh RacingScheduler and a fresh DynamicsRacingScheduler for each pilot count in `pilots`
+    (the trials that must go past a rung before it cuts), all on the same rungs (grace period,
+    reduction factor, max_t in steps)."""
+    from ray.tune.schedulers import ASHAScheduler  # Ray loads only once the input is read and checked
+
+    from .racing import DynamicsRacingScheduler, RacingScheduler
+
     curves = {trial_id: rows for trial_id, rows in curves.items() if rows}  # no milestones: nothing to replay
     best_trial, grid_best = _lowest_fid([(t, r) for t, rows in curves.items() for r in rows])
     grid_trial_steps = sum(rows[-1][STEP.name] for rows in curves.values())
+    rung_settings = dict(max_t=max_t, grace_period=grace_period, reduction_factor=reduction_factor, z=z)
     makers = {
         "ASHA": lambda: ASHAScheduler(
             time_attr=STEP.name,
@@ -203,9 +223,13 @@ def replay(
             grace_period=grace_period,
             reduction_factor=reduction_factor,
         ),
-        "racing": lambda: RacingScheduler(
-            STEP.name, FID.name, "min", max_t=max_t, grace_period=grace_period, reduction_factor=reduction_factor, z=z
-        ),
+        "racing": lambda: RacingScheduler(STEP.name, FID.name, "min", **rung_settings),
+        **{
+            _dynamics_name(count, pilots): functools.partial(
+                DynamicsRacingScheduler, STEP.name, FID.name, "min", **rung_settings, min_trials_past=count
+            )
+            for count in pilots
+        },
     }
     rng = np.random.default_rng(seed)
     ids = list(curves)
@@ -228,20 +252,33 @@ def replay(
         best_trial=best_trial,
         best_step=grid_best[STEP.name],
         best_fid=grid_best[FID.name],
-        best_stderr=Measurement.from_result(grid_best, FID.name).stderr,
+        best_stderr=Measurement.from_row(grid_best, FID.name).stderr,
         schedulers=tuple(SchedulerReplay(name, tuple(found)) for name, found in runs.items()),
+        dynamics=grid_dynamics(curves, rungs(grace_period, reduction_factor, max_t)),
     )
+
+
+def _dynamics_name(count: int, pilots: Sequence[int]) -> str:
+    return "dynamics" if len(pilots) == 1 else f"dynamics-{count}"
+
+
+def grid_dynamics(curves: Curves, rung_steps: list[int | float]) -> tuple[RungDynamics, ...]:
+    """Each rung's training-dynamics term measured on the whole grid (every trial past it)."""
+    measured = {t: {row[STEP.name]: Measurement.from_row(row, FID.name) for row in rows} for t, rows in curves.items()}
+    found = (rung_dynamics(measured, rung, min_trials=2) for rung in rung_steps)
+    return tuple(d for d in found if d is not None)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     width = max(len(cell) for cell in [header[0], *(row[0] for row in rows)])
-    return [f"{row[0]:<{width}}" + "".join(f"  {cell:>9}" for cell in row[1:]) for row in [header, *rows]]
+    column = max(9, *(len(cell) for cell in header[1:]))
+    return [f"{row[0]:<{width}}" + "".join(f"  {cell:>{column}}" for cell in row[1:]) for row in [header, *rows]]
 
 
 def render(info: ReplayInfo) -> list[str]:
     """The replay as plain-text lines: the settings, then ASHA beside racing."""
     stderr = "" if info.best_stderr is None else f" ± {info.best_stderr:.2g}"
-    rungs = ", ".join(f"{r:g}" for r in rung_steps(info.grace_period, info.reduction_factor, info.max_t)) or "none"
+    rung_list = ", ".join(f"{r:g}" for r in rungs(info.grace_period, info.reduction_factor, info.max_t)) or "none"
     schedulers = info.schedulers
     orders = f"{info.num_orders} arrival orders (seed {info.seed})"
     speeds = f"speeds {SPEEDS[0]:g}–{SPEEDS[1]:g}× at random"
@@ -249,9 +286,14 @@ def render(info: ReplayInfo) -> list[str]:
     best = f"{FID.name} {info.best_fid:.4g}{stderr} ({info.best_trial} at {STEP.name} {info.best_step})"
     lines = [
         f"Early stopping replayed on {info.num_trials} trials: {orders}, {info.concurrency} at a time, {speeds}",
-        f"Rungs at {STEP.name} {rungs} ({settings}); racing stops only beyond z = {info.z:g} standard errors",
+        f"Rungs at {STEP.name} {rung_list} ({settings}); racing stops only beyond z = {info.z:g} standard errors",
         f"Grid: {info.grid_trial_steps} trial-steps; best {best}",
-        f"Kept: the best seen is within {WITHIN_NOISE:g} standard errors of the grid's best",
+        f"Kept: the best seen is within {NOISE_MULTIPLE:g} standard errors of the grid's best",
+        *(
+            f"Rankings still move after {STEP.name} {d.rung:g}: training dynamics {d.spread:.3g} "
+            f"(sampling alone {d.sampling_spread:.3g}) over {d.num_pairs} pairs of trials that went past it"
+            for d in info.dynamics
+        ),
         "",
     ]
     lines += _table(
@@ -274,3 +316,46 @@ def render(info: ReplayInfo) -> list[str]:
             ],
         )
     return lines
+
+
+def replay_experiment(
+    experiment_dir,
+    *,
+    grace_period: int | None,
+    reduction_factor: float,
+    z: float,
+    concurrency: int,
+    orders: int,
+    seed: int,
+    pilots: Sequence[int] = (MIN_DYNAMICS_TRIALS,),
+) -> ReplayInfo:
+    """`replay` on the recorded FID curves (on the common basis) of the finished grid in the folder
+    `experiment_dir`: its first rung at `grace_period` or else the first milestone, max_t its
+    longest trial. Raises ConfigError unless every trial ended: a running grid's curves would
+    replay a grid that never happened."""
+    from diffusion_lib.config import ConfigError
+    from record import states
+    from record.best import comparable_rows
+    from record.experiment import load_experiment
+
+    experiment = load_experiment(experiment_dir)
+    curves = {t.trial_id: comparable_rows(t.milestones, FID.name, experiment.basis) for t in experiment.trials}
+    # An errored trial (a diverged learning rate) is part of the grid's outcome; its curve ends where it failed.
+    unfinished = [t.trial_id for t in experiment.trials if t.state not in (states.FINISHED, states.ERRORED)]
+    if unfinished or not any(curves.values()):
+        raise ConfigError(
+            f"{experiment_dir}: a replay needs a grid whose every trial ended with {FID.name} at its milestones; "
+            f"not ended: {', '.join(unfinished) or 'none'}"
+        )
+    first = min(rows[0][STEP.name] for rows in curves.values() if rows)
+    return replay(
+        curves,
+        grace_period=grace_period or first,
+        reduction_factor=reduction_factor,
+        max_t=max(t.total_steps or 0 for t in experiment.trials),
+        z=z,
+        concurrency=concurrency,
+        num_orders=orders,
+        seed=seed,
+        pilots=pilots,
+    )

@@ -72,6 +72,30 @@ def test_bad_override_exits_2(tmp_path):
     assert result.exit_code == 2 and "model.base_channels" in result.output and not out.exists()
 
 
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        ("train {config} --out {tmp}/run --set train.batchsize=3", "train.batchsize: unknown key"),
+        ("fid {tmp}/missing.npz {config}", "missing.npz: no such folder or file"),
+        ("fid-stats {tmp}/missing --out {tmp}/stats.npz", "missing: not an image folder"),
+    ],
+    ids=["train", "fid", "fid-stats"],
+)
+def test_train_and_fid_refuse_bad_input_before_torch_or_ray_is_imported(tmp_path, command, message):
+    """Exit 2 in about a second, as `sweep run` does: the input is checked before torch loads."""
+    config = tmp_path / "c.yaml"
+    config.write_text("")
+    args = command.format(config=config, tmp=tmp_path).split()
+    probe = (
+        "import sys; from typer.testing import CliRunner; from cli.main import app; "
+        f"result = CliRunner().invoke(app, {args!r}); "
+        "print(result.exit_code, 'torch' in sys.modules, 'ray' in sys.modules); print(result.output)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[0] == "2 False False", done.stdout + done.stderr
+    assert message in done.stdout
+
+
 def test_missing_data_root_names_the_expected_layout(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"data": {"name": "cifar10", "root": str(tmp_path / "nowhere")}}))

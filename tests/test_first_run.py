@@ -44,6 +44,7 @@ def user_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SWEEP_FID_WEIGHTS")}
 
 
+@pytest.mark.slow
 @needs_fid_weights
 def test_the_readme_main_job_runs_as_printed(tmp_path):
     """The README's lines, verbatim, in a fresh clone with ../shared beside it; the smoke spec is
@@ -88,6 +89,7 @@ def test_the_readme_main_job_runs_as_printed(tmp_path):
     assert "Current best trial" not in console and "Result logdir" not in console
 
 
+@pytest.mark.slow
 def test_relative_paths_mean_what_the_user_typed(tmp_path):
     """A relative data.root resolves against the launch directory, not a Ray worker's."""
     from PIL import Image
@@ -148,6 +150,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_a_failed_sweep_fails_and_resume_tells_the_truth(tmp_path, local_ray, capsys):
     global FIXED
     FIXED = tmp_path / "fixed"

@@ -88,6 +88,7 @@ def test_hutchinson_agrees_with_the_exact_hessian_trace_and_its_stderr_shrinks()
     assert 2.5 < se16 / se256 < 6.5  # ≈ √(256/16) = 4
 
 
+@pytest.mark.slow
 @needs_cifar
 @needs_fid_weights
 def test_fid_equals_pytorch_fids_own_computation_on_the_same_pngs(tmp_path, monkeypatch):

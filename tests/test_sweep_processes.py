@@ -16,6 +16,8 @@ import pytest
 
 from conftest import FID_WEIGHTS, REPO, TINY_RUN, as_from_a_terminal, needs_fid_weights, tiny_run, write_spec
 
+pytestmark = pytest.mark.slow  # every test here runs sweeps in their own processes
+
 
 def clean_env() -> dict[str, str]:
     """This machine's environment without any Ray cluster address another test left behind."""
@@ -175,68 +177,126 @@ class Driver:
         return code, "".join(self.err)
 
 
-@needs_fid_weights
-def test_ctrl_c_at_any_moment_exits_130_with_no_summary_and_resume_finishes(tmp_path):
-    spec = write_spec(
-        tmp_path,
-        base={
-            **TINY_RUN,
-            "train": {"total_steps": 60, "batch_size": 8},
-            "fid": {"num_samples": 8, "final_num_samples": 0, "ref_num_images": 32},
-        },
-        search={"optim.lr": {"grid": [1e-4, 2e-4]}},
-        max_concurrent=1,
-    )
-    experiment = tmp_path / "runs" / "tiny"
-    summary = experiment / "experiment_summary.json"
-    env = {**clean_env(), "SWEEP_FID_WEIGHTS": str(FID_WEIGHTS)}
-    run = ["run", str(spec)]
+class CtrlCSweep:
+    """A grid of two trials of six milestones, one trial at a time, FID by the real Inception: each
+    `sweep run` of it in its own process, as a terminal runs it."""
 
-    def milestones() -> dict[str, list[int]]:
+    STEPS, TRIALS = (10, 20, 30, 40, 50, 60), 2
+
+    def __init__(self, tmp_path):
+        spec = write_spec(
+            tmp_path,
+            base={
+                **TINY_RUN,
+                "train": {"total_steps": self.STEPS[-1], "batch_size": 8},
+                "fid": {"num_samples": 8, "final_num_samples": 0, "ref_num_images": 32},
+            },
+            search={"optim.lr": {"grid": [1e-4, 2e-4]}},
+            max_concurrent=1,
+        )
+        self.cwd = tmp_path
+        self.run = ["run", str(spec)]
+        self.experiment = tmp_path / "runs" / "tiny"
+        self.summary = self.experiment / "experiment_summary.json"
+        self.env = {**clean_env(), "SWEEP_FID_WEIGHTS": str(FID_WEIGHTS)}
+
+    def start(self, *options: str) -> Driver:
+        return Driver([*self.run, *options], self.cwd, self.env)
+
+    def interrupted(self, moment, *options: str) -> None:
+        """A run stopped by Ctrl-C once `moment(self)` is true: what a case starts from."""
+        driver = self.start(*options)
+        code, err = driver.ctrl_c_when(lambda: moment(self))
+        assert code == 130, f"the run the case starts from exited {code}: {err[-2000:]}"
+
+    def milestones(self) -> dict[str, list[int]]:
+        """Each trial's milestone steps, by trial folder."""
         return {
             p.parent.name: [json.loads(line)["step"] for line in p.read_text().splitlines()]
-            for p in experiment.glob("*/metrics.jsonl")
+            for p in self.experiment.glob("*/metrics.jsonl")
         }
 
-    # Before the reference pass: nothing was started, so there is nothing to resume.
-    driver = Driver(run, tmp_path, env)
+    def stored_checkpoints(self) -> dict[str, list[int]]:
+        """Each trial's steps with a checkpoint stored in the experiment (what --resume continues from)."""
+        found: dict[str, list[int]] = {}
+        for path in self.experiment.glob("*/checkpoint_*/step_*.pt"):
+            found.setdefault(path.parent.parent.name, []).append(int(path.stem.removeprefix("step_")))
+        return {trial: sorted(steps) for trial, steps in found.items()}
+
+    def newest_stored_step(self) -> int:
+        return max((max(steps) for steps in self.stored_checkpoints().values()), default=0)
+
+    def status(self) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "cli", "status", str(self.experiment)], capture_output=True, text=True, env=self.env
+        )
+        return done.stdout
+
+    def resume_plan(self) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "cli", *self.run, "--resume", "--dry-run"],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=self.cwd,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout.splitlines()
+
+
+def before_the_reference_pass(sweep: CtrlCSweep) -> None:
+    """Nothing was started, so there is nothing to resume."""
+    driver = sweep.start()
     code, err = driver.ctrl_c_when(lambda: any("FID reference:" in line for line in driver.err))
     assert code == 130 and "nothing to resume: run the same command again" in err, err[-2000:]
-    assert not list(experiment.glob("experiment_state-*.json")) and not summary.exists()
+    assert not list(sweep.experiment.glob("experiment_state-*.json")) and not sweep.summary.exists()
 
-    # Before the first milestone: the trials have started, none has reported.
-    driver = Driver(run, tmp_path, env)
-    code, err = driver.ctrl_c_when(lambda: list(experiment.glob("*/trial.json")))
+
+def before_the_first_milestone(sweep: CtrlCSweep) -> None:
+    """The trials have started, none has reported: the run says how to finish it, status says why it stopped."""
+    driver = sweep.start()
+    code, err = driver.ctrl_c_when(lambda: list(sweep.experiment.glob("*/trial.json")))
     assert code == 130 and "`sweep run SPEC --resume` finishes it" in err, err[-2000:]
-    assert not summary.exists() and "Tuner.restore" not in err
-    status = subprocess.run(
-        [sys.executable, "-m", "cli", "status", str(experiment)], capture_output=True, text=True, env=env
-    )
-    assert "sweep not running: interrupted (Ctrl-C)" in status.stdout, status.stdout
+    assert not sweep.summary.exists() and "Tuner.restore" not in err
+    status = sweep.status()
+    assert "sweep not running: interrupted (Ctrl-C)" in status, status
 
-    # Between milestones: once the resumed run has added one.
-    before = sum(len(steps) for steps in milestones().values())
-    driver = Driver([*run, "--resume"], tmp_path, env)
-    code, err = driver.ctrl_c_when(lambda: before < sum(len(steps) for steps in milestones().values()) < 12)
-    assert code == 130 and "--resume" in err and not summary.exists(), err[-2000:]
-    plan = subprocess.run(
-        [sys.executable, "-m", "cli", *run, "--resume", "--dry-run"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert plan.returncode == 0 and plan.stdout.startswith(f"resuming {experiment}:"), plan.stdout + plan.stderr
-    plans = plan.stdout.splitlines()[1:]
-    assert plans[-1] == "    1 more not created yet: start fresh" or len(plans) == 2
-    assert all(
-        ("kept as it is" in p) or ("continues from its checkpoint at step" in p) or ("start" in p) for p in plans
-    )
-    assert any("continues from its checkpoint at step" in p for p in plans), plans
 
-    # During the analysis: the sweep itself finished (its summary stands); the analysis can be redone.
-    driver = Driver([*run, "--resume"], tmp_path, env)
+def between_milestones_of_a_resumed_run(sweep: CtrlCSweep) -> None:
+    """A resumed run stopped once it has stored a checkpoint of its own: the first trial (one at a
+    time) continues from its newest stored checkpoint, the second is still to be created."""
+    sweep.interrupted(lambda s: list(s.experiment.glob("*/trial.json")))
+    before = sweep.newest_stored_step()
+    driver = sweep.start("--resume")
+    code, err = driver.ctrl_c_when(lambda: sweep.newest_stored_step() > before)
+    assert code == 130 and "`sweep run SPEC --resume` finishes it" in err and not sweep.summary.exists(), err[-2000:]
+    (trial,) = sweep.milestones()  # one trial at a time: the second is not created yet
+    newest = max(sweep.stored_checkpoints()[trial])
+    assert before < newest < sweep.STEPS[-1] and newest in sweep.milestones()[trial]
+    assert sweep.resume_plan() == [
+        f"resuming {sweep.experiment}:",
+        f"    {trial}  interrupted: continues from its checkpoint at step {newest}",
+        "    1 more not created yet: start fresh",
+    ]
+
+
+def during_the_analysis(sweep: CtrlCSweep) -> None:
+    """A run stopped after a stored checkpoint, resumed, stopped again while it analyses: the sweep
+    itself finished (its summary stands, every milestone once) and the analysis can be redone."""
+    sweep.interrupted(lambda s: s.newest_stored_step() > 0)
+    driver = sweep.start("--resume")
     code, err = driver.ctrl_c_when(lambda: any("analysing" in line for line in driver.err))
-    assert code == 130 and "analysis interrupted" in err and f"sweep analyze {experiment}" in err, err[-2000:]
-    assert summary.exists()
-    assert {tuple(steps) for steps in milestones().values()} == {(10, 20, 30, 40, 50, 60)} and len(milestones()) == 2
+    assert code == 130 and "analysis interrupted" in err and f"sweep analyze {sweep.experiment}" in err, err[-2000:]
+    assert sweep.summary.exists()
+    milestones = sweep.milestones()
+    assert len(milestones) == sweep.TRIALS and all(steps == list(sweep.STEPS) for steps in milestones.values())
+
+
+@needs_fid_weights
+@pytest.mark.parametrize(
+    "moment",
+    [before_the_reference_pass, before_the_first_milestone, between_milestones_of_a_resumed_run, during_the_analysis],
+    ids=lambda moment: moment.__name__,
+)
+def test_ctrl_c_exits_130_and_says_how_to_go_on(tmp_path, moment):
+    moment(CtrlCSweep(tmp_path))

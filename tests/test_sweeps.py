@@ -19,13 +19,15 @@ from diffusion_lib.losses import DiffusionLoss
 from diffusion_lib.run_files import FLOOR_FILE
 from diffusion_lib.trainer import Trainer
 from record.experiment import load_experiment
-from record.files import REFERENCE_DIR
+from record.files import REFERENCE_DIR, StoppedEarly
 from sweeps.console import sweep_reporter
 from sweeps.runner import run_sweep
 from sweeps.spec import load_spec
 
 import conftest
 from conftest import TINY_RUN, run_sweep_with_standin_fid, sessions_by_status, trainer_with_parts, write_spec
+
+pytestmark = pytest.mark.slow  # every test here starts Ray
 
 runner = CliRunner()
 
@@ -111,6 +113,37 @@ def test_racing_stops_the_clearly_worse_arm_and_the_record_says_stopped(tmp_path
     assert steps == {3e-3: 60, 1e-8: 30}  # the first arm to the rung goes on; the clearly worse one is cut there
     summary = json.loads((Path(results.experiment_path) / "experiment_summary.json").read_text())["trials"]
     assert sorted(t["state"] for t in summary.values()) == ["finished", "stopped"]
+
+
+def test_racing_dynamics_runs_pilots_then_cuts_beyond_sampling_and_dynamics_and_says_why(tmp_path, local_ray, capfd):
+    """Four shapes trials one at a time: the first three run to the end as the rung's pilots (its
+    training-dynamics term unmeasured, nothing is cut); the fourth, which cannot learn, is cut at
+    its first rung, with one console line and its record saying why."""
+    base = {
+        **TINY_RUN,
+        "train": {"total_steps": 60, "batch_size": 8},
+        "fid": {"num_samples": 64, "final_num_samples": 0},
+    }
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            base=base,
+            metric="val/fid",
+            max_concurrent=1,
+            search={"optim.lr": {"grid": [3e-3, 2e-3, 1e-3, 1e-8]}},  # 1e-8 cannot learn in 60 steps
+            scheduler={"type": "racing_dynamics", "grace_period": 20, "reduction_factor": 2},
+        )
+    )
+    results = run_sweep_with_standin_fid(spec)
+    steps = {r.config["optim.lr"]: r.metrics["step"] for r in results}
+    assert steps == {3e-3: 60, 2e-3: 60, 1e-3: 60, 1e-8: 20}
+    (stopped,) = [Path(r.path) for r in results if r.config["optim.lr"] == 1e-8]
+    reason = StoppedEarly.read(stopped, [])
+    assert reason.step == 20 and "training dynamics" in reason.reason and "from 3 pairs of 3 trials" in reason.reason
+    console = capfd.readouterr().err
+    assert console.count(" stopped at step 20: val/fid ") == 1 and reason.reason in console
+    summary = json.loads((Path(results.experiment_path) / "experiment_summary.json").read_text())["trials"]
+    assert sorted(t["state"] for t in summary.values()) == ["finished", "finished", "finished", "stopped"]
 
 
 def test_optuna_with_asha_stops_the_clearly_worse_arm_early(tmp_path, local_ray):

@@ -1,0 +1,81 @@
+"""What `sweep run --dry-run` prints: the expanded trial list and its cost, read from the spec
+alone, and the warnings a real run would turn into refusals. Nothing starts, so a user can check
+a search space before spending a cluster on it."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from diffusion_lib.config import SEED_KEY
+from record.noise import MIN_DYNAMICS_TRIALS
+from record.states import trial_count
+
+from .spec import SweepSpec, short_params
+
+
+def describe(spec: SweepSpec) -> str:
+    """The expanded trial list `--dry-run` prints, ending with the line `N trials`."""
+    sampled = {k: d for k, d in spec.search.items() if not d.is_grid}
+    lines = [
+        f"experiment: {spec.name} at {spec.experiment_path}",
+        f"algorithm: {spec.algorithm}; scheduler: {_scheduler(spec)}; metric: {spec.metric} ({spec.mode})",
+        f"resources per trial: {spec.resources.cpu:g} cpu, {spec.resources.gpu:g} gpu; "
+        f"max concurrent: {spec.max_concurrent or 'unlimited'}; max failures: {spec.max_failures}",
+    ]
+    lines += [f"sampled: {key} ~ {dist.describe()}" for key, dist in sampled.items()]
+    lines += _trial_lines(spec, sampled=bool(sampled))
+    costs = [("without early stopping", spec.cost())]
+    if spec.scheduler.type == "asha":
+        cut = f"1/{spec.scheduler.reduction_factor:g} promoted at each rung"
+        costs.append((f"with ASHA's nominal cuts ({cut})", spec.asha_cost()))
+    for what, cost in costs:
+        lines.append(
+            f"cost {what}: {cost['steps']:,} training steps ({cost['images']:,} images), "
+            f"{cost['fid_samples']:,} FID samples, "
+            f"{cost['inception_images']:,} images through Inception (reference included)"
+        )
+    lines.append(trial_count(spec.num_trials))
+    return "\n".join(lines)
+
+
+def _scheduler(spec: SweepSpec) -> str:
+    """The early-stopping scheduler with its rungs, e.g. `asha (rungs at steps 500, 1000, …)`."""
+    scheduler = spec.scheduler
+    if scheduler.type == "none":
+        return "none"
+    rungs = ", ".join(map(str, spec.rungs()))
+    rule = {
+        "racing": f", stops only beyond {scheduler.z:g} standard errors",
+        "racing_dynamics": f", stops only beyond {scheduler.z:g} standard errors of sampling and training dynamics, "
+        f"each rung once {MIN_DYNAMICS_TRIALS} trials went past it",
+    }.get(scheduler.type, "")
+    return (
+        f"{scheduler.type} (rungs at steps {rungs}, reduction {scheduler.reduction_factor:g}, "
+        f"max_t {spec.max_total_steps()}{rule})"
+    )
+
+
+def _trial_lines(spec: SweepSpec, *, sampled: bool) -> list[str]:
+    """One numbered line per trial: its grid point and seed; Optuna's trials are suggested as
+    the search goes, so they are only counted."""
+    if spec.algorithm == "optuna":
+        return [f"  {i + 1:>3}  (Optuna TPE suggestion, seed {spec.seed})" for i in range(spec.num_trials)]
+    lines = []
+    for point in spec.grid_points():
+        for _ in range(spec.num_samples):
+            for seed in spec.seeds if spec.repeats > 1 else [None]:
+                label = short_params({**point, **({SEED_KEY: seed} if seed is not None else {})}) or "(base config)"
+                lines.append(f"  {len(lines) + 1:>3}  {label}" + ("  + sampled" if sampled else ""))
+    return lines
+
+
+def dry_run_warnings(spec: SweepSpec, address: Optional[str]) -> list[str]:
+    """What a real run would refuse that a dry run can see without starting Ray."""
+    import torch  # only here: the trial list above prints without it
+
+    if spec.resources.gpu > 0 and address is None and torch.cuda.device_count() == 0:
+        return [
+            f"resources.gpu: each trial asks for {spec.resources.gpu:g} GPU but this machine has none; "
+            "a run here would be refused (set resources.gpu: 0, or attach to a cluster with --address)"
+        ]
+    return []
