@@ -205,13 +205,7 @@ class RankingMovement:
 def ranking_movements(experiment: Experiment) -> list[RankingMovement]:
     """The training-dynamics term at every milestone step before the last, measured on the
     same-count FID curves of every trial that went past it."""
-    curves = {
-        trial.trial_id: {
-            row[STEP.name]: Measurement.from_row(row, FID.name, trial.config.get(EVAL_SEED_KEY))
-            for row in comparable_rows(trial.milestones, FID.name, experiment.basis)
-        }
-        for trial in experiment.trials
-    }
+    curves = experiment.fid_curves()
     steps = sorted({step for curve in curves.values() for step in curve})
     found = (rung_dynamics(curves, step) for step in steps[:-1])
     return [RankingMovement(d) for d in found if d is not None]

@@ -29,6 +29,7 @@ from record.best import comparable_rows, is_finite_number
 from record.experiment import Experiment, Trial, load_experiment
 from record.files import SUMMARY_FILE
 from record.mirror import mirror_experiment
+from record.noise import rung_dynamics
 
 
 @dataclass
@@ -66,7 +67,8 @@ class StatusInfo:
 
     @property
     def lines(self) -> list[str]:
-        return [self.header, *table(self), totals_line(self.trials), best_line(self)]
+        dynamics = dynamics_line(self.experiment)
+        return [self.header, *table(self), totals_line(self.trials), best_line(self), *([dynamics] if dynamics else [])]
 
 
 def experiment_status(
@@ -177,6 +179,18 @@ def best_line(info: StatusInfo) -> str:
         f"samples); {searched}"
         + (f" [{left_out} trial(s) with FIDs at other sample counts not compared]" if left_out else "")
     )
+
+
+def dynamics_line(experiment: Experiment) -> Optional[str]:
+    """How far rankings still moved after each milestone that enough trials went past
+    (`record.noise.rung_dynamics`): the margin a cut there must allow beyond sampling noise."""
+    curves = experiment.fid_curves()
+    steps = sorted({step for curve in curves.values() for step in curve})
+    measured = [d for d in (rung_dynamics(curves, step) for step in steps[:-1]) if d is not None]
+    if not measured:
+        return None
+    shown = "; ".join(f"after step {d.rung:g}: {d.spread:.3g} ({d.num_trials} trials past it)" for d in measured)
+    return f"rankings still move (FID, training dynamics beyond sampling): {shown}"
 
 
 # ---- watching -------------------------------------------------------------------------------

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from diffusion_lib.config import TOTAL_STEPS_KEY, ConfigError
+from diffusion_lib.config import EVAL_SEED_KEY, TOTAL_STEPS_KEY, ConfigError
 from diffusion_lib.milestone import FID, STEP, WALL_TIME
 from diffusion_lib.run_files import CHECKPOINT_DIR, METRICS_FILE, FidFloor, FloorPoint, list_checkpoints, read_metrics
 
 from . import states, storage
-from .best import Row, best_milestone, common_basis, is_finite_number
+from .best import Row, best_milestone, common_basis, comparable_rows, is_finite_number
 from .files import (
     INTERRUPTED_FILE,
     RAY_CHECKPOINT_GLOB,
@@ -33,6 +33,7 @@ from .files import (
     searched_values,
     trial_label,
 )
+from .noise import Measurement
 
 
 @dataclass
@@ -94,6 +95,16 @@ class Experiment:
         return best_milestone(
             trial.milestones, metric, self.mode if metric == self.metric else "min", self.basis, steps=steps
         )
+
+    def fid_curves(self) -> dict[str, dict[int, Measurement]]:
+        """Each trial's FIDs on the common basis by step, with their noise (`record.noise`)."""
+        return {
+            trial.trial_id: {
+                row[STEP.name]: Measurement.from_row(row, FID.name, trial.config.get(EVAL_SEED_KEY))
+                for row in comparable_rows(trial.milestones, FID.name, self.basis)
+            }
+            for trial in self.trials
+        }
 
     def floor_point(self) -> Optional[FloorPoint]:
         """The floor under the common FID basis (its sample count and reference), when stored."""

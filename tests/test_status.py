@@ -261,3 +261,21 @@ def test_status_imports_neither_torch_nor_tensorboard_nor_ray(mid_run):
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["0", "False", "False", "False"], done.stdout + done.stderr
+
+
+def test_status_says_how_far_rankings_still_move_once_three_trials_went_past_a_milestone(tmp_path):
+    """Mid-run: three trials past step 10 whose FIDs there did not hold their order by step 20
+    (no standard errors: all of the change is training dynamics), a fourth still at step 10."""
+    exp = tmp_path / "exp"
+    curves = {"a": (300.0, 250.0), "b": (320.0, 220.0), "c": (340.0, 280.0)}
+    for name, (at_10, at_20) in curves.items():
+        write_trial(exp, f"{name}_lr=1", [row(10, at_10), row(20, at_20)], searched={"optim.lr": 1})
+    write_trial(exp, "d_lr=1", [row(10, 330.0)], searched={"optim.lr": 1})
+    result = runner.invoke(app, ["status", str(exp)])
+    assert result.exit_code == 0, result.output
+    # Δ between pairs from step 10 to 20: 50, 10, −40: τ = √((2500 + 100 + 1600) / 3) = 37.4.
+    assert result.stdout.splitlines()[-1] == (
+        "rankings still move (FID, training dynamics beyond sampling): after step 10: 37.4 (3 trials past it)"
+    )
+    write_trial(exp, "b_lr=1", [row(10, 320.0)], searched={"optim.lr": 1})  # only two past step 10: not yet said
+    assert "rankings still move" not in runner.invoke(app, ["status", str(exp)]).stdout
