@@ -353,7 +353,7 @@ def analyze_location(location: str, out: Optional[Path] = None, *, progress: boo
     require_experiment(location)
     mirror = functools.partial(mirror_experiment, checkpoints=_best_checkpoints)
     with storage.local_folder(location, seed=mirror, upload_changes=out is None) as folder:
-        warnings = [w.replace(str(folder), location) for w in analyze_experiment(folder, out, progress=progress)]
+        warnings = list(map(storage.named_as(location, folder), analyze_experiment(folder, out, progress=progress)))
     return storage.join(str(out) if out else storage.join(location, ANALYSIS_DIR), REPORT_FILE), warnings
 
 

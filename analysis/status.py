@@ -26,7 +26,7 @@ from diffusion_lib.config import ConfigError
 from diffusion_lib.milestone import FID, FID_NUM_SAMPLES, STEP, WALL_TIME
 from record import states, storage
 from record.best import comparable_rows, is_finite_number
-from record.experiment import Experiment, Trial, load_experiment
+from record.experiment import Experiment, Trial, load_experiment, require_experiment
 from record.files import SUMMARY_FILE
 from record.mirror import mirror_experiment
 from record.noise import rung_dynamics
@@ -247,13 +247,9 @@ def show_status(
     """The status of the experiment at `location` (a path or URI), once or, when `watching`, every
     `interval` seconds until Ctrl-C. A URI is read through a temporary mirror, synced again
     before each refresh; the lines name the URI, not the mirror the user never asked for."""
-    is_uri = storage.is_uri(location)
-    if is_uri:
-        storage.validate_storage(location, "EXPERIMENT")
+    require_experiment(location)
     with storage.local_folder(location, seed=mirror_experiment, upload_changes=False) as folder:
-
-        def shown(line: str) -> str:
-            return line.replace(str(folder), location) if is_uri else line
+        shown = storage.named_as(location, folder)
 
         def echo_shown(line: str) -> None:
             echo(shown(line))
@@ -263,7 +259,7 @@ def show_status(
 
         def sleep_and_sync(seconds: float) -> None:
             time.sleep(seconds)
-            if is_uri:
+            if storage.is_uri(location):  # a local experiment is read afresh anyway
                 try:
                     mirror_experiment(location, folder)
                 except (ConfigError, OSError) as err:  # shown; the mirror stays as it was, retried next refresh

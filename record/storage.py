@@ -155,6 +155,12 @@ def local_folder(
                 list(pool.map(lambda p: upload(folder / p, join(location, *Path(p).parts)), changed))
 
 
+def named_as(location: str, folder: Path) -> Callable[[str], str]:
+    """Text about `folder`, a `local_folder` of `location`, naming the location instead: the URI,
+    not the temporary folder the user never asked for."""
+    return (lambda text: text.replace(str(folder), location)) if is_uri(location) else (lambda text: text)
+
+
 def _file_stamps(folder: Path) -> dict[str, tuple[int, int]]:
     """Each file under `folder` (relative path) with its size and modification time."""
     return {

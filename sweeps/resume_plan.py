@@ -24,9 +24,7 @@ def resume_plan(experiment_path: str, num_trials: int) -> list[str]:
         try:
             experiment = load_experiment(folder)
         except ConfigError as err:
-            if not storage.is_uri(experiment_path):
-                raise
-            raise ConfigError(str(err).replace(str(folder), experiment_path)) from None  # the URI, not the mirror
+            raise ConfigError(storage.named_as(experiment_path, folder)(str(err))) from None
     lines = [f"resuming {experiment_path}:"]
     for trial in experiment.trials:
         if trial.state in (states.FINISHED, states.STOPPED):
