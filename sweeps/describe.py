@@ -10,6 +10,7 @@ from diffusion_lib.config import SEED_KEY
 from record.noise import MIN_DYNAMICS_TRIALS
 from record.states import trial_count
 
+from .cost import asha_cost, sweep_cost
 from .spec import SweepSpec, short_params
 
 
@@ -24,10 +25,10 @@ def describe(spec: SweepSpec) -> str:
     ]
     lines += [f"sampled: {key} ~ {dist.describe()}" for key, dist in sampled.items()]
     lines += _trial_lines(spec, sampled=bool(sampled))
-    costs = [("without early stopping", spec.cost())]
+    costs = [("without early stopping", sweep_cost(spec))]
     if spec.scheduler.type == "asha":
         cut = f"1/{spec.scheduler.reduction_factor:g} promoted at each rung"
-        costs.append((f"with ASHA's nominal cuts ({cut})", spec.asha_cost()))
+        costs.append((f"with ASHA's nominal cuts ({cut})", asha_cost(spec)))
     for what, cost in costs:
         lines.append(
             f"cost {what}: {cost['steps']:,} training steps ({cost['images']:,} images), "

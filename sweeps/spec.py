@@ -46,7 +46,7 @@ from record import storage
 from record.files import searched_values, trial_label
 from record.noise import DEFAULT_CUT_Z, rungs
 
-from .search import Distribution, Search, SectionSearch, parse_search
+from .search import Search, SectionSearch, parse_search
 
 
 @dataclass
@@ -144,47 +144,6 @@ class SweepSpec:
     def rungs(self) -> list[int | float]:
         """The steps at which the scheduler compares trials (`record.noise.rungs`)."""
         return rungs(self.scheduler.grace_period, self.scheduler.reduction_factor, self.max_total_steps())
-
-    def cost(self, stop_at: Optional[int] = None) -> dict[str, int]:
-        """What the sweep costs if every trial stops at `stop_at` steps (its own total when None
-        or larger): training steps and images, generated FID samples, and images through
-        Inception (the reference once, then every FID sample). Exact for grids; a sampled key
-        counts at its largest value, so Optuna and random searches get an upper bound."""
-
-        def largest(dist: Distribution) -> Any:
-            numbers = [v for v in dist.candidates() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-            return max(numbers) if numbers else dist.candidates()[0]
-
-        sampled = {k: largest(d) for k, d in self.search.items() if not d.is_grid}
-        per_point = self.num_trials // max(len(self.grid_points()), 1)
-        totals = dict.fromkeys(("steps", "images", "fid_samples"), 0)
-        for point in self.grid_points() or [{}]:
-            config = self.trial_config({**sampled, **point})
-            steps = min(stop_at or config.train.total_steps, config.train.total_steps)
-            milestones = -(-steps // config.eval.every)  # ceil: the last step is a milestone too
-            finished = steps == config.train.total_steps
-            totals["steps"] += per_point * steps
-            totals["images"] += per_point * steps * config.train.batch_size
-            totals["fid_samples"] += per_point * (
-                milestones * config.fid.num_samples + (config.fid.final_num_samples if finished else 0)
-            )
-        fid, data = self.run_config.fid, self.run_config.data
-        reference = (
-            (fid.ref_num_images or data.num_images or 50_000) if totals["fid_samples"] else 0
-        )  # 50,000: CIFAR-10's
-        return {"trials": self.num_trials, **totals, "inception_images": reference + totals["fid_samples"]}
-
-    def asha_cost(self) -> dict[str, int]:
-        """`cost()` if ASHA promoted exactly 1/reduction_factor of the trials at each rung (its
-        nominal schedule; asynchronous promotion can let more through early on)."""
-        rungs = [int(r) for r in self.rungs()] + [self.max_total_steps()]
-        shares = [self.scheduler.reduction_factor**-k for k in range(len(rungs))]
-        stopping = [a - b for a, b in zip(shares, shares[1:] + [0.0])]  # trials that stop at each rung
-        totals = [self.cost(stop_at=r) for r in rungs]
-        return {
-            key: round(sum(s * t[key] for s, t in zip(stopping, totals))) if key != "trials" else totals[0][key]
-            for key in totals[0]
-        }
 
     def warnings(self) -> list[str]:
         """What makes a search measure something else than it claims, short of an error."""
