@@ -90,9 +90,9 @@ class Comparison:
         needed = f"{self.z:g} × {self.gap.stderr:.3g} = {self.gap.margin(self.z):.3g}"
         if self.dynamics is not None:
             sampling = math.sqrt(max(self.gap.stderr**2 - self.dynamics.spread**2, 0.0))
+            pairs = f"{self.dynamics.num_pairs} pairs of {trial_count(self.dynamics.num_trials)}"
             needed += (
-                f" (sampling {sampling:.3g}, training dynamics {self.dynamics.spread:.3g} "
-                f"from {self.dynamics.num_pairs} pairs of {trial_count(self.dynamics.num_trials)} past the rung)"
+                f" (sampling {sampling:.3g}, training dynamics {self.dynamics.spread:.3g} from {pairs} past the rung)"
             )
         return (
             f"trial {self.trial_id} stopped at step {rung:g}: {metric} {value:.4g}, "
@@ -178,8 +178,8 @@ class RacingScheduler(FIFOScheduler):
     def on_trial_add(self, tune_controller, trial) -> None:
         if not self._metric or self._mode not in ("min", "max"):
             raise ValueError(
-                f"RacingScheduler needs a metric ({self._metric}) and a mode ({self._mode}): pass them to the "
-                f"scheduler or to tune.TuneConfig()"
+                f"RacingScheduler needs a metric ({self._metric}) and a mode ({self._mode}): "
+                "pass them to the scheduler or to tune.TuneConfig()"
             )
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:

@@ -1,18 +1,19 @@
 """Would early stopping have kept the grid's best, and what would it have saved? One full grid's
-recorded curves replayed through Ray's own ASHA and through `RacingScheduler`.
+recorded curves replayed through Ray's own ASHA, `RacingScheduler` and `DynamicsRacingScheduler`.
 
 Which trials ASHA cuts depends on which reach a rung first, so one sweep is one draw. The replay
 draws many: in each arrival order the trials start in a random order, at most `concurrency` at
 a time, each at a random speed, so their milestones arrive interleaved as in a real run, and a
 fresh instance of each scheduler is handed every milestone row through the methods Tune calls
 (`on_trial_add`, `on_trial_result`, `on_trial_complete`). A STOP ends that trial where it stands
-and frees its slot for the next. Both schedulers see the same orders and speeds.
+and frees its slot for the next. Every scheduler sees the same orders and speeds.
 
 Per order and scheduler it records the trial-steps used (the last step each trial reached) as a
 share of the grid's, the best FID seen, whether that is the grid's best or within noise of it
 (`record.noise`'s rule: a gap within two standard errors, paired from the two milestones'
 jackknife replicates where they have them), and which trials were stopped where. `replay`
-computes a `ReplayInfo`; `render` writes it as a short table, ASHA beside racing.
+computes a `ReplayInfo`, with how far rankings moved after each rung on the whole grid (the
+training-dynamics term); `render` writes it as a short table, the schedulers side by side.
 
 The grid's best is the lowest `val/fid` over every trial's milestones: the curves must hold FIDs
 measured at one sample count against one reference (the caller checks).
@@ -290,8 +291,9 @@ def render(info: ReplayInfo) -> list[str]:
         f"Grid: {info.grid_trial_steps} trial-steps; best {best}",
         f"Kept: the best seen is within {NOISE_MULTIPLE:g} standard errors of the grid's best",
         *(
-            f"Rankings still move after {STEP.name} {d.rung:g}: training dynamics {d.spread:.3g} "
-            f"(sampling alone {d.sampling_spread:.3g}) over {d.num_pairs} pairs of trials that went past it"
+            f"Rankings still move after {STEP.name} {d.rung:g}: "
+            f"training dynamics {d.spread:.3g} (sampling alone {d.sampling_spread:.3g}) "
+            f"over {d.num_pairs} pairs of trials that went past it"
             for d in info.dynamics
         ),
         "",
