@@ -58,15 +58,16 @@ class GotWorse:
         who = trial_label(self.searched) or "the run"
         if self.best_step == self.last_step:
             return (
-                f"{who}: FID is lowest at the last milestone, step {self.last_step} "
-                f"({self.last_fid:.4g}): no sign of getting worse with training."
+                f"{who}: FID is lowest at the last milestone, step {self.last_step} ({self.last_fid:.4g}): "
+                "no sign of getting worse with training."
             )
         verdict = "an effect" if self.is_effect else "within noise"
         return (
-            f"{who}: FID at the last milestone (step {self.last_step}, {self.last_fid:.4g}) against its best "
-            f"(step {self.best_step}, {self.best_fid:.4g}): {self.gap:+.3g} ± {self.stderr:.2g} ({verdict}; "
-            f"{self.kind}, {self.num_seeds} seed{'s' if self.num_seeds > 1 else ''}; the best is the lowest of "
-            f"{self.num_milestones} milestones, so noise alone makes this gap positive)."
+            f"{who}: FID at the last milestone (step {self.last_step}, {self.last_fid:.4g}) "
+            f"against its best (step {self.best_step}, {self.best_fid:.4g}): "
+            f"{self.gap:+.3g} ± {self.stderr:.2g} ({verdict}; "
+            f"{self.kind}, {self.num_seeds} seed{'s' if self.num_seeds > 1 else ''}; "
+            f"the best is the lowest of {self.num_milestones} milestones, so noise alone makes this gap positive)."
         )
 
 
@@ -122,10 +123,12 @@ class CurvatureCorrelation:
         who = trial_label(self.searched) or "the run"
         direction = "falls as FID rises" if self.rho < 0 else "rises with FID"
         strength = "" if self.p_value < 0.05 else ", which is within noise (p ≥ 0.05)"
+        trials = f"{self.num_trials} trial{'s' if self.num_trials > 1 else ''}"
         return (
-            f"{who}: curvature {direction}: Spearman's ρ = {self.rho:+.2f} over n = {self.num_milestones} "
-            f"milestones of {self.num_trials} trial{'s' if self.num_trials > 1 else ''} (p = {self.p_value:.2g})"
-            f"{strength}. Both change with the training step, so this is a correlation along training, not a cause."
+            f"{who}: curvature {direction}: "
+            f"Spearman's ρ = {self.rho:+.2f} over n = {self.num_milestones} milestones of {trials} "
+            f"(p = {self.p_value:.2g}){strength}. "
+            "Both change with the training step, so this is a correlation along training, not a cause."
         )
 
 

@@ -67,9 +67,10 @@ def basis_warnings(experiment: Experiment) -> list[str]:
     if not experiment.off_basis:
         return []
     count, reference = experiment.basis
+    basis = f"{count} samples / reference {reference}"
     return [
-        f"FIDs measured at another sample count or against another reference than {count} samples / "
-        f"reference {reference} are not ranked with the others: {', '.join(experiment.off_basis)}"
+        f"FIDs measured at another sample count or against another reference than {basis} "
+        f"are not ranked with the others: {', '.join(experiment.off_basis)}"
     ]
 
 
@@ -130,14 +131,15 @@ def effect_sentences(configs: list[Configuration], keys: list[str]) -> list[str]
             gap = config_difference(winner, other)
             verdict = "an effect" if gap.is_effect else "within noise"
             parts.append(
-                f"{name} = {other.searched[key]}: {fmt(other.mean, other.stderr)} "
-                f"({verdict}: {gap.gap:+.3g} ± {gap.stderr:.2g}, {gap.kind})"
+                f"{name} = {other.searched[key]}: "
+                f"{fmt(other.mean, other.stderr)} ({verdict}: {gap.gap:+.3g} ± {gap.stderr:.2g}, {gap.kind})"
             )
         fixed = ", ".join(f"{k.split('.')[-1]} = {winner.searched.get(k)}" for k in others)
         condition = (f" with {fixed}" if fixed else "") if varied else (" (other keys free)" if others else "")
         sentences.append(
-            f"Best {FID.name}{condition} is at {name} = {winner.searched[key]} "
-            f"({fmt(winner.mean, winner.stderr)}); " + "; ".join(parts) + "."
+            f"Best {FID.name}{condition} is at {name} = {winner.searched[key]} ({fmt(winner.mean, winner.stderr)}); "
+            + "; ".join(parts)
+            + "."
         )
     return sentences
 
@@ -152,7 +154,8 @@ class RankAgreement:
     @property
     def sentence(self) -> str:
         base = (
-            f"Early stopping: FID at step {self.step} and at the end agree in rank with Kendall's τ = {self.tau:.2f} "
+            "Early stopping: "
+            f"FID at step {self.step} and at the end agree in rank with Kendall's τ = {self.tau:.2f} "
             f"over {self.num_trials} trials (p = {self.p_value:.2g})"
         )
         if self.tau >= 0.6 and self.p_value < 0.05:
@@ -194,11 +197,13 @@ class RankingMovement:
     @property
     def sentence(self) -> str:
         d = self.dynamics
+        pairs = f"{d.num_pairs} pairs of {d.num_trials} trials"
         return (
-            f"Rankings still move after step {d.rung:g}: the FID difference between two trials there changed by "
-            f"{d.spread:.3g} by the last milestone both reached, beyond the {d.sampling_spread:.3g} that sampling "
-            f"alone explains ({d.num_pairs} pairs of {d.num_trials} trials); a cut at this step is safe only with "
-            "a margin that counts it (scheduler racing_dynamics)."
+            f"Rankings still move after step {d.rung:g}: "
+            f"the FID difference between two trials there changed by {d.spread:.3g} "
+            "by the last milestone both reached, "
+            f"beyond the {d.sampling_spread:.3g} that sampling alone explains ({pairs}); "
+            "a cut at this step is safe only with a margin that counts it (scheduler racing_dynamics)."
         )
 
 

@@ -282,9 +282,11 @@ def _over_training_section(report: ReportData) -> list[Block]:
 def _importance_section(report: ReportData) -> list[Block]:
     n = report.importance_trials
     if n < MIN_TRIALS_TO_RANK:
+        metric = report.experiment.metric
         text = (
-            f"Too few trials to rank the searched keys: {n} with a {report.experiment.metric} on the common basis "
-            f"(Optuna's PED-ANOVA needs at least {MIN_TRIALS_TO_RANK}: it weighs the top 10% against the rest). "
+            "Too few trials to rank the searched keys: "
+            f"{n} with a {metric} on the common basis (Optuna's PED-ANOVA needs at least {MIN_TRIALS_TO_RANK}: "
+            "it weighs the top 10% against the rest). "
             "The effects above compare them with their noise."
         )
         return [Heading("Which knob matters"), Paragraph(text)]
@@ -295,8 +297,8 @@ def _importance_section(report: ReportData) -> list[Block]:
         Heading("Which knob matters"),
         Paragraph(
             f"Optuna's PED-ANOVA importance of each searched key for {report.experiment.metric}, "
-            f"over {n} finished and stopped trials, each at its best milestone "
-            "(a ranking, not a test: with few trials it is a hint): "
+            f"over {n} finished and stopped trials, "
+            "each at its best milestone (a ranking, not a test: with few trials it is a hint): "
             f"{ranked}."
         ),
     ]

@@ -91,8 +91,9 @@ def experiment_status(
         header = f"{path}: sweep running (Ray's driver wrote its state {_ago(now - experiment.ray_mtime)} ago)"
     elif experiment.driver_alive is False:
         header = (
-            f"{path}: sweep not running: nothing from Ray for {_ago(now - experiment.ray_mtime)} and no {SUMMARY_FILE} "
-            "(killed or crashed?); `sweep run SPEC --resume` finishes it"
+            f"{path}: sweep not running: "
+            f"nothing from Ray for {_ago(now - experiment.ray_mtime)} and no {SUMMARY_FILE} (killed or crashed?); "
+            "`sweep run SPEC --resume` finishes it"
         )
     else:
         header = f"{path}: no Ray state yet; running or interrupted judged from each trial's file times"
@@ -175,9 +176,8 @@ def best_line(info: StatusInfo) -> str:
     searched = ", ".join(f"{k}={v}" for k, v in best.searched.items()) or "(no searched values)"
     left_out = sum(1 for t in info.trials if t.trial_id in info.experiment.off_basis and info.fid_progress(t) is None)
     return (
-        f"{heading}: {best.trial_id}: {FID.name} {fid.best:.2f} at step {fid.best_step} ({fid.num_samples} "
-        f"samples); {searched}"
-        + (f" [{left_out} trial(s) with FIDs at other sample counts not compared]" if left_out else "")
+        f"{heading}: {best.trial_id}: {FID.name} {fid.best:.2f} at step {fid.best_step} ({fid.num_samples} samples); "
+        f"{searched}" + (f" [{left_out} trial(s) with FIDs at other sample counts not compared]" if left_out else "")
     )
 
 

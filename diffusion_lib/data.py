@@ -82,8 +82,8 @@ class CifarBatchUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
             raise ConfigError(
-                f"{self.path}: refused to load: the pickle references {module}.{name}, which a CIFAR-10 batch never "
-                "holds"
+                f"{self.path}: refused to load: "
+                f"the pickle references {module}.{name}, which a CIFAR-10 batch never holds"
             )
         return super().find_class(module, name)
 
@@ -96,9 +96,10 @@ def load_cifar10(root: Path, download: bool) -> torch.Tensor:
         CIFAR10(str(root), train=True, download=True)
     for fname in CIFAR_TRAIN_FILES:
         if not (folder / fname).is_file():
+            batches = f"{root}/{CIFAR_FOLDER}/data_batch_1 … data_batch_5"
             raise ConfigError(
-                f"data.root={root}: missing {folder / fname}; expected the CIFAR-10 python batches "
-                f"{root}/{CIFAR_FOLDER}/data_batch_1 … data_batch_5 (set data.download: true to fetch them)"
+                f"data.root={root}: missing {folder / fname}; "
+                f"expected the CIFAR-10 python batches {batches} (set data.download: true to fetch them)"
             )
     return torch.cat([_read_cifar_batch(folder / fname, root) for fname in CIFAR_TRAIN_FILES])
 
@@ -166,10 +167,10 @@ def load_dataset(config: DataConfig, seed: int = 0) -> ImageDataset:
     else:
         images = load_folder(Path(config.root))
     if config.num_images is not None:
-        if config.num_images > images.shape[0]:
+        available = images.shape[0]
+        if config.num_images > available:
             raise ConfigError(
-                f"data.num_images={config.num_images} but {config.name} at {config.root} has only {images.shape[0]} "
-                "images"
+                f"data.num_images={config.num_images} but {config.name} at {config.root} has only {available} images"
             )
         images = images[: config.num_images]
     return ImageDataset(config.name, images.contiguous())

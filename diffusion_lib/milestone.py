@@ -34,8 +34,8 @@ T_BUCKETS = tuple(
 FID = Metric(
     "val/fid",
     float,
-    "FID of `fid.num_samples` EMA samples against the reference statistics, the same count at every milestone (the "
-    "last one too)",
+    "FID of `fid.num_samples` EMA samples against the reference statistics, "
+    "the same count at every milestone (the last one too)",
     rankable=True,
 )
 FID_STDERR = Metric(
@@ -46,9 +46,9 @@ FID_STDERR = Metric(
 FID_REPLICATES = Metric(
     "val/fid_jackknife",
     list,
-    "the jackknife's FIDs without each of 25 sample groups: milestones and trials sampled from the same `eval.seed` "
-    "delete the same samples, so the standard error of a difference of two FIDs comes from the differences of "
-    "their replicates (paired)",
+    "the jackknife's FIDs without each of 25 sample groups: "
+    "milestones and trials sampled from the same `eval.seed` delete the same samples, "
+    "so the standard error of a difference of two FIDs comes from the differences of their replicates (paired)",
 )
 FID_NUM_SAMPLES = Metric("val/fid_num_samples", int, "generated images behind `val/fid` and `val/kid`")
 FID_REF_NUM_IMAGES = Metric(

@@ -112,14 +112,16 @@ class FidFloor:
         point = self.at(num_samples)
         if point is None:
             return f"no FID floor at {num_samples} samples was computed"
+        reference = f"{self.reference_images}-image reference"
         if point.fid is None:
             return (
-                f"no FID floor at {num_samples} samples: only {self.held_out_images} real images outside the "
-                f"{self.reference_images}-image reference ({self.held_out}); lower fid.ref_num_images or add data"
+                f"no FID floor at {num_samples} samples: "
+                f"only {self.held_out_images} real images outside the {reference} ({self.held_out}); "
+                "lower fid.ref_num_images or add data"
             )
         return (
-            f"real images ({self.held_out}) score {point.fid:.4g} ± {point.stderr:.2g} at {num_samples} samples "
-            f"against this {self.reference_images}-image reference"
+            f"real images ({self.held_out}) "
+            f"score {point.fid:.4g} ± {point.stderr:.2g} at {num_samples} samples against this {reference}"
         )
 
     def write(self, folder: Path) -> None:

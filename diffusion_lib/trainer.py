@@ -124,9 +124,9 @@ class Trainer:
         leftover = config.ema.initialisation_left(config.train.total_steps)
         if leftover > EMA_INITIALISATION_WARN_SHARE:
             warnings.warn(
-                f"ema.decay={config.ema.decay} over {config.train.total_steps} steps leaves {leftover:.0%} of the "
-                "random "
-                "initialisation in the EMA weights that samples and FID use; lower ema.decay for short runs",
+                f"ema.decay={config.ema.decay} over {config.train.total_steps} steps leaves {leftover:.0%} "
+                "of the random initialisation in the EMA weights that samples and FID use; "
+                "lower ema.decay for short runs",
                 stacklevel=2,
             )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.optim.lr, fused=cuda)

@@ -151,8 +151,8 @@ def load_experiment(
     )
     if not trial_dirs and sweep is None and not ray_trials:
         raise ConfigError(
-            f"{path}: not an experiment directory (no {SWEEP_FILE} and no trial folders with {TRIAL_FILE} or "
-            f"{METRICS_FILE})"
+            f"{path}: "
+            f"not an experiment directory (no {SWEEP_FILE} and no trial folders with {TRIAL_FILE} or {METRICS_FILE})"
         )
 
     driver_alive = None

@@ -117,15 +117,16 @@ def validate_storage(location: str, what: str = "storage") -> None:
         info = fs.get_file_info(probe)
     except OSError as err:
         raise ConfigError(
-            f"{what}: cannot reach {location}: {_one_line(err)}; check the endpoint (for S3 "
-            "AWS_ENDPOINT_URL or the URI's endpoint_override), the credentials and the network"
+            f"{what}: cannot reach {location}: {_one_line(err)}; "
+            "check the endpoint (for S3 AWS_ENDPOINT_URL or the URI's endpoint_override), "
+            "the credentials and the network"
         ) from None
     import pyarrow.fs
 
     if fs.type_name in _BUCKETED and info.type == pyarrow.fs.FileType.NotFound:
         raise ConfigError(
-            f"{what}: {location}: bucket {bucket!r} does not exist (or these credentials cannot see it); create it "
-            "first"
+            f"{what}: {location}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
+            "create it first"
         )
     if info.type == pyarrow.fs.FileType.File:
         raise ConfigError(f"{what}: {location} is a file, not a folder")

@@ -185,8 +185,8 @@ def check_experiment_location(spec: SweepSpec, resume: bool) -> None:
         raise ConfigError(f"--resume: no experiment to resume at {spec.experiment_path}")
     if not resume and exists:
         raise ConfigError(
-            f"{spec.experiment_path} already holds experiment {spec.name!r}; pass --resume to finish it or --name to "
-            "start another"
+            f"{spec.experiment_path} already holds experiment {spec.name!r}; "
+            "pass --resume to finish it or --name to start another"
         )
 
 
@@ -321,8 +321,8 @@ def check_resources(spec: SweepSpec, cluster: dict[str, float]) -> None:
         available = cluster.get(name.upper(), 0.0)
         if wanted > available:
             raise ConfigError(
-                f"resources.{name}: each trial asks for {wanted:g} {name.upper()} but the Ray cluster has "
-                f"{available:g}; "
+                f"resources.{name}: "
+                f"each trial asks for {wanted:g} {name.upper()} but the Ray cluster has {available:g}; "
                 f"lower resources.{name} in the spec (e.g. 0 to run on CPU) or attach to a cluster with --address"
             )
 

@@ -150,8 +150,8 @@ class SectionSearch:
         dist = Distribution.parse(name, raw)
         if not dist.is_listed or not all(isinstance(v, dict) and v for v in dist.args):
             raise ConfigError(
-                f"search.{name}: a whole section, or arms across sections, are searched with grid or choice over "
-                "mappings of keys"
+                f"search.{name}: "
+                "a whole section, or arms across sections, are searched with grid or choice over mappings of keys"
             )
         is_section = name in run_config.to_dict()
         unknown = [k for v in dist.args for k in v if k not in run_config.flat()]

@@ -154,8 +154,8 @@ class SweepSpec:
                 left = EmaConfig(decay).initialisation_left(grace)
                 if left > EMA_INITIALISATION_WARN_SHARE:
                     found.append(
-                        f"ema.decay={decay}: at the scheduler's first rung (step {grace}) {left:.0%} of the EMA "
-                        "weights that FID is measured on are still the random initialisation, "
+                        f"ema.decay={decay}: at the scheduler's first rung (step {grace}) "
+                        f"{left:.0%} of the EMA weights that FID is measured on are still the random initialisation, "
                         "so the rung compares EMA lag, not models; lower ema.decay or raise scheduler.grace_period"
                     )
         return found
@@ -245,8 +245,8 @@ def _split_overrides(overrides: list[str], spec_fields: set[str]) -> tuple[dict[
             on_run.append(text)
         else:
             raise ConfigError(
-                f"--set {key}: not a spec key ({', '.join(sorted(spec_fields))}) or a run-config key "
-                f"({', '.join(sorted(sections))}, e.g. train.batch_size)"
+                f"--set {key}: not a spec key ({', '.join(sorted(spec_fields))}) "
+                f"or a run-config key ({', '.join(sorted(sections))}, e.g. train.batch_size)"
             )
     return on_spec, on_run
 

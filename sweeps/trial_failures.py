@@ -22,8 +22,8 @@ class FailureLines(Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         self._say(
-            f"trial {trial}: attempt {trial.num_failures} failed ({last_error(trial)}); Ray restarts it from its "
-            f"last checkpoint (max_failures: {self.max_failures})"
+            f"trial {trial}: attempt {trial.num_failures} failed ({last_error(trial)}); "
+            f"Ray restarts it from its last checkpoint (max_failures: {self.max_failures})"
         )
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:

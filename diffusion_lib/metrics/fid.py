@@ -48,8 +48,8 @@ def weights_help() -> str:
     return (
         "FID needs pytorch-fid's Inception weights (pt_inception-2015-12-05-6726825d.pth). "
         f"Offline, point fid.weights (or the environment variable {WEIGHTS_ENV}) at a local copy, "
-        "or place it in $TORCH_HOME/hub/checkpoints/; or set fid.num_samples=0 and "
-        "fid.final_num_samples=0 to train without FID."
+        "or place it in $TORCH_HOME/hub/checkpoints/; "
+        "or set fid.num_samples=0 and fid.final_num_samples=0 to train without FID."
     )
 
 
@@ -287,8 +287,9 @@ class FidComparabilityWarning(UserWarning):
 
 def small_sample_note(num_samples: int) -> str:
     return (
-        f"FID from {num_samples} samples, fewer than the {FEATURE_DIMS} Inception features: the sample covariance is "
-        "singular and FID is biased upward, so FIDs are comparable only at equal sample counts (KID is unbiased)"
+        f"FID from {num_samples} samples, fewer than the {FEATURE_DIMS} Inception features: "
+        "the sample covariance is singular and FID is biased upward, "
+        "so FIDs are comparable only at equal sample counts (KID is unbiased)"
     )
 
 
@@ -300,8 +301,9 @@ def fid_comparability(config: FidConfig, reference_images: int, data_name: str) 
     notes = [small_sample_note(smallest)] if smallest < FEATURE_DIMS else []
     if reference_images < CIFAR10_TRAIN_IMAGES:
         notes.append(
-            f"the FID reference holds {reference_images} {data_name} images, not the {CIFAR10_TRAIN_IMAGES:,} CIFAR-10 "
-            "training images published FIDs use: compare these FIDs only with FIDs against the same reference"
+            f"the FID reference holds {reference_images} {data_name} images, "
+            f"not the {CIFAR10_TRAIN_IMAGES:,} CIFAR-10 training images published FIDs use: "
+            "compare these FIDs only with FIDs against the same reference"
         )
     return notes
 
