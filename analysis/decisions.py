@@ -198,6 +198,12 @@ class RankingMovement:
     def sentence(self) -> str:
         d = self.dynamics
         pairs = f"{d.num_pairs} pairs of {d.num_trials} trials"
+        if d.spread == 0:
+            return (
+                f"Rankings held after step {d.rung:g}: the FID differences between trials there changed "
+                f"no more than the {d.sampling_spread:.3g} that sampling alone explains ({pairs}) "
+                "by the last milestone both reached."
+            )
         return (
             f"Rankings still move after step {d.rung:g}: "
             f"the FID difference between two trials there changed by {d.spread:.3g} "

@@ -146,6 +146,7 @@ def test_ranking_movements_measure_crossing_curves_and_not_parallel_ones():
     parallel = experiment(*[trial(f"t{i}", {"optim.lr": i}, [300 + i, 250 + i]) for i in range(3)])
     (still,) = ranking_movements(parallel)
     assert still.dynamics.spread == 0.0 and still.dynamics.sampling_spread == pytest.approx(2.0)
+    assert still.sentence.startswith("Rankings held after step 2000: the FID differences between trials there changed")
 
 
 def test_repeats_give_each_configuration_k_distinct_seeds(tmp_path):
