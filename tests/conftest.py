@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # One BLAS thread per process: tests run beside Ray workers and subprocesses on 2 cores, where
 # OpenBLAS's default of a thread per core, oversubscribed, slows the FID linear algebra 10×.
@@ -18,20 +19,25 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 import yaml  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
     torch.set_num_threads(1)
 
-from diffusion_lib.build import create_model_and_diffusion
-from diffusion_lib.config import TOTAL_STEPS_KEY, RunConfig
-from diffusion_lib.data import load_dataset
-from diffusion_lib.run_files import METRICS_FILE, FidFloor, metrics_line
-from diffusion_lib.trainer import Trainer
-from record.files import RAY_ERROR_FILE, Summary, SweepFile, TrialFile, TrialOutcome
+# torch and what imports it load where a helper needs them: pytest-xdist's controller loads this
+# file too, and runs no test (5 s of imports there delay both workers' start).
+from diffusion_lib.config import TOTAL_STEPS_KEY, RunConfig  # noqa: E402
+from diffusion_lib.run_files import METRICS_FILE, FidFloor, metrics_line  # noqa: E402
+from record.files import RAY_ERROR_FILE, Summary, SweepFile, TrialFile, TrialOutcome  # noqa: E402
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from diffusion_lib.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SWEEP_SHARED_DIR", REPO.parent / "shared"))
@@ -81,10 +87,16 @@ def write_spec(tmp_path: Path, **fields) -> Path:
 
 
 def trainer_with_parts(
-    config: RunConfig, run_dir: Path, *, trainer_class: type = Trainer, loss_class: type | None = None, **kwargs
+    config: RunConfig, run_dir: Path, *, trainer_class: type | None = None, loss_class: type | None = None, **kwargs
 ) -> Trainer:
     """A CPU Trainer built the way `create_trainer` builds one, with a Trainer subclass or a loss
     class of the test's choosing; FID is handed the stand-in feature extractor."""
+    import torch
+
+    from diffusion_lib.build import create_model_and_diffusion
+    from diffusion_lib.data import load_dataset
+    from diffusion_lib.trainer import Trainer
+
     torch.manual_seed(config.train.seed)
     data = load_dataset(config.data)
     model, diffusion, default_loss = create_model_and_diffusion(config, torch.device("cpu"))
@@ -97,7 +109,7 @@ def trainer_with_parts(
             reference_statistics(data, kwargs["features"], config.fid.ref_num_images, config.fid.cache_dir),
         )
     loss = loss_class(diffusion, config.loss.weighting, config.loss.minsnr_gamma) if loss_class else default_loss
-    return trainer_class(config, run_dir, model=model, diffusion=diffusion, loss=loss, data=data, **kwargs)
+    return (trainer_class or Trainer)(config, run_dir, model=model, diffusion=diffusion, loss=loss, data=data, **kwargs)
 
 
 class StandInFeatures:
@@ -105,10 +117,14 @@ class StandInFeatures:
     about FID plumbing rather than about the Inception network."""
 
     def __init__(self, dims: int = 16):
+        import torch
+
         self.projection = torch.randn(3 * 8 * 8, dims, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         self.calls = 0
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
+        import torch
+
         self.calls += 1
         pooled = torch.nn.functional.adaptive_avg_pool2d(images.cpu().double() / 255, 8).flatten(1)
         return (pooled @ self.projection).numpy()

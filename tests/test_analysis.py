@@ -24,6 +24,8 @@ from record.files import REFERENCE_DIR
 
 from conftest import StandInFeatures, tiny_config, train_into_experiment, write_summary, write_sweep_file
 
+pytestmark = pytest.mark.slow  # trains two runs for the module, then analyses them whole
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

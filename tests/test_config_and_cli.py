@@ -129,6 +129,7 @@ def test_folder_data_set_reads_any_images(tmp_path):
     assert data.images.shape == (3, 3, 32, 32) and data.images[2, 0, 0, 0] == 160
 
 
+@pytest.mark.slow
 def test_sweep_train_console_script_runs_and_resumes(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(

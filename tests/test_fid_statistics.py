@@ -91,6 +91,7 @@ def test_fid_equals_pytorch_fid_with_fewer_and_with_more_samples_than_dimensions
     assert reference.fid(generated) == pytest.approx(exact, rel=1e-10)
 
 
+@pytest.mark.slow
 @needs_pool3
 def test_fid_from_stats_agrees_with_fid_of_features_for_a_rank_deficient_reference(pool3):
     real = pool3[:1085]  # fewer images than dimensions: Σ_r has 964 zero eigenvalues
@@ -117,6 +118,7 @@ def test_fid_from_stats_equals_the_closed_form_for_commuting_covariances():
     assert fid == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.slow
 @needs_pool3
 def test_fid_standard_error_matches_the_spread_over_disjoint_sample_sets(disjoint_sets):
     """Reference fixed (1,085 images); 16 disjoint sets of 250 generated samples."""
@@ -196,6 +198,7 @@ def synthetic_reference_and_mixing(dims: int, seed: int) -> tuple[FrechetReferen
     return FrechetReference.from_features(rng.normal(size=(5000, dims))), rng.normal(size=(dims, dims)) / np.sqrt(dims)
 
 
+@pytest.mark.slow
 def test_paired_stderr_of_independent_sample_sets_adds_their_variances():
     """Disjoint draws share no noise, so the paired SE² has the expectation se_a² + se_b² (its
     cross term Σ (a_g − ā)(b_g − b̄) averages to 0): the ratio of the means over 200 draws is 1
@@ -213,6 +216,7 @@ def test_paired_stderr_of_independent_sample_sets_adds_their_variances():
     assert 0.9 < np.mean(paired_squares) / np.mean(unpaired_squares) < 1.1
 
 
+@pytest.mark.slow
 def test_paired_stderr_of_sample_sets_sharing_their_noise_is_much_smaller_and_right():
     """Model B's features are model A's scaled and shifted, plus a small perturbation of their
     own: the sampling noise both FIDs share cancels in FID_A − FID_B. The paired SE is under
@@ -233,6 +237,7 @@ def test_paired_stderr_of_sample_sets_sharing_their_noise_is_much_smaller_and_ri
     assert 0.8 < paired.mean() / np.std(differences, ddof=1) < 1.25
 
 
+@pytest.mark.slow
 @needs_pool3
 def test_paired_stderr_matches_the_spread_of_fid_differences_over_disjoint_real_sample_sets(
     disjoint_sets, reference_1085
@@ -303,6 +308,7 @@ def population_kid(mu_p, cov_p, mu_q, cov_q) -> float:
     return sum(comb(3, r) * d**-r * np.sum((a - b) ** 2) for r, (a, b) in enumerate(pairs, start=1))
 
 
+@pytest.mark.slow
 def test_kid_is_near_zero_for_identical_distributions_and_finds_the_closed_form_for_a_shift():
     """The reference is large, so its own noise (left out of the stderr) hardly counts."""
     rng = np.random.default_rng(2)

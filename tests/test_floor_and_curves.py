@@ -63,6 +63,7 @@ def exact_fid(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(sigma_a) + np.trace(sigma_b) - 2 * np.sqrt(cross).sum())
 
 
+@pytest.mark.slow
 @needs_cifar
 @needs_pool3
 def test_the_floor_is_the_fid_of_held_out_real_features_at_the_run_count(tmp_path):

@@ -11,10 +11,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import FID_WEIGHTS, REPO, TINY_RUN, as_from_a_terminal, needs_fid_weights, tiny_run, write_spec
+from conftest import FID_WEIGHTS, REPO, as_from_a_terminal, needs_fid_weights, tiny_run, write_spec
 
 pytestmark = pytest.mark.slow  # every test here runs sweeps in their own processes
 
@@ -178,19 +179,17 @@ class Driver:
 
 
 class CtrlCSweep:
-    """A grid of two trials of six milestones, one trial at a time, FID by the real Inception: each
-    `sweep run` of it in its own process, as a terminal runs it."""
+    """A grid of two trials, one at a time, each `sweep run` of it in its own process as a terminal
+    runs it. With `fid`, three milestones a trial, FID by the real Inception (the launcher's reference
+    pass included); without, no FID and trials far longer than a case waits for (the first never
+    ends before the Ctrl-C lands)."""
 
-    STEPS, TRIALS = (10, 20, 30, 40, 50, 60), 2
-
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, *, fid: bool):
+        self.steps = list(range(10, 31 if fid else 601, 10))
+        fid_section = {"num_samples": 8, "final_num_samples": 0, "ref_num_images": 32} if fid else {}
         spec = write_spec(
             tmp_path,
-            base={
-                **TINY_RUN,
-                "train": {"total_steps": self.STEPS[-1], "batch_size": 8},
-                "fid": {"num_samples": 8, "final_num_samples": 0, "ref_num_images": 32},
-            },
+            base=tiny_run(train={"total_steps": self.steps[-1]}, fid=fid_section),
             search={"optim.lr": {"grid": [1e-4, 2e-4]}},
             max_concurrent=1,
         )
@@ -208,6 +207,10 @@ class CtrlCSweep:
         driver = self.start(*options)
         code, err = driver.ctrl_c_when(lambda: moment(self))
         assert code == 130, f"the run the case starts from exited {code}: {err[-2000:]}"
+
+    def trial_folders(self) -> list[Path]:
+        """The folders Ray has made for trials (without FID, the experiment holds no other folder)."""
+        return [p for p in self.experiment.glob("*") if p.is_dir()]
 
     def milestones(self) -> dict[str, list[int]]:
         """Each trial's milestone steps, by trial folder."""
@@ -244,35 +247,46 @@ class CtrlCSweep:
         return done.stdout.splitlines()
 
 
-def before_the_reference_pass(sweep: CtrlCSweep) -> None:
+def trial_started_none_reported(sweep: CtrlCSweep) -> bool:
+    """Ray has made the first trial's folder (as it starts the trial); the trial's own files arrive
+    with its first report."""
+    return bool(sweep.trial_folders()) and not sweep.milestones()
+
+
+def before_the_reference_pass(tmp_path) -> None:
     """Nothing was started, so there is nothing to resume."""
+    sweep = CtrlCSweep(tmp_path, fid=True)
     driver = sweep.start()
     code, err = driver.ctrl_c_when(lambda: any("FID reference:" in line for line in driver.err))
     assert code == 130 and "nothing to resume: run the same command again" in err, err[-2000:]
     assert not list(sweep.experiment.glob("experiment_state-*.json")) and not sweep.summary.exists()
 
 
-def before_the_first_milestone(sweep: CtrlCSweep) -> None:
+def before_the_first_milestone(tmp_path) -> None:
     """The trials have started, none has reported: the run says how to finish it, status says why it stopped."""
+    sweep = CtrlCSweep(tmp_path, fid=False)
     driver = sweep.start()
-    code, err = driver.ctrl_c_when(lambda: list(sweep.experiment.glob("*/trial.json")))
+    code, err = driver.ctrl_c_when(lambda: trial_started_none_reported(sweep))
     assert code == 130 and "`sweep run SPEC --resume` finishes it" in err, err[-2000:]
     assert not sweep.summary.exists() and "Tuner.restore" not in err
     status = sweep.status()
     assert "sweep not running: interrupted (Ctrl-C)" in status, status
 
 
-def between_milestones_of_a_resumed_run(sweep: CtrlCSweep) -> None:
+def between_milestones_of_a_resumed_run(tmp_path) -> None:
     """A resumed run stopped once it has stored a checkpoint of its own: the first trial (one at a
     time) continues from its newest stored checkpoint, the second is still to be created."""
-    sweep.interrupted(lambda s: list(s.experiment.glob("*/trial.json")))
+    sweep = CtrlCSweep(tmp_path, fid=False)
+    sweep.interrupted(trial_started_none_reported)
     before = sweep.newest_stored_step()
     driver = sweep.start("--resume")
     code, err = driver.ctrl_c_when(lambda: sweep.newest_stored_step() > before)
     assert code == 130 and "`sweep run SPEC --resume` finishes it" in err and not sweep.summary.exists(), err[-2000:]
     (trial,) = sweep.milestones()  # one trial at a time: the second is not created yet
     newest = max(sweep.stored_checkpoints()[trial])
-    assert before < newest < sweep.STEPS[-1] and newest in sweep.milestones()[trial]
+    assert before < newest < sweep.steps[-1] and newest in sweep.milestones()[trial]
+    # Interrupted, not pending: the trial ran and stored a checkpoint (Ray's state of this run says
+    # RUNNING; the state of the run it resumed, still beside it, said PENDING).
     assert sweep.resume_plan() == [
         f"resuming {sweep.experiment}:",
         f"    {trial}  interrupted: continues from its checkpoint at step {newest}",
@@ -280,23 +294,28 @@ def between_milestones_of_a_resumed_run(sweep: CtrlCSweep) -> None:
     ]
 
 
-def during_the_analysis(sweep: CtrlCSweep) -> None:
+def during_the_analysis(tmp_path) -> None:
     """A run stopped after a stored checkpoint, resumed, stopped again while it analyses: the sweep
     itself finished (its summary stands, every milestone once) and the analysis can be redone."""
+    sweep = CtrlCSweep(tmp_path, fid=True)
     sweep.interrupted(lambda s: s.newest_stored_step() > 0)
     driver = sweep.start("--resume")
     code, err = driver.ctrl_c_when(lambda: any("analysing" in line for line in driver.err))
     assert code == 130 and "analysis interrupted" in err and f"sweep analyze {sweep.experiment}" in err, err[-2000:]
     assert sweep.summary.exists()
     milestones = sweep.milestones()
-    assert len(milestones) == sweep.TRIALS and all(steps == list(sweep.STEPS) for steps in milestones.values())
+    assert len(milestones) == 2 and all(steps == sweep.steps for steps in milestones.values()), milestones
 
 
-@needs_fid_weights
 @pytest.mark.parametrize(
     "moment",
-    [before_the_reference_pass, before_the_first_milestone, between_milestones_of_a_resumed_run, during_the_analysis],
+    [
+        pytest.param(before_the_reference_pass, marks=needs_fid_weights),
+        before_the_first_milestone,
+        between_milestones_of_a_resumed_run,
+        pytest.param(during_the_analysis, marks=needs_fid_weights),
+    ],
     ids=lambda moment: moment.__name__,
 )
 def test_ctrl_c_exits_130_and_says_how_to_go_on(tmp_path, moment):
-    moment(CtrlCSweep(tmp_path))
+    moment(tmp_path)

@@ -130,6 +130,7 @@ def test_an_ema_too_slow_for_the_run_length_is_flagged(tmp_path):
     assert not [w for w in caught if "ema.decay" in str(w.message)]
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path):
     config = lambda compile: tiny_config(model={"dropout": 0.0}, train={"compile": compile})  # noqa: E731
     eager = create_trainer(config(False), tmp_path / "eager", progress=False)
