@@ -228,8 +228,11 @@ def _current_summary(path: Path, warnings: list[str]) -> Optional[Summary]:
 
 def _read_ray_state(path: Path, warnings: list[str]) -> tuple[Optional[float], Optional[dict[str, dict]]]:
     """(time of the newest `experiment_state-*.json`, {trial folder: {"status", "searched"}}).
-    The time is the sweep's heartbeat whatever the content; the content is Ray's internal format,
-    read defensively: anything unexpected leaves the trials out (None) with a warning."""
+    The time is the sweep's heartbeat whatever the content. The content is read from the file
+    of the latest driver session, named by its start time (a resumed run copies the earlier
+    session's file back within microseconds of writing its own, so modification times cannot
+    tell them apart); it is Ray's internal format, read defensively: anything unexpected leaves
+    the trials out (None) with a warning."""
     files = []
     for file in path.glob(RAY_STATE_GLOB):
         try:
@@ -238,7 +241,8 @@ def _read_ray_state(path: Path, warnings: list[str]) -> tuple[Optional[float], O
             continue
     if not files:
         return None, None
-    mtime, newest = max(files)
+    mtime = max(stamp for stamp, _ in files)
+    newest = max(file for _, file in files)  # experiment_state-YYYY-MM-DD_HH-MM-SS.json: latest by name
     try:
         trials = {}
         for entry in json.loads(newest.read_text())["trial_data"]:

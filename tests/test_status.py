@@ -279,3 +279,16 @@ def test_status_says_how_far_rankings_still_move_once_three_trials_went_past_a_m
     )
     write_trial(exp, "b_lr=1", [row(10, 320.0)], searched={"optim.lr": 1})  # only two past step 10: not yet said
     assert "rankings still move" not in runner.invoke(app, ["status", str(exp)]).stdout
+
+
+def test_a_resumed_sweeps_state_is_read_from_its_own_session_not_the_one_copied_back_after_it(mid_run):
+    """A resumed run writes its experiment_state file, then copies the earlier session's back
+    within microseconds: the newer modification time can be the stale file's."""
+    stale = write_ray_state(mid_run, {"t1_lr=0.0002": "PENDING", "t3_lr=0.0004": "PENDING"})
+    current = stale.with_name("experiment_state-2026-01-02_00-00-00.json")  # the resumed session's, by its start
+    stale.rename(current)
+    write_ray_state(mid_run, {"t1_lr=0.0002": "PENDING", "t3_lr=0.0004": "PENDING"})
+    current.write_text(current.read_text().replace('\\"PENDING\\"', '\\"RUNNING\\"'))
+    os.utime(current, (time.time() - 1, time.time() - 1))  # older on disk than the stale copy
+    report = experiment_status(mid_run)
+    assert [report.by_name()[n].state for n in ("t1_lr=0.0002", "t3_lr=0.0004")] == ["running", "running"]

@@ -169,6 +169,8 @@ class Driver:
         deadline = time.time() + timeout
         while not moment():
             if self.process.poll() is not None or time.time() > deadline:
+                if self.process.poll() is None:
+                    os.killpg(self.process.pid, signal.SIGKILL)  # no sweep left running after the test
                 pytest.fail(f"the moment never came; stderr: {''.join(self.err)[-2000:]}")
             time.sleep(0.05)
         os.killpg(self.process.pid, signal.SIGINT)
@@ -179,18 +181,16 @@ class Driver:
 
 
 class CtrlCSweep:
-    """A grid of two trials, one at a time, each `sweep run` of it in its own process as a terminal
-    runs it. With `fid`, three milestones a trial, FID by the real Inception (the launcher's reference
-    pass included); without, no FID and trials far longer than a case waits for (the first never
-    ends before the Ctrl-C lands)."""
+    """A grid sweep run one trial at a time, each `sweep run` of it in its own process as a terminal
+    runs it."""
 
-    def __init__(self, tmp_path, *, fid: bool):
-        self.steps = list(range(10, 31 if fid else 601, 10))
+    def __init__(self, tmp_path, *, trials: int, total_steps: int, fid: bool):
+        self.steps = list(range(10, total_steps + 1, 10))
         fid_section = {"num_samples": 8, "final_num_samples": 0, "ref_num_images": 32} if fid else {}
         spec = write_spec(
             tmp_path,
-            base=tiny_run(train={"total_steps": self.steps[-1]}, fid=fid_section),
-            search={"optim.lr": {"grid": [1e-4, 2e-4]}},
+            base=tiny_run(train={"total_steps": total_steps}, fid=fid_section),
+            search={"optim.lr": {"grid": [1e-4, 2e-4, 3e-4][:trials]}},
             max_concurrent=1,
         )
         self.cwd = tmp_path
@@ -209,7 +209,7 @@ class CtrlCSweep:
         assert code == 130, f"the run the case starts from exited {code}: {err[-2000:]}"
 
     def trial_folders(self) -> list[Path]:
-        """The folders Ray has made for trials (without FID, the experiment holds no other folder)."""
+        """The folders Ray has made for trials (the experiment's only folders, without FID)."""
         return [p for p in self.experiment.glob("*") if p.is_dir()]
 
     def milestones(self) -> dict[str, list[int]]:
@@ -247,6 +247,12 @@ class CtrlCSweep:
         return done.stdout.splitlines()
 
 
+# Six milestones of one trial, FID by the real Inception (the launcher's reference pass included).
+WITH_FID = {"trials": 1, "total_steps": 60, "fid": True}
+# Two trials, no FID, the first far longer than a case waits: it never ends before the Ctrl-C lands.
+LONG_TRIALS = {"trials": 2, "total_steps": 600, "fid": False}
+
+
 def trial_started_none_reported(sweep: CtrlCSweep) -> bool:
     """Ray has made the first trial's folder (as it starts the trial); the trial's own files arrive
     with its first report."""
@@ -255,7 +261,7 @@ def trial_started_none_reported(sweep: CtrlCSweep) -> bool:
 
 def before_the_reference_pass(tmp_path) -> None:
     """Nothing was started, so there is nothing to resume."""
-    sweep = CtrlCSweep(tmp_path, fid=True)
+    sweep = CtrlCSweep(tmp_path, **WITH_FID)
     driver = sweep.start()
     code, err = driver.ctrl_c_when(lambda: any("FID reference:" in line for line in driver.err))
     assert code == 130 and "nothing to resume: run the same command again" in err, err[-2000:]
@@ -264,7 +270,7 @@ def before_the_reference_pass(tmp_path) -> None:
 
 def before_the_first_milestone(tmp_path) -> None:
     """The trials have started, none has reported: the run says how to finish it, status says why it stopped."""
-    sweep = CtrlCSweep(tmp_path, fid=False)
+    sweep = CtrlCSweep(tmp_path, **LONG_TRIALS)
     driver = sweep.start()
     code, err = driver.ctrl_c_when(lambda: trial_started_none_reported(sweep))
     assert code == 130 and "`sweep run SPEC --resume` finishes it" in err, err[-2000:]
@@ -276,7 +282,7 @@ def before_the_first_milestone(tmp_path) -> None:
 def between_milestones_of_a_resumed_run(tmp_path) -> None:
     """A resumed run stopped once it has stored a checkpoint of its own: the first trial (one at a
     time) continues from its newest stored checkpoint, the second is still to be created."""
-    sweep = CtrlCSweep(tmp_path, fid=False)
+    sweep = CtrlCSweep(tmp_path, **LONG_TRIALS)
     sweep.interrupted(trial_started_none_reported)
     before = sweep.newest_stored_step()
     driver = sweep.start("--resume")
@@ -295,16 +301,16 @@ def between_milestones_of_a_resumed_run(tmp_path) -> None:
 
 
 def during_the_analysis(tmp_path) -> None:
-    """A run stopped after a stored checkpoint, resumed, stopped again while it analyses: the sweep
-    itself finished (its summary stands, every milestone once) and the analysis can be redone."""
-    sweep = CtrlCSweep(tmp_path, fid=True)
+    """A run stopped once it has stored a checkpoint, resumed, stopped again while it analyses: the
+    sweep itself finished (its summary stands, every milestone once) and the analysis can be redone."""
+    sweep = CtrlCSweep(tmp_path, **WITH_FID)
     sweep.interrupted(lambda s: s.newest_stored_step() > 0)
     driver = sweep.start("--resume")
     code, err = driver.ctrl_c_when(lambda: any("analysing" in line for line in driver.err))
     assert code == 130 and "analysis interrupted" in err and f"sweep analyze {sweep.experiment}" in err, err[-2000:]
     assert sweep.summary.exists()
     milestones = sweep.milestones()
-    assert len(milestones) == 2 and all(steps == sweep.steps for steps in milestones.values()), milestones
+    assert list(milestones.values()) == [sweep.steps], milestones
 
 
 @pytest.mark.parametrize(
