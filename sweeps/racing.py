@@ -143,8 +143,9 @@ class RacingScheduler(FIFOScheduler):
         z: float = DEFAULT_CUT_Z,
         experiment: Optional[str] = None,
     ):
-        """`experiment` (a path or URI): where each stopped trial's folder gets its reason
-        (`record.files.StoppedEarly`); None writes none (the replay)."""
+        """`experiment` (a path or URI), in a sweep: each stop is said on the console and its
+        reason written into the trial's folder (`record.files.StoppedEarly`); the replay, which
+        passes none, runs the same decisions silently."""
         if not 0 < grace_period <= max_t:
             raise ValueError(f"grace_period must be in (0, max_t = {max_t}], got {grace_period}")
         if reduction_factor <= 1:
@@ -194,12 +195,12 @@ class RacingScheduler(FIFOScheduler):
         if comparison is None or not comparison.stops:
             return TrialScheduler.CONTINUE
         self._num_stopped += 1
-        recorded = self._rungs[rung]
-        line = comparison.line(
-            self._metric, rung, recorded[trial.trial_id].value, recorded[comparison.threshold_id].value
-        )
-        print(line, file=sys.stderr, flush=True)
         if self._experiment is not None:
+            recorded = self._rungs[rung]
+            line = comparison.line(
+                self._metric, rung, recorded[trial.trial_id].value, recorded[comparison.threshold_id].value
+            )
+            print(line, file=sys.stderr, flush=True)
             StoppedEarly(int(rung), line).write(storage.join(self._experiment, Path(trial.path).name))
         return TrialScheduler.STOP
 

@@ -16,6 +16,7 @@ from ray.tune.schedulers import TrialScheduler
 
 from diffusion_lib.jackknife import replicate_stderr
 from diffusion_lib.milestone import FID, FID_NUM_SAMPLES, FID_REPLICATES, FID_STDERR, STEP
+from record.files import StoppedEarly
 from record.noise import Measurement, difference, later_change, rung_dynamics
 from sweeps.racing import DynamicsRacingScheduler, RacingScheduler, RacingStateCallback, should_stop
 from sweeps.replay import render, replay
@@ -25,8 +26,9 @@ STOP, CONTINUE = TrialScheduler.STOP, TrialScheduler.CONTINUE
 
 
 class Trial:
-    def __init__(self, trial_id: str):
+    def __init__(self, trial_id: str, path=None):
         self.trial_id = trial_id
+        self.path = str(path)
 
 
 def replicates(fid: float, stderr: float, rng: np.random.Generator, pattern=None) -> np.ndarray:
@@ -163,8 +165,9 @@ def grid_curves() -> dict[str, list[dict]]:
     return {t: [row(20 * (i + 1), float(f), 4.0, rng) for i, f in enumerate(fs)] for t, fs in fids.items()}
 
 
-def test_replay_asha_loses_a_best_that_trailed_within_noise_and_racing_keeps_it():
+def test_replay_asha_loses_a_best_that_trailed_within_noise_and_racing_keeps_it(capsys):
     info = replay(grid_curves(), grace_period=20, reduction_factor=2, max_t=60, concurrency=2, num_orders=200, seed=0)
+    assert capsys.readouterr().err == ""  # the replayed schedulers' stops are counted, not said
     asha, racing, _ = info.schedulers
     assert (info.best_trial, info.best_step, info.best_fid, info.grid_trial_steps) == ("best", 60, 330.0, 360)
     assert asha.kept_best_share < 0.8
@@ -306,15 +309,16 @@ def test_a_late_bloomer_is_kept_once_the_rung_has_measured_curves_like_it_and_a_
     assert "Rung step 20" in dynamics.debug_string() and "training dynamics" in dynamics.debug_string()
 
 
-def test_the_dynamics_rule_cuts_nothing_before_the_rung_is_measured(capsys):
-    dynamics = dynamics_scheduler()
+def test_the_dynamics_rule_cuts_nothing_before_the_rung_is_measured(capsys, tmp_path):
+    dynamics = dynamics_scheduler(experiment=str(tmp_path))
     feed(dynamics, dict(list(crossing_pilots().items())[:2]))  # two pilots past the rung: fewer than three
     assert dynamics.dynamics(20) is None
     assert dynamics.on_trial_result(None, Trial("loser"), row(20, 900.0, 4.0)) == CONTINUE
     assert "not measured yet" in dynamics.debug_string()
     feed(dynamics, {"p3": crossing_pilots()["p3"]})
-    assert dynamics.on_trial_result(None, Trial("loser2"), row(20, 900.0, 4.0)) == STOP
+    assert dynamics.on_trial_result(None, Trial("loser2", tmp_path / "loser2_lr=1"), row(20, 900.0, 4.0)) == STOP
     line = capsys.readouterr().err.strip()
+    assert StoppedEarly.read(tmp_path / "loser2_lr=1", []) == StoppedEarly(20, line)
     assert line.startswith("trial loser2 stopped at step 20: val/fid 900, ")
     assert "training dynamics" in line and "from 3 pairs of 3 trials past the rung" in line
 
