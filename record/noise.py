@@ -211,5 +211,7 @@ def rung_dynamics(
 
 
 def with_dynamics(gap: Difference, dynamics: RungDynamics) -> Difference:
-    """The difference at a rung with the rung's training-dynamics noise added to its standard error."""
-    return Difference(gap.gap, math.hypot(gap.stderr, dynamics.spread), f"{gap.kind} + training dynamics")
+    """The difference at a rung with the rung's training-dynamics noise added to its standard error
+    (a metric without a standard error of its own is then compared against τ alone)."""
+    sampling = gap.stderr if math.isfinite(gap.stderr) else 0.0
+    return Difference(gap.gap, math.hypot(sampling, dynamics.spread), f"{gap.kind} + training dynamics")

@@ -10,7 +10,17 @@ import pytest
 
 from diffusion_lib.jackknife import paired_stderr
 from diffusion_lib.milestone import FID, FID_NUM_SAMPLES, FID_REPLICATES, FID_STDERR, STEP
-from record.noise import INDEPENDENT, PAIRED, SEED_SPREAD, Difference, Measurement, difference, rungs
+from record.noise import (
+    INDEPENDENT,
+    PAIRED,
+    SEED_SPREAD,
+    Difference,
+    Measurement,
+    RungDynamics,
+    difference,
+    rungs,
+    with_dynamics,
+)
 from sweeps.racing import RacingScheduler
 from sweeps.spec import load_spec
 
@@ -86,3 +96,11 @@ def test_fractional_reduction_factors_give_the_spec_and_the_scheduler_the_same_r
     assert all(isinstance(rung, int) for rung in spec.rungs())  # every rung is a whole step: a milestone
     assert [str(rung) for rung in spec.rungs()] == scheduler_rungs(racing)
     assert spec.rungs() == rungs(100, reduction_factor, total_steps)
+
+
+def test_the_dynamics_term_widens_a_difference_with_or_without_a_sampling_standard_error():
+    dynamics = RungDynamics(rung=20, num_trials=3, num_pairs=3, spread=12.0, sampling_spread=2.0)
+    widened = with_dynamics(Difference(30.0, 5.0, PAIRED), dynamics)
+    assert widened.stderr == pytest.approx(13.0) and widened.kind == "paired jackknife + training dynamics"
+    plain = with_dynamics(Difference(30.0, math.nan, INDEPENDENT), dynamics)  # e.g. train/loss: no standard error
+    assert plain.stderr == 12.0 and plain.margin(2.5) == 30.0
