@@ -201,7 +201,10 @@ class RacingScheduler(FIFOScheduler):
                 self._metric, rung, recorded[trial.trial_id].value, recorded[comparison.threshold_id].value
             )
             print(line, file=sys.stderr, flush=True)
-            StoppedEarly(int(rung), line).write(storage.join(self._experiment, Path(trial.path).name))
+            try:
+                StoppedEarly(int(rung), line).write(storage.join(self._experiment, Path(trial.path).name))
+            except OSError as err:  # a reason the record lacks is no reason to stop the sweep (a full disk)
+                print(f"warning: why trial {trial.trial_id} stopped was not recorded: {err}", file=sys.stderr)
         return TrialScheduler.STOP
 
     def _compare(self, trial_id: str, rung: float) -> Optional[Comparison]:

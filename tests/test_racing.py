@@ -335,3 +335,13 @@ def test_the_dynamics_state_survives_save_and_restore(tmp_path):
         assert decided.on_trial_result(None, Trial("late"), row(20, 450.0, 4.0)) == CONTINUE
     with pytest.raises(ValueError, match="settings"):
         scheduler().restore(str(tmp_path / "racing.json"))  # plain racing cannot take a dynamics state
+
+
+def test_a_stop_whose_reason_cannot_be_written_still_stops_and_says_so(capsys, tmp_path):
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("")  # the trial's folder cannot be made under a file: as on a full or broken storage
+    dynamics = dynamics_scheduler(experiment=str(blocked))
+    feed(dynamics, crossing_pilots())
+    assert dynamics.on_trial_result(None, Trial("loser", blocked / "loser_lr=1"), row(20, 900.0, 4.0)) == STOP
+    err = capsys.readouterr().err
+    assert "trial loser stopped at step 20" in err and "warning: why trial loser stopped was not recorded" in err
