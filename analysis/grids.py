@@ -1,5 +1,6 @@
-"""Images regenerated from checkpoints: sample grids and the denoising diagnostic (research
-notes, E1): rows of x0 | x_t | x̂0 at t ∈ {0, T/4, T/2, 3T/4, T−1} on real training images."""
+"""The denoising diagnostic, drawn from a checkpoint (research notes, E1): rows of x0 | x_t | x̂0
+at t ∈ {0, T/4, T/2, 3T/4, T−1} on real training images. (The report's sample grids are the ones
+the milestones recorded, copied: `analysis/plots.py`.)"""
 
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ from diffusion_lib.checkpoint import checkpoint_config, load_checkpoint
 from diffusion_lib.config import RunConfig
 from diffusion_lib.data import float_to_uint8, load_dataset, uint8_to_float
 from diffusion_lib.diffusion import GaussianDiffusion
-from diffusion_lib.run_log import make_grid, save_png
-from diffusion_lib.samplers import sample_images
+from diffusion_lib.run_log import save_png
 
-GRID_SEED = 0
+NOISE_SEED = 0  # the diagnostic's noise: the same x_t at every analysis
 
 
 def load_ema(checkpoint: Path) -> tuple[RunConfig, torch.nn.Module, GaussianDiffusion]:
@@ -28,25 +28,8 @@ def load_ema(checkpoint: Path) -> tuple[RunConfig, torch.nn.Module, GaussianDiff
     return config, model.eval(), create_diffusion(config.diffusion)
 
 
-def sample_grid(checkpoint: Path, out: Path, num_images: int = 64, seed: int = GRID_SEED) -> None:
-    """A square grid (8×8 by default) with a fixed seed and the trial's own sampler, NFE and η."""
-    config, model, diffusion = load_ema(checkpoint)
-    images = sample_images(
-        model,
-        diffusion,
-        num_images,
-        sampler=config.eval.sampler,
-        nfe=config.eval.nfe,
-        eta=config.eval.eta,
-        batch_size=num_images,
-        generator=torch.Generator().manual_seed(seed),
-        device=torch.device("cpu"),
-    )
-    save_png(make_grid(images), out)
-
-
 @torch.no_grad()
-def denoising_diagnostic(checkpoint: Path, out: Path, num_images: int = 4, seed: int = GRID_SEED) -> None:
+def denoising_diagnostic(checkpoint: Path, out: Path, num_images: int = 4, seed: int = NOISE_SEED) -> None:
     """One row per t: for each image x0, then x_t = q_sample(x0, t), then x̂0 from the EMA model."""
     config, model, diffusion = load_ema(checkpoint)
     images = load_dataset(config.data).images[:num_images]

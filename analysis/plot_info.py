@@ -1,8 +1,8 @@
 """What each image of the report shows, computed from the experiment alone: a figure's lines,
-points, axes and FID floor band; which checkpoints the sample grids come from, and their
-captions. `analysis/plots.py` only draws these objects (the split Optuna's visualizations make
-between `_get_..._info` and a backend), so what an image shows is decided, and tested, without
-matplotlib or a checkpoint.
+points, axes and FID floor band; which recorded sample grids the report shows, with their
+captions, and the checkpoint the denoising diagnostic is drawn from. `analysis/plots.py` only
+draws these objects (the split Optuna's visualizations make between `_get_..._info` and a
+backend), so what an image shows is decided, and tested, without matplotlib or a checkpoint.
 
 A figure with nothing to draw has no info object (None) and no file.
 """
@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 
 from diffusion_lib.config import SEED_KEY
 from diffusion_lib.milestone import CURVATURE, FID, FID_NUM_SAMPLES, FID_STDERR, STEP, TRAIN_LOSS, WALL_TIME
+from diffusion_lib.run_files import SAMPLES_DIR, sample_grid_name
 from record.best import is_finite_number
 from record.experiment import Experiment, Trial
 
@@ -224,7 +225,7 @@ def best_by_key_info(experiment: Experiment, key: str) -> Optional[BestByKeyInfo
     )
 
 
-# --- Sample grids: regenerated from the best trials' kept checkpoints --------------------------
+# --- Sample grids: the ones the best trials recorded; the denoising diagnostic ----------------
 
 DENOISE_FILE = "denoise.png"
 DENOISE_CAPTION = "Denoising diagnostic of the best checkpoint: x0 | x_t | x̂0, rows t = 0, T/4, T/2, 3T/4, T−1"
@@ -232,19 +233,30 @@ DENOISE_CAPTION = "Denoising diagnostic of the best checkpoint: x0 | x_t | x̂0,
 
 @dataclass(frozen=True)
 class SampleGridInfo:
-    """One trial's sample grid: from the checkpoint of its best milestone that was kept."""
+    """One trial's sample grid: the one its best milestone recorded (`eval.grid_size` samples
+    from the seeded noise its FID samples start from: the first of the very images its FID saw),
+    copied, not sampled again."""
+
+    trial_id: str
+    recorded: Path  # the trial's samples/step_NNNNNNN.png of its best milestone
+    file: str  # best_grid.png for the best trial, grid_rank2.png, ... for the next
+    caption: str
+
+
+@dataclass(frozen=True)
+class DenoiseInfo:
+    """Where the denoising diagnostic is drawn from: the best trial that kept a checkpoint, at its
+    best checkpointed milestone (Ray keeps only the newest and the best checkpoint)."""
 
     trial_id: str
     checkpoint: Path
-    file: str  # best_grid.png for the best trial, grid_rank2.png, ... for the next
-    caption: str
-    with_denoising_diagnostic: bool  # the best trial's grid comes with the denoising diagnostic
 
 
 @dataclass(frozen=True)
 class SampleGridsInfo:
     grids: tuple[SampleGridInfo, ...]  # best first
-    warnings: tuple[str, ...]  # best milestones without a checkpoint; no checkpoint at all
+    denoise: Optional[DenoiseInfo]  # None: no trial has a checkpoint
+    warnings: tuple[str, ...]  # no checkpoint at all
 
 
 def ranked_trials(experiment: Experiment) -> list[tuple[Trial, Optional[dict]]]:
@@ -255,41 +267,42 @@ def ranked_trials(experiment: Experiment) -> list[tuple[Trial, Optional[dict]]]:
 
 
 def sample_grids_info(experiment: Experiment, top_k: int) -> SampleGridsInfo:
-    """The grids of the `top_k` best trials, each from its best checkpointed milestone: Ray keeps
-    only some checkpoints, so a trial's best milestone may have none, which is worth a warning."""
-    ranked = ranked_trials(experiment)
-    warnings = [_no_checkpoint(trial, best) for trial, best in ranked if _best_not_kept(trial, best)]
-    checkpointed = [(trial, experiment.best(trial, checkpointed=True)) for trial, _ in ranked]
-    checkpointed = [(trial, milestone) for trial, milestone in checkpointed if milestone is not None]
-    if not checkpointed:
-        warnings.append(f"no trial has a checkpoint for a milestone with {experiment.metric}; no sample grids")
-    grids = [
-        _sample_grid_info(experiment, trial, milestone, rank)
-        for rank, (trial, milestone) in enumerate(checkpointed[:top_k], start=1)
-    ]
-    return SampleGridsInfo(grids=tuple(grids), warnings=tuple(warnings))
+    """The recorded grids of the `top_k` best trials' best milestones, and the checkpoint the
+    denoising diagnostic is drawn from. Whether a recorded grid is there is found when it is
+    copied: this decides which files are wanted (a mirror of cloud storage fetches them)."""
+    ranked = [(trial, best) for trial, best in ranked_trials(experiment) if best is not None]
+    grids = tuple(
+        _sample_grid_info(experiment, trial, best, rank) for rank, (trial, best) in enumerate(ranked[:top_k], 1)
+    )
+    denoise = _denoise_info(experiment, [trial for trial, _ in ranked])
+    if denoise is None:
+        warning = f"no trial has a checkpoint for a milestone with {experiment.metric}; no denoising diagnostic"
+        return SampleGridsInfo(grids=grids, denoise=None, warnings=(warning,))
+    return SampleGridsInfo(grids=grids, denoise=denoise, warnings=())
+
+
+def _denoise_info(experiment: Experiment, ranked: list[Trial]) -> Optional[DenoiseInfo]:
+    """The first of the `ranked` trials (best first) with a checkpoint, at its best checkpointed
+    milestone; None when none has one."""
+    for trial in ranked:
+        milestone = experiment.best(trial, checkpointed=True)
+        if milestone is not None:
+            return DenoiseInfo(trial.trial_id, trial.checkpoints[milestone[STEP.name]])
+    return None
 
 
 def _sample_grid_info(experiment: Experiment, trial: Trial, milestone: dict, rank: int) -> SampleGridInfo:
     """The grid of the trial at `rank` (1: the best), captioned with its milestone's metric."""
-    metric = experiment.metric
+    metric, step = experiment.metric, milestone[STEP.name]
     place = "Best" if rank == 1 else f"Rank {rank}"
     return SampleGridInfo(
         trial_id=trial.trial_id,
-        checkpoint=trial.checkpoints[milestone[STEP.name]],
+        recorded=trial.path / SAMPLES_DIR / sample_grid_name(step),
         file="best_grid.png" if rank == 1 else f"grid_rank{rank}.png",
-        caption=f"{place}: {trial.label}, step {milestone['step']}, {metric} {format_value(milestone[metric])}",
-        with_denoising_diagnostic=rank == 1,
-    )
-
-
-def _best_not_kept(trial: Trial, best: Optional[dict]) -> bool:
-    return best is not None and best[STEP.name] not in trial.checkpoints
-
-
-def _no_checkpoint(trial: Trial, best: dict) -> str:
-    return (
-        f"{trial.trial_id}: no checkpoint for its best milestone (step {best['step']}); its grid uses the best one kept"
+        caption=(
+            f"{place}: {trial.label}, step {step}, {metric} {format_value(milestone[metric])} "
+            "(the milestone's own samples: the first of those its FID was measured on)"
+        ),
     )
 
 

@@ -1,9 +1,10 @@
-"""Drawing the report's images (the research notes' figures, sample grids) from their info
-objects: what an image shows is decided in `analysis/plot_info.py`; here it is only drawn and
-saved as a PNG."""
+"""Drawing the report's images (the research notes' figures, the denoising diagnostic; the sample
+grids are copied) from their info objects: what an image shows is decided in
+`analysis/plot_info.py`; here it is only drawn and saved as a PNG."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from diffusion_lib.atomic import atomic_path  # noqa: E402
 from diffusion_lib.config import ConfigError  # noqa: E402
 
-from .grids import denoising_diagnostic, sample_grid  # noqa: E402
+from .grids import denoising_diagnostic  # noqa: E402
 from .plot_info import (  # noqa: E402
     DENOISE_CAPTION,
     DENOISE_FILE,
@@ -81,19 +82,24 @@ def draw_floor(ax, floor: FloorBand) -> None:
 
 
 def draw_sample_grids(info: SampleGridsInfo, out: Path) -> tuple[list[Caption], list[str]]:
-    """Each grid (and the best's denoising diagnostic) drawn from its checkpoint into `out`, as
-    (caption, file); a checkpoint that cannot be read is a warning, not the end of the analysis."""
+    """Each top trial's recorded grid copied into `out`, then the denoising diagnostic drawn from
+    its checkpoint, as (caption, file). A recorded grid that is missing, or a checkpoint that
+    cannot be read, is a warning and no image, not the end of the analysis."""
     images: list[Caption] = []
     warnings: list[str] = []
     for grid in info.grids:
+        if not grid.recorded.is_file():
+            warnings.append(f"{grid.trial_id}: no sample grid for its best milestone ({grid.recorded} is missing)")
+            continue
+        with atomic_path(out / grid.file) as tmp:
+            shutil.copyfile(grid.recorded, tmp)
+        images.append((grid.caption, out / grid.file))
+    if info.denoise is not None:
         try:
-            sample_grid(grid.checkpoint, out / grid.file)
-            images.append((grid.caption, out / grid.file))
-            if grid.with_denoising_diagnostic:
-                denoising_diagnostic(grid.checkpoint, out / DENOISE_FILE)
-                images.append((DENOISE_CAPTION, out / DENOISE_FILE))
+            denoising_diagnostic(info.denoise.checkpoint, out / DENOISE_FILE)
+            images.append((DENOISE_CAPTION, out / DENOISE_FILE))
         except ConfigError as err:
-            warnings.append(f"{grid.trial_id}: {err}")
+            warnings.append(f"{info.denoise.trial_id}: {err}")
     return images, warnings
 
 

@@ -350,18 +350,19 @@ def write_report(report: ReportData, out: Path) -> None:
 def analyze_location(location: str, out: Optional[Path] = None, *, progress: bool = False) -> tuple[str, list[str]]:
     """`analyze_experiment` on an experiment at a local path or a URI; return where report.md
     is and the warnings (paths in them named as `location`, not the mirror). For a URI the
-    experiment is mirrored into a temporary folder (small files, each trial's best checkpoint)
-    and, without `out`, the analysis is uploaded to `location/analysis/`."""
+    experiment is mirrored into a temporary folder (small files, the best trials' recorded sample
+    grids and the checkpoint the denoising diagnostic is drawn from) and, without `out`, the
+    analysis is uploaded to `location/analysis/`."""
     require_experiment(location)
-    mirror = functools.partial(mirror_experiment, checkpoints=_best_checkpoints)
+    mirror = functools.partial(mirror_experiment, fetch=_files_for_the_images)
     with storage.local_folder(location, seed=mirror, upload_changes=out is None) as folder:
         warnings = list(map(storage.named_as(location, folder), analyze_experiment(folder, out, progress=progress)))
     return storage.join(str(out) if out else storage.join(location, ANALYSIS_DIR), REPORT_FILE), warnings
 
 
-def _best_checkpoints(mirror: Path) -> list[Path]:
-    """Each trial's checkpoint of its best checkpointed milestone: the one a sample grid is drawn
-    from, fetched without the other kept checkpoint (Ray keeps the newest too)."""
-    experiment = load_experiment(mirror)
-    bests = [(t, experiment.best(t, checkpointed=True)) for t in experiment.trials]
-    return [t.checkpoints[best[STEP.name]] for t, best in bests if best is not None]
+def _files_for_the_images(mirror: Path) -> list[Path]:
+    """The files the report's sample grids and denoising diagnostic come from, fetched without
+    the rest: the top trials' recorded grids of their best milestones (not every milestone's),
+    and one checkpoint (not each trial's newest and best)."""
+    info = sample_grids_info(load_experiment(mirror), TOP_K)
+    return [grid.recorded for grid in info.grids] + ([info.denoise.checkpoint] if info.denoise else [])

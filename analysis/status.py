@@ -4,11 +4,12 @@ sweep runs, after it ended, or after it was killed.
 
 One line per trial: its state (`record.states`, which also says how states are decided), last
 step of total, latest and best FID on the common basis (with the sample count), wall time; then
-how many trials are in each state and the best configuration so far. A killed sweep (no summary,
-nothing from Ray for `record.states.STALE_AFTER_S`) is shown as interrupted, not running
-forever: the header says how long nothing has changed and that `sweep run SPEC --resume`
-finishes it. Pending trials are the ones Ray has created and not started: a searcher creates
-trials lazily, so later grid points or Optuna suggestions are not listed until Ray creates them.
+how many trials are in each state and the best configuration so far. A killed sweep (no summary;
+its driver lock names a pid gone from this host, or nothing from Ray for
+`record.states.STALE_AFTER_S`) is shown as interrupted, not running forever: the header says
+why, and that `sweep run SPEC --resume` finishes it. Pending trials are the ones Ray has created
+and not started: a searcher creates trials lazily, so later grid points or Optuna suggestions are
+not listed until Ray creates them.
 
 For a URI the small files status reads (no checkpoints) are mirrored locally, each with its
 object's time (what freshness is judged by), and brought up to date before every refresh.
@@ -84,20 +85,42 @@ def experiment_status(
         header = f"{path}: sweep ended ({SUMMARY_FILE} written {_ago(now - experiment.summary_mtime)} ago)"
     elif experiment.interrupted_mtime is not None:
         header = (
-            f"{path}: sweep not running: interrupted (Ctrl-C) {_ago(now - experiment.interrupted_mtime)} ago; "
-            "`sweep run SPEC --resume` finishes it"
+            f"{path}: sweep not running: interrupted (Ctrl-C or SIGTERM) "
+            f"{_ago(now - experiment.interrupted_mtime)} ago; `sweep run SPEC --resume` finishes it"
         )
     elif experiment.driver_alive:
-        header = f"{path}: sweep running (Ray's driver wrote its state {_ago(now - experiment.ray_mtime)} ago)"
+        header = f"{path}: sweep running ({_running_evidence(experiment, now)})"
     elif experiment.driver_alive is False:
         header = (
-            f"{path}: sweep not running: "
-            f"nothing from Ray for {_ago(now - experiment.ray_mtime)} and no {SUMMARY_FILE} (killed or crashed?); "
+            f"{path}: sweep not running: {_stopped_evidence(experiment, now)} and no {SUMMARY_FILE}; "
             "`sweep run SPEC --resume` finishes it"
         )
     else:
         header = f"{path}: no Ray state yet; running or interrupted judged from each trial's file times"
     return StatusInfo(experiment, f"{stamp} {header}")
+
+
+def _running_evidence(experiment: Experiment, now: float) -> str:
+    """Why the sweep counts as running: Ray's latest state, and the driver holding the lock."""
+    said = [
+        f"Ray's driver wrote its state {_ago(now - experiment.ray_mtime)} ago"
+        if experiment.ray_mtime is not None
+        else "no Ray state yet"
+    ]
+    if experiment.driver is not None and experiment.driver.holding:
+        said.append(f"its driver: {experiment.driver.driver.describe()}")
+    return "; ".join(said)
+
+
+def _stopped_evidence(experiment: Experiment, now: float) -> str:
+    """Why the sweep counts as not running (it has no summary): its driver gave the lock back,
+    its driver's pid no longer runs on this host, or Ray's state is stale."""
+    record = experiment.driver
+    if record is not None and not record.holding:
+        return f"its driver ({record.driver.describe()}) ended without finishing the sweep"
+    if record is not None and record.alive is False:
+        return f"its driver ({record.driver.describe()}) no longer runs (killed or crashed?)"
+    return f"nothing from Ray for {_ago(now - experiment.ray_mtime)} (killed or crashed?)"
 
 
 def _load(path: Path, now: float, stale_after_s: float) -> Experiment:

@@ -60,10 +60,36 @@ def load_features(path: Path, num_rows: int) -> tuple[np.ndarray, str]:
         if features.shape[0] < num_rows:
             sys.exit(f"{path} has {features.shape[0]} rows; the benchmark needs {num_rows}")
         return features[:num_rows], f"real Inception pool3 features ({path})"
-    # A decaying spectrum, like pool3's: isotropic features would make every eigenvalue alike.
+    return synthetic_features(num_rows), f"synthetic Gaussian features ({path} is absent)"
+
+
+def synthetic_features(num_rows: int, dims: int = 2048) -> np.ndarray:
+    """Gaussian features with a decaying spectrum, like pool3's: isotropic features would make
+    every eigenvalue alike."""
     rng = np.random.default_rng(0)
-    scales = 1 / np.sqrt(1 + np.arange(2048))
-    return rng.normal(size=(num_rows, 2048)) * scales + 0.5, f"synthetic Gaussian features ({path} is absent)"
+    scales = 1 / np.sqrt(1 + np.arange(dims))
+    return rng.normal(size=(num_rows, dims)) * scales + 0.5
+
+
+def time_route(
+    reference: FrechetReference,
+    generated: np.ndarray,
+    groups: int,
+    seed: int,
+    device: torch.device,
+    expected: np.ndarray,
+    expected_stderr: float,
+) -> tuple[float, float, float]:
+    """`fid_jackknife` on `device` after a warm-up: its seconds, and the largest relative
+    differences of its replicates and of its standard error from the reference implementation's."""
+    fid_jackknife(reference, generated[:100], num_groups=groups, device=device)  # warm-up: solver handles
+    sync(device)
+    start = time.perf_counter()
+    jackknife = fid_jackknife(reference, generated, num_groups=groups, seed=seed, device=device)
+    sync(device)
+    seconds = time.perf_counter() - start
+    replicates_rel = np.max(np.abs(jackknife.replicates - expected) / np.abs(expected))
+    return seconds, replicates_rel, abs(jackknife.stderr - expected_stderr) / expected_stderr
 
 
 def sync(device: torch.device) -> None:
@@ -104,14 +130,9 @@ def main() -> None:
     for device_type, threads in runs:
         device = torch.device(device_type)
         torch.set_num_threads(threads)
-        fid_jackknife(reference, generated[:100], num_groups=args.groups, device=device)  # warm-up: solver handles
-        sync(device)
-        start = time.perf_counter()
-        jackknife = fid_jackknife(reference, generated, num_groups=args.groups, seed=args.seed, device=device)
-        sync(device)
-        seconds = time.perf_counter() - start
-        replicates_rel = np.max(np.abs(jackknife.replicates - expected) / np.abs(expected))
-        stderr_rel = abs(jackknife.stderr - expected_stderr) / expected_stderr
+        seconds, replicates_rel, stderr_rel = time_route(
+            reference, generated, args.groups, args.seed, device, expected, expected_stderr
+        )
         worst = max(worst, replicates_rel, stderr_rel)
         label = "torch on cuda:" if device_type == "cuda" else f"torch on cpu, {threads} thread{'s' * (threads > 1)}:"
         print(

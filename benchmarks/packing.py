@@ -9,46 +9,61 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import queue
 import tempfile
 import time
 
 import torch
+from train_throughput import bench_config
+
+from diffusion_lib.build import create_trainer
+from diffusion_lib.config import RunConfig
+
+WORKER_TIMEOUT_S = 600  # a trial that has not reported by then has died (or hangs)
 
 
-def worker(device: str, batch_size: int, compiled: bool, seconds: float, start_at: float, out) -> None:
-    from diffusion_lib.build import create_trainer
-    from diffusion_lib.config import RunConfig
-
+def worker(config: RunConfig, seconds: float, barrier, out) -> None:
+    device = config.train.device
     if device == "cpu":
         torch.set_num_threads(1)  # as Ray gives a trial with resources.cpu = 1
-    config = RunConfig()
-    config.data.name, config.data.num_images = "shapes", 2048
-    config.train.device, config.train.batch_size, config.train.compile = device, batch_size, compiled
-    config.fid.num_samples = config.fid.final_num_samples = 0
     trainer = create_trainer(config, tempfile.mkdtemp(prefix="bench-"), progress=False)
     for _ in range(5):
         trainer.train_step()
-    while time.time() < start_at:
-        time.sleep(0.01)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    barrier.wait(WORKER_TIMEOUT_S)  # every trial has built its trainer and warmed up: start together
     steps, begin = 0, time.perf_counter()
     while time.perf_counter() - begin < seconds:
         trainer.train_step()
         steps += 1
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    out.put(steps * batch_size / (time.perf_counter() - begin))
+    out.put(steps * config.train.batch_size / (time.perf_counter() - begin))
 
 
-def aggregate(n: int, device: str, batch_size: int, compiled: bool, seconds: float) -> float:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    start_at = time.time() + 20 + 5 * n + (120 if compiled else 0)  # after every process has built its trainer
-    procs = [ctx.Process(target=worker, args=(device, batch_size, compiled, seconds, start_at, out)) for _ in range(n)]
+def aggregate(n: int, config: RunConfig, seconds: float, start_method: str = "spawn") -> float:
+    """The images/s of `n` trials of `config` training side by side for `seconds`, summed. Each
+    trial is a new process ("spawn", as Ray's workers; "fork" starts faster, on a CPU only)."""
+    ctx = mp.get_context(start_method)
+    out, barrier = ctx.Queue(), ctx.Barrier(n)
+    procs = [ctx.Process(target=worker, args=(config, seconds, barrier, out)) for _ in range(n)]
     for p in procs:
         p.start()
-    rates = [out.get() for _ in procs]
-    for p in procs:
-        p.join()
+    rates, deadline = [], time.monotonic() + WORKER_TIMEOUT_S
+    try:
+        while len(rates) < n:
+            try:
+                rates.append(out.get(timeout=1))
+            except queue.Empty:
+                died = [p.exitcode for p in procs if p.exitcode]
+                if died or time.monotonic() > deadline:
+                    why = f"exit codes {died}" if died else f"nothing reported in {WORKER_TIMEOUT_S} s"
+                    raise RuntimeError(f"{n - len(rates)} of {n} packed trials failed ({why})") from None
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
     return sum(rates)
 
 
@@ -60,8 +75,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="train.compile: true in every trial")
     args = parser.parse_args()
-    one = aggregate(1, args.device, args.batch_size, args.compile, args.seconds)
-    many = aggregate(args.trials, args.device, args.batch_size, args.compile, args.seconds)
+    config = bench_config(args.device)
+    config.train.batch_size, config.train.compile = args.batch_size, args.compile
+    one = aggregate(1, config, args.seconds)
+    many = aggregate(args.trials, config, args.seconds)
     print(
         f"device {args.device}, batch {args.batch_size}: 1 trial {one:.1f} images/s; "
         f"{args.trials} trials {many:.1f} images/s in all ({many / one:.2f}x)"

@@ -35,6 +35,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def bench_config(device: str) -> RunConfig:
+    """The default run (E1's network, batch 4) on 2,048 procedural shapes, FID off."""
+    config = RunConfig()
+    config.data.name, config.data.num_images = "shapes", 2048
+    config.train.device = device
+    config.fid.num_samples = config.fid.final_num_samples = 0
+    return config
+
+
 class PerImageDataset(Dataset):
     """uint8 images through PIL and torchvision transforms, one image at a time."""
 
@@ -126,11 +135,7 @@ def main() -> None:
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
     def config() -> RunConfig:
-        c = RunConfig()
-        c.data.name, c.data.num_images = "shapes", 2048
-        c.train.device = args.device
-        c.fid.num_samples = c.fid.final_num_samples = 0
-        return c
+        return bench_config(args.device)
 
     flops = training_flops_per_image(config())
     print(

@@ -17,9 +17,11 @@ import typer
 
 from analysis.status import show_status
 from diffusion_lib.config import ConfigError, load_config
+from record.driver_lock import refuse_if_driven
 from record.experiment import require_experiment
 from record.noise import DEFAULT_CUT_Z
-from sweeps.closing import closing_lines, errored_trials
+from record.repair import restore_lost_milestones
+from sweeps.closing import closing_lines, errored_trials, lost_milestones
 from sweeps.console import one_line_warnings
 from sweeps.resume_plan import resume_plan
 
@@ -105,9 +107,11 @@ def fid_stats(
     if not source.is_dir():
         raise ConfigError(f"{source}: not an image folder")
     from diffusion_lib.fid_between import inception_features
-    from diffusion_lib.metrics.fid import stats_of_source
+    from diffusion_lib.metrics.fid import FeatureStats, features_of_images, load_image_folder
 
-    stats = stats_of_source(source, inception_features(weights, device, batch_size, progress=sys.stderr.isatty()))
+    images = load_image_folder(source)  # too few images are refused before the Inception network loads
+    features = inception_features(weights, device, batch_size, progress=sys.stderr.isatty())
+    stats = FeatureStats.from_features(features_of_images(images, features))
     stats.save(out)
     typer.echo(f"wrote {out} ({stats.num_images} images)")
 
@@ -132,6 +136,8 @@ def run(
     from sweeps.spec import load_spec
 
     spec = load_spec(spec_path, set_, name=name, storage=storage)  # bad input is refused here, before torch and Ray
+    if not dry_run:
+        refuse_if_driven(spec.storage, spec.experiment_path)  # said now, not after loading torch and Ray
     if dry_run and resume:
         typer.echo("\n".join(resume_plan(spec.experiment_path, spec.num_trials)))
         return
@@ -143,25 +149,32 @@ def run(
         note(f"warning: {warning}")
     if dry_run:
         return
-    from sweeps.runner import SweepInterrupted, run_sweep
+    from sweeps.runner import NoSpaceLeft, SweepInterrupted, run_sweep
 
     try:
         results = run_sweep(spec, address=address, resume=resume, say=note)
     except SweepInterrupted as interrupted:
         note(str(interrupted))
-        raise typer.Exit(code=130) from None
+        raise typer.Exit(code=interrupted.exit_code) from None
+    except NoSpaceLeft as full:
+        note(f"error: {full}")
+        raise typer.Exit(code=1) from None
     with closing_lines() as ctrl_c:
         code = report_results(spec, results, analyze=analyze_after)
     if ctrl_c.pressed:
         note(f"analysis interrupted; the sweep itself finished: `sweep analyze {spec.experiment_path}` writes it")
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=ctrl_c.exit_code)
     raise typer.Exit(code=code)
 
 
 def report_results(spec, results, *, analyze: bool) -> int:
-    """Print the outcome of a sweep and where to look, write the analysis; return the exit code:
-    1 when a trial errored (after its retries) and the spec fails on trial errors, else 0. The
-    outcome is `sweep status`'s table, in the record's words, so the run ends as status reads it."""
+    """Put back the milestone rows a trial's record lost (`record.repair`), print the outcome of a
+    sweep and where to look, write the analysis; return the exit code: 1 when a trial errored
+    (after its retries) and the spec fails on trial errors, or when a finished trial's record
+    still lacks milestones, else 0. The outcome is `sweep status`'s table, in the record's words,
+    so the run ends as status reads it."""
+    for line in restore_lost_milestones(spec.experiment_path):
+        note(line)
     status(spec.experiment_path, watch=False, interval=0.0)
     if analyze:
         from analysis.report import analyze_location
@@ -172,7 +185,9 @@ def report_results(spec, results, *, analyze: bool) -> int:
     typer.echo(f"TensorBoard: tensorboard --logdir {spec.experiment_path}")
     if errors := errored_trials(results):
         note(errors)
-    return 1 if errors and spec.fail_on_trial_error else 0
+    if lost := lost_milestones(spec.experiment_path):
+        note(lost)
+    return 1 if (errors and spec.fail_on_trial_error) or lost else 0
 
 
 @app.command()

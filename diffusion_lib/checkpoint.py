@@ -18,7 +18,7 @@ from torch import nn
 from .atomic import atomic_path
 from .config import TOTAL_STEPS_KEY, ConfigError, RunConfig, flatten
 from .ema import EMA
-from .run_files import checkpoint_name, list_checkpoints
+from .run_files import checkpoint_damage, checkpoint_name, list_checkpoints
 
 _KEYS = {"step", "wall_time_s", "best", "final_fid", "model", "ema", "optimizer", "rng", "config"}
 # Keys that may change when a run is resumed; anything else would change the trajectory.
@@ -69,10 +69,13 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint's state, checked to hold every key `save_checkpoint` writes."""
+    """A checkpoint's state, checked to be whole and to hold every key `save_checkpoint` writes."""
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        raise ConfigError(f"{path}: not a readable checkpoint ({damage})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, foreign or tampered file
+    except Exception as err:  # a foreign or tampered file
         raise ConfigError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
     missing = _KEYS - set(state) if isinstance(state, dict) else _KEYS
     if missing:

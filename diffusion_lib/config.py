@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,9 @@ UNIT_INTERVAL = Check(lambda v: 0 <= v < 1, "a number in [0, 1)")
 TOTAL_STEPS_KEY = "train.total_steps"
 SEED_KEY = "train.seed"
 EVAL_SEED_KEY = "eval.seed"
+# The keys `RunConfig.__post_init__` checks against each other (every other check reads one
+# value): a sweep checks each combination of them its grid makes.
+CHECKED_TOGETHER_KEYS = ("eval.nfe", "diffusion.num_timesteps")
 
 
 @dataclass
@@ -156,7 +160,7 @@ class FidConfig:
         None, Check(lambda v: v is None or v >= 2, "an integer >= 2 or null")
     )  # None: all
     reference: Optional[str] = None  # reference statistics (.npz) computed beforehand, e.g. once per sweep
-    cache_dir: Optional[str] = None  # reference-statistics cache; default ~/.cache/diffusion_sweeps/fid
+    cache_dir: Optional[str] = None  # reference-statistics cache; default $XDG_CACHE_HOME/diffusion_sweeps/fid
     batch_size: int = opt(200, AT_LEAST_1)  # Inception batch
 
     @property
@@ -321,12 +325,37 @@ def check_type(key: str, value: Any, annotation: Any) -> Any:
 # ---- files and the command line ------------------------------------------------------------
 
 
+class SafeLoaderWithYaml12Floats(yaml.SafeLoader):
+    """PyYAML's safe loader reading `1e-4`, `1E5`, `-2.5e-3` and `.5e3` as the numbers YAML 1.2
+    says they are: YAML 1.1, which PyYAML follows, wants a dot and a signed exponent (`1.0e-4`)
+    and reads the rest as strings, so `--set optim.lr=1e-4` was "expected a number"."""
+
+
+SafeLoaderWithYaml12Floats.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    # Tried after YAML 1.1's own float and int patterns, so `128` stays an int: this one only
+    # catches what they leave as strings.
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as Python values, YAML 1.2's floats included: every config, spec and `--set`
+    value is read here."""
+    return yaml.load(text, Loader=SafeLoaderWithYaml12Floats)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`train.batch_size=128` -> ("train.batch_size", 128); the value is parsed as YAML."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.batch_size=128")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), load_yaml(value)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"--set {text!r}: the value is not YAML ({problem})") from None
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
@@ -334,7 +363,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
 

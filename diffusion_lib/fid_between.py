@@ -14,10 +14,11 @@ from .config import fid_weights
 from .metrics.fid import (
     FEATURE_DIMS,
     FID_JACKKNIFE_GROUPS,
+    FeatureStats,
     InceptionFeatures,
-    features_of_folder,
+    features_of_images,
+    read_source,
     small_sample_note,
-    stats_of_source,
 )
 from .metrics.frechet import FrechetReference, fid_jackknife
 
@@ -36,17 +37,18 @@ class FidBetween:
 def fid_between(
     source_a: Path, source_b: Path, *, weights: Optional[str], device: str, batch_size: int, progress: bool
 ) -> FidBetween:
-    """The FID of `source_b` against `source_a`, each an image folder or `.npz` statistics; two
-    `.npz` files are statistics already, so no Inception network is loaded for them."""
-    folders = [s for s in (source_a, source_b) if s.suffix != ".npz"]
+    """The FID of `source_b` against `source_a`, each an image folder or `.npz` statistics. Both
+    are read first, so that a source FID cannot use is refused before the Inception network
+    loads; two `.npz` files are statistics already, so no network is loaded for them."""
+    read_a, read_b = read_source(source_a), read_source(source_b)
+    folders = [read for read in (read_a, read_b) if not isinstance(read, FeatureStats)]
     features = inception_features(weights, device, batch_size, progress=progress) if folders else None
-    a = stats_of_source(source_a, features)
+    a = read_a if isinstance(read_a, FeatureStats) else FeatureStats.from_features(features_of_images(read_a, features))
     reference = FrechetReference.from_stats(a.mu, a.sigma)
-    if source_b.suffix == ".npz":
-        b = stats_of_source(source_b, features)
-        value, stderr, count = reference.fid_from_stats(b.mu, b.sigma), None, b.num_images
+    if isinstance(read_b, FeatureStats):
+        value, stderr, count = reference.fid_from_stats(read_b.mu, read_b.sigma), None, read_b.num_images
     else:
-        b_features = features_of_folder(source_b, features)
+        b_features = features_of_images(read_b, features)
         count = b_features.shape[0]
         value = reference.fid(b_features)
         groups = min(FID_JACKKNIFE_GROUPS, count - 2)

@@ -1,8 +1,10 @@
-"""What a run writes into its folder, by name, and how its milestone rows are read back. Kept free
-of torch so that readers of an experiment (`sweep status`, the analysis) start fast.
+"""What a run writes into its folder, by name; how its milestone rows are written, merged and read
+back; whether a checkpoint file is whole. Kept free of torch so that readers of an experiment
+(`sweep status`, the analysis, the resume plan) start fast.
 
     <run_dir>/
-        metrics.jsonl               one JSON object per milestone (`milestone.MILESTONE_METRICS`)
+        metrics.jsonl               one JSON object per milestone (`milestone.MILESTONE_METRICS`),
+                                    by step, rewritten whole at each milestone
         events.out.tfevents.*       TensorBoard scalars, sample grids and the HParams session
         events.out.tfevents.session_end   how the HParams session ended (a sweep's driver writes it)
         samples/step_NNNNNNN.png    the sample grid of each milestone
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .atomic import atomic_path
+from .atomic import atomic_path, atomic_write_text
 from .milestone import STEP
 
 METRICS_FILE = "metrics.jsonl"
@@ -43,6 +47,12 @@ def sample_grid_name(step: int) -> str:
     return f"step_{step:07d}.png"
 
 
+def checkpoint_step(name: str) -> Optional[int]:
+    """The step of a file named by `checkpoint_name`; None for any other name."""
+    match = _CHECKPOINT_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
 def list_checkpoints(folder: Path) -> dict[int, Path]:
     """{step: path} of the checkpoints in a folder, by step."""
     folder = Path(folder)
@@ -50,16 +60,54 @@ def list_checkpoints(folder: Path) -> dict[int, Path]:
         return {}
     found = {}
     for path in folder.iterdir():
-        match = _CHECKPOINT_NAME.match(path.name)
-        if match:
-            found[int(match.group(1))] = path
+        step = checkpoint_step(path.name)
+        if step is not None:
+            found[step] = path
     return dict(sorted(found.items()))
+
+
+def checkpoint_damage(path: str | os.PathLike) -> Optional[str]:
+    """Why the file at `path` is not a whole checkpoint, in a few words; None when it is whole.
+
+    A checkpoint is torch.save's zip archive, each member with its CRC-32: an emptied or
+    truncated file is no zip archive, and a changed byte fails its member's CRC, which
+    torch.load does not check (it would load the damaged weights). The one test of a damaged
+    checkpoint: `checkpoint.load_checkpoint` applies it, and, free of torch, so does the resume
+    plan."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with zipfile.ZipFile(path) as archive:
+            damaged_member = archive.testzip()
+    except FileNotFoundError:
+        return "no such file"
+    except Exception as err:  # zipfile fails on a damaged archive with many exception types
+        return f"not a whole zip archive ({type(err).__name__}: {err})"
+    return f"damaged: {damaged_member} fails its CRC check" if damaged_member else None
 
 
 def metrics_line(row: dict[str, Any]) -> str:
     """One milestone row as a metrics.jsonl line (a non-finite number becomes null)."""
     finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
     return json.dumps(finite) + "\n"
+
+
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    """A metrics.jsonl holding `rows`, written whole and atomically: a reader never sees a torn line."""
+    atomic_write_text(path, "".join(metrics_line(row) for row in rows))
+
+
+def merge_rows(*sources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Milestone rows from several copies of a run's record (its metrics.jsonl, the copies its
+    checkpoints hold, the rows just measured) as one record, by step: each step once, as the
+    first source holding it recorded it. A milestone once recorded is kept as it was: measured
+    again after a resume from an older checkpoint (the same values, training being bit-exact,
+    but for wall_time_s), it is not added twice."""
+    merged: dict[int, dict[str, Any]] = {}
+    for rows in sources:
+        for row in rows:
+            merged.setdefault(row[STEP.name], row)
+    return [merged[step] for step in sorted(merged)]
 
 
 def read_metrics(path: Path, warnings: Optional[list[str]] = None) -> list[dict[str, Any]]:

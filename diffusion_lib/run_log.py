@@ -8,29 +8,29 @@ TensorBoard scalars, sample grids and hparams, and PNG sample grids."""
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torchvision.utils
-from tensorboard.compat.proto import summary_pb2
+from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams_api
+from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
-from .atomic import atomic_path, atomic_write_text
+from .atomic import atomic_path
 from .milestone import HPARAMS_METRICS, STEP
 from .run_files import (
     EVENTS_GLOB,
     METRICS_FILE,
     SAMPLES_DIR,
     SESSION_END_FILE,
-    metrics_line,
+    merge_rows,
     read_metrics,
     sample_grid_name,
+    write_metrics,
 )
 
 
@@ -40,21 +40,28 @@ def hparams_value(value: Any) -> Any:
 
 
 class RunLog:
-    """The run's metrics.jsonl, TensorBoard events and sample grids, opened when training starts."""
+    """The run's metrics.jsonl, TensorBoard events and sample grids, opened when training starts.
 
-    def __init__(self, run_dir: Path, writer: SummaryWriter):
+    metrics.jsonl is written whole, atomically, at every milestone (a reader or a crash never
+    leaves a torn line), and a milestone once recorded is never deleted: a run resumed from a
+    checkpoint older than its last recorded milestone measures the milestones after it again,
+    and keeps the rows recorded for them (`run_files.merge_rows`)."""
+
+    def __init__(self, run_dir: Path, writer: SummaryWriter, rows: list[dict[str, Any]]):
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / METRICS_FILE
         self.writer = writer
+        self.rows = rows
 
     @classmethod
     def open(cls, run_dir: Path, resume_step: int, hparams: dict[str, Any]) -> "RunLog":
-        """Open the log of a run starting (resume_step 0) or resuming at `resume_step`: rows and
-        events past that step are from milestones that will be recomputed, so they are dropped."""
+        """Open the log of a run starting (resume_step 0) or resuming at `resume_step`. Its
+        recorded rows are kept, written back whole (a torn line an older writer's crash left is
+        dropped); TensorBoard events past `resume_step` are hidden, the milestones measured again
+        write them anew."""
         run_dir = Path(run_dir)
-        metrics_path = run_dir / METRICS_FILE
-        kept = [r for r in read_metrics(metrics_path) if r[STEP.name] <= resume_step]
-        atomic_write_text(metrics_path, "".join(metrics_line(r) for r in kept))
+        rows = merge_rows(read_metrics(run_dir / METRICS_FILE))
+        write_metrics(run_dir / METRICS_FILE, rows)
         if resume_step == 0:  # a fresh start: events of an attempt that never checkpointed are stale
             for stale in run_dir.glob(EVENTS_GLOB):
                 stale.unlink()
@@ -65,13 +72,17 @@ class RunLog:
             session = hparams_api.hparams_pb({k: hparams_value(v) for k, v in hparams.items()}, trial_id=run_dir.name)
             writer.file_writer.add_summary(session)
             writer.flush()
-        return cls(run_dir, writer)
+        return cls(run_dir, writer, rows)
 
-    def milestone(self, row: dict[str, Any], grid: Optional[torch.Tensor]) -> None:
-        """Append one milestone: a metrics.jsonl line, TensorBoard scalars and the sample grid."""
+    def milestone(self, row: dict[str, Any], grid: Optional[torch.Tensor]) -> dict[str, Any]:
+        """Record one milestone: its metrics.jsonl row (unless one is recorded for its step
+        already), TensorBoard scalars and the sample grid; return the row recorded for it."""
         step = row[STEP.name]
-        with open(self.metrics_path, "a") as f:
-            f.write(metrics_line(row))
+        merged = merge_rows(self.rows, [row])
+        if len(merged) > len(self.rows):
+            self.rows = merged
+            write_metrics(self.metrics_path, self.rows)
+        row = next(recorded for recorded in self.rows if recorded[STEP.name] == step)
         for key, value in row.items():
             if key != STEP.name and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, step)
@@ -79,6 +90,7 @@ class RunLog:
             self.writer.add_image("samples", grid, step)
             save_png(grid, self.run_dir / SAMPLES_DIR / sample_grid_name(step))
         self.writer.flush()
+        return row
 
     def close(self) -> None:
         self.writer.close()
@@ -121,10 +133,14 @@ def write_session_end(run_dir: Path, succeeded: bool) -> Path:
         metadata=metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(session_end_info=end_info)),
         tensor=metadata.NULL_TENSOR,
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".session-end-") as scratch:
-        with SummaryWriter(log_dir=scratch) as writer:
-            writer.file_writer.add_summary(summary)
-        (written,) = Path(scratch).glob(EVENTS_GLOB)
-        os.replace(written, run_dir / SESSION_END_FILE)
+    # The events file's records written here, in this thread: a SummaryWriter writes them from a
+    # thread of its own, which prints a traceback of its own when the disk is full.
+    events = [
+        event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"),  # how every events file starts
+        event_pb2.Event(wall_time=time.time(), summary=summary),
+    ]
+    with atomic_path(run_dir / SESSION_END_FILE) as tmp, open(tmp, "wb") as out:
+        records = RecordWriter(out)
+        for event in events:
+            records.write(event.SerializeToString())
     return run_dir / SESSION_END_FILE

@@ -227,7 +227,10 @@ class Trainer:
                     progress.wall_time_s += now - last
                     last = now
                     row[WALL_TIME.name] = progress.wall_time_s
-                    log.milestone(row, grid)
+                    # A milestone recorded before this run resumed from an older checkpoint keeps
+                    # its row; the clock goes on from its time, so wall_time_s grows along the record.
+                    row = log.milestone(row, grid)
+                    progress.wall_time_s = row.get(WALL_TIME.name) or progress.wall_time_s
                     path = self.save_checkpoint()
                     self._reset_accumulators()
                     if on_milestone is not None:

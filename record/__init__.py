@@ -5,6 +5,8 @@ through it. It depends on `diffusion_lib`'s torch-free modules only, so readers 
     <storage>/<name>/
         sweep.json                  the spec's metric, mode and searched distributions (files.SweepFile)
         experiment_summary.json     each trial's final state and error, when the sweep ends (files.Summary)
+        driver.lock                 host and pid of the `sweep run` driving it now; driver.ended once it
+                                    ended (driver_lock)
         fid_reference/*.npz         the FID reference statistics every trial uses, computed once
         events.out.tfevents.*.hparams   TensorBoard's HParams columns for all trials
         experiment_state-*.json     Ray Tune's own state (read for the trial states, never written)
@@ -12,6 +14,7 @@ through it. It depends on `diffusion_lib`'s torch-free modules only, so readers 
             trial.json              searched values, full config, node (files.TrialFile)
             metrics.jsonl, events…, samples/   (diffusion_lib.run_files)
             events.out.tfevents.session_end   its HParams status, once it ended (sweeps.session_end)
-            checkpoint_*/step_*.pt  Ray Tune's checkpoints of the trainer's state
+            checkpoint_*/step_*.pt  Ray Tune's checkpoints of the trainer's state, each with the
+                                    metrics.jsonl of its report (what repair puts lost rows back from)
             error.txt               Ray Tune's traceback of a failed attempt
 """

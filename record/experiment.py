@@ -19,6 +19,7 @@ from diffusion_lib.run_files import CHECKPOINT_DIR, METRICS_FILE, FidFloor, Floo
 
 from . import states, storage
 from .best import Row, best_milestone, common_basis, comparable_rows, is_finite_number
+from .driver_lock import DriverRecord, recorded_driver
 from .files import (
     INTERRUPTED_FILE,
     RAY_CHECKPOINT_GLOB,
@@ -46,6 +47,9 @@ class Trial:
     checkpoints: dict[int, Path] = field(default_factory=dict)
     state: str = states.PENDING
     note: str = ""  # its one-line error when errored; a retry, "no milestone yet", … otherwise
+    # The checkpoint_* folder Ray's state restores it from (that of its latest report); None when
+    # Ray's state does not say.
+    ray_checkpoint: Optional[str] = None
 
     @property
     def label(self) -> str:
@@ -64,6 +68,12 @@ class Trial:
     def last_step(self) -> Optional[int]:
         return self.milestones[-1][STEP.name] if self.milestones else None
 
+    @property
+    def lacks_its_end(self) -> bool:
+        """Finished (it reported its last step) while its metrics.jsonl stops short of it."""
+        total = self.total_steps
+        return self.state == states.FINISHED and total is not None and (self.last_step or 0) < total
+
 
 @dataclass
 class Experiment:
@@ -75,7 +85,8 @@ class Experiment:
     warnings: list[str] = field(default_factory=list)
     summary_mtime: Optional[float] = None  # when a current summary was written (the sweep ended)
     ray_mtime: Optional[float] = None  # Ray's newest experiment state (the sweep's heartbeat)
-    driver_alive: Optional[bool] = None  # None: no Ray state to tell
+    driver: Optional[DriverRecord] = None  # the `sweep run` its driver lock names (record.driver_lock)
+    driver_alive: Optional[bool] = None  # None: neither the lock nor Ray's state tells
     interrupted_mtime: Optional[float] = None  # when the current run was stopped by Ctrl-C
     floor: Optional[FidFloor] = None  # what real images score under the sweep's FID conditions
 
@@ -155,10 +166,12 @@ def load_experiment(
             f"not an experiment directory (no {SWEEP_FILE} and no trial folders with {TRIAL_FILE} or {METRICS_FILE})"
         )
 
-    driver_alive = None
+    driver = recorded_driver(path, warnings)
+    driver_alive = driver.alive if driver is not None else None  # known on the driver's host, or once it ended
     if ray_mtime is not None:  # sweep.json is the driver's too: written as each `sweep run` starts
         ray_mtime = max(ray_mtime, _mtime(path / SWEEP_FILE) or 0.0)
-        driver_alive = now - ray_mtime <= stale_after_s
+        if driver_alive is None:  # no lock, or one held on another host: judged by Ray's heartbeat
+            driver_alive = now - ray_mtime <= stale_after_s
     interrupted_mtime = _mtime(path / INTERRUPTED_FILE)
     if summary is not None or (interrupted_mtime or 0.0) < (_mtime(path / SWEEP_FILE) or 0.0):
         interrupted_mtime = None  # the sweep ended, or a later `sweep run --resume` has started
@@ -171,17 +184,17 @@ def load_experiment(
         trial = read.get(name) or Trial(
             name, path / name, searched=(ray_trials or {}).get(name, {}).get("searched", {})
         )
-        ray_status = (ray_trials or {}).get(name, {}).get("status")
+        ray_trial = (ray_trials or {}).get(name, {})
+        trial.ray_checkpoint = ray_trial.get("checkpoint")
         outcome = summary.trials.get(name) if summary else None
         alive = driver_alive if driver_alive is not None else _trial_alive(trial, now, stale_after_s)
         evidence = states.Evidence(
             recorded=outcome.state if outcome else None,
             recorded_error=outcome.error if outcome else None,
-            ray_status=ray_status,
+            ray_status=ray_trial.get("status"),
             error_line=read_error_line(trial.path),
-            reached_end=trial.total_steps is not None
-            and trial.last_step is not None
-            and trial.last_step >= trial.total_steps,
+            reached_end=_at_or_past(trial.last_step, trial.total_steps),
+            reported_end=_at_or_past(ray_trial.get("step"), trial.total_steps),
             total_known=trial.total_steps is not None,
             started=bool(trial.milestones) or (trial.path / TRIAL_FILE).is_file(),
             has_milestone=bool(trial.milestones),
@@ -198,6 +211,7 @@ def load_experiment(
         warnings=warnings,
         summary_mtime=_mtime(path / SUMMARY_FILE) if summary else None,
         ray_mtime=ray_mtime,
+        driver=driver,
         driver_alive=driver_alive,
         interrupted_mtime=interrupted_mtime,
         floor=FidFloor.read(path, warnings),
@@ -217,6 +231,10 @@ def _read_trial(trial_dir: Path, warnings: list[str]) -> Trial:
     return trial
 
 
+def _at_or_past(step: Optional[int], total_steps: Optional[int]) -> bool:
+    return step is not None and total_steps is not None and step >= total_steps
+
+
 def _current_summary(path: Path, warnings: list[str]) -> Optional[Summary]:
     """The summary, unless it predates the sweep.json of a later `sweep run --resume` (that run
     has not ended yet)."""
@@ -227,12 +245,14 @@ def _current_summary(path: Path, warnings: list[str]) -> Optional[Summary]:
 
 
 def _read_ray_state(path: Path, warnings: list[str]) -> tuple[Optional[float], Optional[dict[str, dict]]]:
-    """(time of the newest `experiment_state-*.json`, {trial folder: {"status", "searched"}}).
-    The time is the sweep's heartbeat whatever the content. The content is read from the file
-    of the latest driver session, named by its start time (a resumed run copies the earlier
-    session's file back within microseconds of writing its own, so modification times cannot
-    tell them apart); it is Ray's internal format, read defensively: anything unexpected leaves
-    the trials out (None) with a warning."""
+    """(time of the newest `experiment_state-*.json`, {trial folder: {"status", "searched",
+    "checkpoint", "step"}}). The time is the sweep's heartbeat whatever the content. The content
+    is read from the file of the latest driver session, named by its start time (a resumed run
+    copies the earlier session's file back within microseconds of writing its own, so
+    modification times cannot tell them apart; Ray restores from the latest by name too); it is
+    Ray's internal format, read defensively: anything unexpected leaves the trials out (None)
+    with a warning. "checkpoint" and "step" are the checkpoint folder and step of the trial's
+    latest report (`_latest_report`), the checkpoint Ray restores the trial from."""
     files = []
     for file in path.glob(RAY_STATE_GLOB):
         try:
@@ -256,6 +276,7 @@ def _read_ray_state(path: Path, warnings: list[str]) -> tuple[Optional[float], O
             trials[str(name)] = {
                 "status": status,
                 "searched": {k: v for k, v in searched.items() if not isinstance(v, dict)},
+                **_latest_report(entry[1]),
             }
         return mtime, trials
     except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
@@ -263,6 +284,21 @@ def _read_ray_state(path: Path, warnings: list[str]) -> tuple[Optional[float], O
             f"{newest}: Ray's experiment state unreadable ({type(err).__name__}: {err}); pending trials not listed"
         )
         return mtime, None
+
+
+def _latest_report(run_metadata: str) -> dict[str, Any]:
+    """{"checkpoint": its checkpoint_* folder, "step": its step} of the latest report in a
+    trial's run metadata (the second half of its entry in Ray's state), each left out when the
+    metadata does not hold it. Ray restores a trial from its latest checkpoint, which it keeps
+    pickled; every report of a trial carries a checkpoint (`sweeps.trainable`), so the latest
+    report's, which Ray keeps as JSON, is that one."""
+    try:
+        last_result = json.loads(run_metadata).get("last_result") or {}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+    report = {"checkpoint": last_result.get("checkpoint_dir_name"), "step": last_result.get(STEP.name)}
+    valid = {"checkpoint": str, "step": int}
+    return {key: value for key, value in report.items() if isinstance(value, valid[key])}
 
 
 def _mtime(file: Path) -> Optional[float]:

@@ -9,10 +9,11 @@ import dataclasses
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from pathlib import Path, PurePath
+from typing import Any, Iterable, Optional, TypeVar
 
 from diffusion_lib.config import RunConfig, flatten
+from diffusion_lib.run_files import checkpoint_step
 
 from . import storage
 
@@ -26,6 +27,9 @@ RAY_STATE_GLOB = "experiment_state-*.json"  # Ray Tune's driver rewrites it ever
 RAY_CHECKPOINT_GLOB = "checkpoint_*"
 RAY_ERROR_FILE = "error.txt"
 STOPPED_FILE = "stopped_early.json"  # why the racing scheduler stopped the trial
+DRIVER_LOCK_FILE = "driver.lock"  # the `sweep run` driving the experiment now (record.driver_lock)
+DRIVER_LOCK_BREAK_FILE = "driver.lock.break"  # held for an instant while a dead driver's lock is cleared
+DRIVER_ENDED_FILE = "driver.ended"  # the lock of the last driver, renamed when it ended
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b.*")
@@ -127,13 +131,18 @@ class Summary:
 
 @dataclass
 class Interruption:
-    """Written when `sweep run` is stopped by Ctrl-C (instead of a summary): the driver is gone,
-    on purpose, whatever the age of Ray's last state. A later `sweep run --resume` supersedes it."""
+    """Written when `sweep run` is stopped by Ctrl-C or SIGTERM (instead of a summary): the driver
+    is gone, on purpose, whatever the age of Ray's last state. A later `sweep run --resume`
+    supersedes it, and removes it when it writes the summary."""
 
     message: str
 
     def write(self, experiment: str) -> None:
         storage.write_text(storage.join(experiment, INTERRUPTED_FILE), json.dumps(asdict(self), indent=1))
+
+    @staticmethod
+    def remove(experiment: str) -> None:
+        storage.remove_file(storage.join(experiment, INTERRUPTED_FILE))
 
 
 @dataclass
@@ -184,3 +193,20 @@ def read_error_line(trial_dir: Path) -> Optional[str]:
     except OSError:
         return f"({RAY_ERROR_FILE} unreadable)"
     return one_line_error(text) if text.strip() else f"(empty {RAY_ERROR_FILE})"
+
+
+CheckpointPath = TypeVar("CheckpointPath", bound=PurePath)
+
+
+def resume_order(checkpoints: Iterable[CheckpointPath], restored_folder: Optional[str]) -> list[CheckpointPath]:
+    """The trainer checkpoints (`<trial>/checkpoint_*/step_*.pt`) a resumed trial tries, in turn,
+    until one is whole: the one in the `checkpoint_*` folder Ray restores (its latest report's),
+    then those in the folders Ray wrote before it, newest step first. A folder written after
+    it holds a report Ray never recorded (the driver was gone) and is not used. When Ray's
+    state does not name a folder (`restored_folder` None): every checkpoint, newest step first.
+    Ray numbers its folders in report order, so their names sort in it."""
+    by_step = sorted(checkpoints, key=lambda path: checkpoint_step(path.name) or 0, reverse=True)
+    if restored_folder is None:
+        return by_step
+    restored = [path for path in by_step if path.parent.name == restored_folder]
+    return restored + [path for path in by_step if path.parent.name < restored_folder]

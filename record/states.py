@@ -11,19 +11,26 @@ experiment holds. The report, the tables, the Optuna study and `sweep status` al
 The rule (`classify`; the first that applies):
 
 - With a current summary (`experiment_summary.json`, written when `sweep run` ends; out of date
-  once a later `sweep run --resume` rewrote sweep.json): errored there is **errored**; the last
-  step reached is **finished**; a trial Ray's final state still calls running, pending or
-  paused is **interrupted** — or **pending** if it never wrote a file; any other trial the sweep
-  ended before its last step was **stopped**.
+  once a later `sweep run --resume` rewrote sweep.json): errored there is **errored**; finished
+  there, or the last step reached, is **finished**; a trial Ray's final state still calls
+  running, pending or paused is **interrupted** — or **pending** if it never wrote a file; any
+  other trial the sweep ended before its last step was **stopped**.
 - Without one (the sweep is running, or was killed): Ray's newest state says ERROR →
-  **errored**; TERMINATED → **finished** at the last step, else **stopped**; no Ray state and an
-  `error.txt` → **errored**; the last step reached → **finished**; Ray says PENDING or PAUSED →
-  **pending** (also a trial waiting for a retry after an error). Any other trial is **running**
-  while the sweep is alive, else **interrupted**.
-- Alive: Ray's driver rewrites `experiment_state-*.json` at least every ~10 s while `sweep run`
-  lives, so the sweep is alive while that file is younger than `STALE_AFTER_S`. Without that file
-  (Ray not started yet, a `sweep train` run directory), a trial is alive while a file in its
-  folder is younger than `STALE_AFTER_S` or than twice its longest gap between milestones.
+  **errored**; TERMINATED → **finished** at the last step (recorded, or reported to Ray), else
+  **stopped**; no Ray state and an `error.txt` → **errored**; the last step reached →
+  **finished**; Ray says PENDING or PAUSED → **pending** (also a trial waiting for a retry after
+  an error). Any other trial is **running** while the sweep is alive, else **interrupted**.
+- A trial finished by the summary or by Ray's report of its last step whose metrics.jsonl stops
+  short of it (rows lost: a torn or damaged line) is **finished**, with a note saying so:
+  `sweep run SPEC --resume` puts the rows back from its checkpoints' copies
+  (`record.repair`).
+- Alive: the driver lock says it where it can (`record.driver_lock`): given back, the sweep is
+  not alive; held, it is alive while the pid in it runs, checked on the driver's own host.
+  Elsewhere, and for a sweep from before the lock: Ray's driver rewrites
+  `experiment_state-*.json` at least every ~10 s while `sweep run` lives, so the sweep is alive
+  while that file is younger than `STALE_AFTER_S`. Without either (Ray not started yet, a `sweep
+  train` run directory), a trial is alive while a file in its folder is younger than
+  `STALE_AFTER_S` or than twice its longest gap between milestones.
 """
 
 from __future__ import annotations
@@ -37,6 +44,12 @@ STATES = (RUNNING, PENDING, FINISHED, STOPPED, ERRORED, INTERRUPTED)
 ENDED_STATES = (FINISHED, STOPPED, ERRORED)  # what a summary records
 
 STALE_AFTER_S = 300.0
+
+# The note of a finished trial whose record lost rows (the rule's last point).
+LACKS_ITS_END = (
+    "its metrics.jsonl lost milestones up to its last step; "
+    "`sweep run SPEC --resume` puts back those its checkpoints hold"
+)
 
 # Ray Tune's trial statuses, as its experiment state records them.
 RAY_PENDING, RAY_RUNNING, RAY_PAUSED, RAY_TERMINATED, RAY_ERROR = "PENDING", "RUNNING", "PAUSED", "TERMINATED", "ERROR"
@@ -63,6 +76,7 @@ class Evidence:
     ray_status: Optional[str]  # Ray's status in its newest experiment state, or None
     error_line: Optional[str]  # the one-line error of its error.txt, or None
     reached_end: bool  # its last milestone is at its train.total_steps
+    reported_end: bool  # Ray's state holds its report of its train.total_steps
     total_known: bool  # its train.total_steps is known (trial.json read)
     started: bool  # it wrote trial.json or a milestone
     has_milestone: bool
@@ -72,11 +86,12 @@ class Evidence:
 def classify(evidence: Evidence) -> tuple[str, str]:
     """(state, note): the trial's state by the module's rule, and a note (its error, a retry)."""
     e = evidence
+    finished_note = "" if e.reached_end or not e.total_known else LACKS_ITS_END
     if e.recorded is not None:
         if e.recorded == ERRORED:
             return ERRORED, e.recorded_error or "(no error message)"
-        if e.reached_end:
-            return FINISHED, ""
+        if e.recorded == FINISHED or e.reached_end:
+            return FINISHED, finished_note
         if not e.started and e.ray_status != RAY_RUNNING:
             return PENDING, "never started"
         if e.ray_status in (RAY_RUNNING, *_RAY_WAITING):
@@ -85,7 +100,9 @@ def classify(evidence: Evidence) -> tuple[str, str]:
     if e.ray_status == RAY_ERROR or (e.ray_status is None and e.error_line is not None):
         return ERRORED, e.error_line or "(no error message)"
     if e.ray_status == RAY_TERMINATED:
-        return (FINISHED if e.reached_end or not e.total_known else STOPPED), ""
+        if e.reached_end or e.reported_end or not e.total_known:
+            return FINISHED, finished_note
+        return STOPPED, ""
     if e.reached_end:
         return FINISHED, ""
     if e.ray_status in _RAY_WAITING:

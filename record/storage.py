@@ -14,6 +14,7 @@ when it is local, else a temporary folder seeded from the location and uploaded 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -26,8 +27,10 @@ from diffusion_lib.atomic import atomic_path, atomic_write_text
 from diffusion_lib.config import ConfigError
 
 _BUCKETED = ("s3", "gcs")  # pyarrow filesystems whose first path component is a bucket
+_SCHEMES = {"gcs": "gs"}  # URI schemes of the pyarrow filesystems not named as their scheme
 _COPY_THREADS = 8
 _WRITE_CHECK_BYTES = 1 << 20  # less room than this for a sweep's files is a full disk
+_FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left, disk quota exceeded
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -62,6 +65,14 @@ def name_of(location: str) -> str:
     return (split.path.rstrip("/").rsplit("/", 1)[-1]) or split.netloc
 
 
+def location_of(fs, path: str) -> str:
+    """A path on a pyarrow filesystem as a user names it: a local path, or a URI
+    (`s3://bucket/key`; pyarrow's options, e.g. an endpoint, left out)."""
+    if fs.type_name == "local":
+        return path
+    return f"{_SCHEMES.get(fs.type_name, fs.type_name)}://{path}"
+
+
 def resolve(location: str | os.PathLike, what: str = "storage"):
     """(pyarrow filesystem, path on it). A URI pyarrow cannot open is a ConfigError about `what`."""
     import pyarrow
@@ -83,7 +94,7 @@ def _check_writable(folder: Path, what: str) -> None:
     """An unwritable folder (or a full disk) is refused now, not after Ray started and trials ran.
     A block is written and flushed to disk: a full disk still makes an empty file. The folders
     made for the check are removed again: a run refused later leaves nothing behind."""
-    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    made = missing_folders(str(folder))
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as probe:
@@ -93,9 +104,29 @@ def _check_writable(folder: Path, what: str) -> None:
     except OSError as err:
         raise ConfigError(f"{what}: cannot write to {folder}: {err.strerror or err}") from None
     finally:
-        for path in made:
-            with contextlib.suppress(OSError):
-                path.rmdir()
+        remove_folders(made)
+
+
+def missing_folders(location: str) -> list[str]:
+    """The folders `location` (a path or URI) needs that do not exist yet, deepest first, so that
+    work refused or failed before it stored anything can remove what it made (`remove_folders`).
+    On an object store: the location itself when nothing is stored under it (a prefix is no
+    folder of its own)."""
+    if is_uri(location):
+        return [] if exists(location) else [location]
+    path = Path(location)
+    return [str(p) for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_folders(folders: list[str]) -> None:
+    """Remove the folders `missing_folders` listed: the deepest with whatever was written in it
+    since, then each parent made for it (left where something else has been put there meanwhile)."""
+    for depth, folder in enumerate(folders):
+        with contextlib.suppress(OSError):
+            if depth == 0:
+                remove_folder(folder)
+            else:
+                Path(folder).rmdir()
 
 
 def validate_storage(location: str, what: str = "storage") -> None:
@@ -174,6 +205,76 @@ def exists(location: str) -> bool:
 
     fs, path = resolve(location)
     return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def remove_file(location: str) -> None:
+    """Delete the file at `location` (a path or URI); nothing when there is none."""
+    import pyarrow.fs
+
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
+        fs.delete_file(path)
+
+
+def read_text(location: str | os.PathLike) -> str:
+    """A whole file's text; FileNotFoundError when there is none."""
+    import pyarrow.fs
+
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        raise FileNotFoundError(str(location))
+    with fs.open_input_stream(path) as src:
+        return src.read().decode()
+
+
+def move(source: str, target: str) -> None:
+    """Rename a file on one storage (atomic locally; a copy and a delete on an object store)."""
+    fs, source_path = resolve(source)
+    fs.move(source_path, resolve(target)[1])
+
+
+def remove_folder(location: str) -> None:
+    """Delete a folder and everything under it (on an object store: every object under the prefix)."""
+    fs, path = resolve(location)
+    fs.delete_dir(path)
+
+
+def full_disk_path(error: BaseException, location: str) -> Optional[str]:
+    """Where a write failed for want of space, when that is why `error` happened: the file a
+    no-space (or quota) error names; else `location` (a local path: a no-space error without a
+    file, as numpy's writes raise it, is taken for its disk; and whatever the error says when
+    that disk is left with less room than a sweep needs to start, `_WRITE_CHECK_BYTES`, since Ray
+    hands errors on wrapped and at times as another error altogether: an error file it could not
+    write whole fails to unpickle). None otherwise: the error is not about space, or is about an
+    unnamed local disk while the experiment is on cloud storage."""
+    no_space = False
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _FULL_DISK_ERRNOS:
+            if error.filename:
+                return str(error.filename)
+            no_space = True
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__  # Ray's chain, then Python's
+    if is_uri(location):
+        return None
+    return location if no_space or _free_bytes(location) < _WRITE_CHECK_BYTES else None
+
+
+def require_room(location: str, size: int) -> None:
+    """Refuse to write `size` bytes under a local `location` (a path or URI) whose disk would be
+    left with less room than a sweep needs (`_WRITE_CHECK_BYTES`): an OSError "no space left"
+    naming `location`, before anything is written. A write that fills the disk leaves none for
+    the record of what happened (Ray rewrites its experiment state in place: cut short, it
+    loses `--resume`). Nothing for a URI: object stores do not fill up."""
+    if not is_uri(location) and _free_bytes(location) < size + _WRITE_CHECK_BYTES:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), location)
+
+
+def _free_bytes(local: str) -> int:
+    """Free bytes on the disk of a local path (of its nearest existing parent, when it is not made yet)."""
+    existing = next(p for p in (Path(local), *Path(local).parents) if p.exists())
+    return shutil.disk_usage(existing).free
 
 
 def write_text(location: str | os.PathLike, text: str) -> None:

@@ -1,7 +1,8 @@
 """How `sweep run` ends once its trials have: Ray shut down first, so the trials' last log lines
 arrive before the closing lines rather than among them; the closing lines (the status table, the
 analysis, where to look) guarded so that a Ctrl-C ends them without undoing the finished sweep;
-and the line naming the errored trials' tracebacks."""
+the line naming the errored trials' tracebacks, and the one naming finished trials whose record
+lost milestones that no checkpoint holds."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import contextlib
 from pathlib import Path
 from typing import Iterator, Optional
 
+from record import states, storage
+from record.experiment import load_experiment
 from record.files import RAY_ERROR_FILE
+from record.mirror import mirror_experiment
 
 from .interrupt import CtrlC
 
@@ -36,3 +40,18 @@ def errored_trials(results) -> Optional[str]:
         return None
     tracebacks = ", ".join(str(Path(r.path) / RAY_ERROR_FILE) for r in errored)
     return f"{len(errored)} of {len(results)} trials errored; full tracebacks in {tracebacks}"
+
+
+def lost_milestones(experiment: str) -> Optional[str]:
+    """`N trials finished with milestones lost from metrics.jsonl that no checkpoint holds …` for an
+    experiment (a path or URI) whose lost rows `record.repair` has put back where it could;
+    None when every finished trial's record reaches its last step."""
+    with storage.local_folder(experiment, seed=mirror_experiment, upload_changes=False) as folder:
+        lacking = [trial for trial in load_experiment(folder).trials if trial.lacks_its_end]
+    if not lacking:
+        return None
+    named = ", ".join(f"{t.trial_id} (ends at step {t.last_step or 0} of {t.total_steps})" for t in lacking)
+    return (
+        f"{states.trial_count(len(lacking))} finished with milestones lost from metrics.jsonl "
+        f"that no checkpoint holds (they cannot be measured again): {named}"
+    )

@@ -6,8 +6,14 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from diffusion_lib.config import TOTAL_STEPS_KEY
+
 from .search import Search
 from .spec import SweepSpec
+
+# The run-config keys a trial's cost depends on: the cost is worked out once per setting of them
+# that the grid makes, not once per trial (a 100,000-point grid mostly varies other keys).
+COST_KEYS = (TOTAL_STEPS_KEY, "train.batch_size", "eval.every", "fid.num_samples", "fid.final_num_samples")
 
 
 def sweep_cost(spec: SweepSpec, stop_at: Optional[int] = None) -> dict[str, int]:
@@ -21,16 +27,17 @@ def sweep_cost(spec: SweepSpec, stop_at: Optional[int] = None) -> dict[str, int]
         return max(numbers) if numbers else dist.candidates()[0]
 
     sampled = {k: largest(d) for k, d in spec.search.items() if not d.is_grid}
-    per_point = spec.num_trials // max(len(spec.grid_points()), 1)
+    per_point = spec.num_trials // spec.num_grid_points
     totals = dict.fromkeys(("steps", "images", "fid_samples"), 0)
-    for point in spec.grid_points() or [{}]:
-        config = spec.trial_config({**sampled, **point})
+    for setting, points in spec.grid_settings(COST_KEYS, sampled).items():
+        config = spec.run_config.with_overrides(dict(setting))
+        trials = per_point * points
         steps = min(stop_at or config.train.total_steps, config.train.total_steps)
         milestones = -(-steps // config.eval.every)  # ceil: the last step is a milestone too
         finished = steps == config.train.total_steps
-        totals["steps"] += per_point * steps
-        totals["images"] += per_point * steps * config.train.batch_size
-        totals["fid_samples"] += per_point * (
+        totals["steps"] += trials * steps
+        totals["images"] += trials * steps * config.train.batch_size
+        totals["fid_samples"] += trials * (
             milestones * config.fid.num_samples + (config.fid.final_num_samples if finished else 0)
         )
     fid, data = spec.run_config.fid, spec.run_config.data

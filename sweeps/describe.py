@@ -56,25 +56,49 @@ def _scheduler(spec: SweepSpec) -> str:
     )
 
 
+# Up to this many trials are listed one a line; a longer list shows its first and last few (a
+# 100,000-trial grid printed 100,005 lines).
+TRIALS_LISTED_IN_FULL = 40
+TRIALS_AT_EACH_END = 10
+
+
 def _trial_lines(spec: SweepSpec, *, sampled: bool) -> list[str]:
-    """One numbered line per trial: its grid point and seed; Optuna's trials are suggested as
-    the search goes, so they are only counted."""
+    """One numbered line per trial, its grid point and seed, or the first and last few of a long
+    list; Optuna's trials are suggested as the search goes, so they are only counted."""
+    count = spec.num_trials
+    width = max(3, len(str(count)))
+
+    def line(index: int) -> str:
+        return f"  {index + 1:>{width}}  {_trial_label(spec, index, sampled=sampled)}"
+
+    if count <= TRIALS_LISTED_IN_FULL:
+        return [line(index) for index in range(count)]
+    left_out = count - 2 * TRIALS_AT_EACH_END
+    return [
+        *(line(index) for index in range(TRIALS_AT_EACH_END)),
+        f"  {'…':>{width}}  {left_out:,} trials not listed",
+        *(line(index) for index in range(count - TRIALS_AT_EACH_END, count)),
+    ]
+
+
+def _trial_label(spec: SweepSpec, index: int, *, sampled: bool) -> str:
+    """Trial `index` (from 0): each grid point's `num_samples` trials in turn, each of those its
+    `repeats` seeds in turn."""
     if spec.algorithm == "optuna":
-        return [f"  {i + 1:>3}  (Optuna TPE suggestion, seed {spec.seed})" for i in range(spec.num_trials)]
-    lines = []
-    for point in spec.grid_points():
-        for _ in range(spec.num_samples):
-            for seed in spec.seeds if spec.repeats > 1 else [None]:
-                label = short_params({**point, **({SEED_KEY: seed} if seed is not None else {})}) or "(base config)"
-                lines.append(f"  {len(lines) + 1:>3}  {label}" + ("  + sampled" if sampled else ""))
-    return lines
+        return f"(Optuna TPE suggestion, seed {spec.seed})"
+    point = spec.grid_point(index // (spec.num_samples * spec.repeats))
+    if spec.repeats > 1:
+        point[SEED_KEY] = spec.seeds[index % spec.repeats]
+    return (short_params(point) or "(base config)") + ("  + sampled" if sampled else "")
 
 
 def dry_run_warnings(spec: SweepSpec, address: Optional[str]) -> list[str]:
     """What a real run would refuse that a dry run can see without starting Ray."""
-    import torch  # only here: the trial list above prints without it
+    if spec.resources.gpu == 0 or address is not None:
+        return []
+    import torch  # only here, and only to count GPUs: the trial list above prints without it
 
-    if spec.resources.gpu > 0 and address is None and torch.cuda.device_count() == 0:
+    if torch.cuda.device_count() == 0:
         return [
             f"resources.gpu: each trial asks for {spec.resources.gpu:g} GPU but this machine has none; "
             "a run here would be refused (set resources.gpu: 0, or attach to a cluster with --address)"

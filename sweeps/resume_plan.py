@@ -4,36 +4,69 @@ spending a cluster on it."""
 
 from __future__ import annotations
 
-import functools
+from pathlib import Path
 
 from diffusion_lib.config import ConfigError
+from diffusion_lib.run_files import checkpoint_damage, checkpoint_step
 from record import states, storage
-from record.experiment import load_experiment
+from record.experiment import Trial, load_experiment
+from record.files import resume_order
 from record.mirror import mirror_experiment
 
-# A URI's record mirrored with its checkpoints as empty placeholders: their steps are what the
-# plan needs, not their bytes.
-_mirror_with_checkpoint_names = functools.partial(mirror_experiment, checkpoints=lambda mirror: [])
+KEPT = (states.FINISHED, states.STOPPED)  # what a resume leaves as it is
 
 
 def resume_plan(experiment_path: str, num_trials: int) -> list[str]:
     """What `sweep run --resume` will do with each trial of an experiment (a path or URI), read
-    from its record: ended trials are kept, unfinished and errored ones continue from their
-    newest checkpoint (Ray's own record of it may be a milestone older), the rest start fresh."""
-    with storage.local_folder(experiment_path, seed=_mirror_with_checkpoint_names, upload_changes=False) as folder:
+    from its record: ended trials are kept (`record.repair` puts back the rows a finished one's
+    metrics.jsonl lost), unfinished and errored ones continue from the checkpoint Ray restores,
+    or, when that file is damaged, from the one the trial falls back to (`sweeps.trainable`);
+    the rest start fresh."""
+    with storage.local_folder(experiment_path, seed=_mirror_for_the_plan, upload_changes=False) as folder:
         try:
             experiment = load_experiment(folder)
         except ConfigError as err:
             raise ConfigError(storage.named_as(experiment_path, folder)(str(err))) from None
-    lines = [f"resuming {experiment_path}:"]
-    for trial in experiment.trials:
-        if trial.state in (states.FINISHED, states.STOPPED):
-            plan = f"{trial.state}: kept as it is"
-        elif trial.checkpoints:
-            plan = f"{trial.state}: continues from its checkpoint at step {max(trial.checkpoints)}"
-        else:
-            plan = f"{trial.state}: starts fresh (no checkpoint yet)"
-        lines.append(f"    {trial.trial_id}  {plan}")
+        lines = [f"resuming {experiment_path}:"]
+        lines += [f"    {trial.trial_id}  {trial.state}: {_plan(trial)}" for trial in experiment.trials]
     if len(experiment.trials) < num_trials:
         lines.append(f"    {num_trials - len(experiment.trials)} more not created yet: start fresh")
     return lines
+
+
+def _plan(trial: Trial) -> str:
+    if trial.lacks_its_end:
+        return "kept; the milestones its metrics.jsonl lost are put back from its checkpoints' copies"
+    if trial.state in KEPT:
+        return "kept as it is"
+    candidates = _candidates(trial)
+    if not candidates:
+        return "starts fresh (no checkpoint yet)"
+    unreadable = []
+    for path in candidates:
+        damage = checkpoint_damage(path)
+        if damage is None:
+            continues = f"continues from its checkpoint at step {checkpoint_step(path.name)}"
+            return "; ".join([*unreadable, continues])
+        unreadable.append(f"checkpoint at step {checkpoint_step(path.name)} unreadable ({damage})")
+    return "; ".join([*unreadable, "starts over from step 0"])
+
+
+def _candidates(trial: Trial) -> list[Path]:
+    """The checkpoints the resumed trial tries, in turn (`record.files.resume_order`)."""
+    return resume_order(trial.checkpoints.values(), trial.ray_checkpoint)
+
+
+def _mirror_for_the_plan(location: str, folder: Path) -> None:
+    """A URI's record mirrored with the checkpoints the plan checks (those of the trials a
+    resume continues) downloaded, the others as empty placeholders: their steps are what the
+    plan needs of them, not their bytes."""
+
+    def to_check(mirror: Path) -> list[Path]:
+        try:
+            trials = load_experiment(mirror).trials
+        except ConfigError:  # said by the plan's own reading of the mirror, naming the URI
+            return []
+        return [path for trial in trials if trial.state not in KEPT for path in _candidates(trial)]
+
+    mirror_experiment(location, folder, fetch=to_check)

@@ -10,24 +10,28 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from diffusion_lib.build import create_trainer, resolve_device
-from diffusion_lib.config import SEED_KEY, ConfigError
+from diffusion_lib.config import SEED_KEY, ConfigError, FidConfig
 from diffusion_lib.data import ImageDataset, load_dataset
 from diffusion_lib.metrics.fid import (
     FeatureExtractor,
+    FidReference,
     InceptionFeatures,
     fid_comparability,
     fid_floor,
+    reference_file_name,
+    reference_images,
     reference_statistics,
 )
 from diffusion_lib.milestone import STEP, TRAIN_LOSS
 from diffusion_lib.run_files import FLOOR_FILE, FidFloor
 from diffusion_lib.run_log import write_hparams_config
 from record import states, storage
+from record.driver_lock import DriverLock
 from record.files import RAY_ERROR_FILE, REFERENCE_DIR, Interruption, Summary, SweepFile, TrialOutcome, one_line_error
 
 from .asha import Asha
 from .console import one_line_console, sweep_reporter
-from .interrupt import CtrlC
+from .interrupt import CtrlC, ray_init_keeps_stop_handlers
 from .optuna_search import StoppedAsPrunedOptunaSearch
 from .racing import DynamicsRacingScheduler, RacingScheduler, RacingStateCallback
 from .session_end import SessionEndCallback
@@ -41,8 +45,18 @@ def trial_dirname(trial) -> str:
     return f"{trial.trial_id}_{short_params(trial.config)}"[:120].replace("/", "_")
 
 
+class NoSpaceLeft(Exception):
+    """The experiment's disk filled up (or its quota ran out) while the sweep wrote to it: one line
+    naming the path and what to do once there is space again. Not bad input: exit 1, not 2."""
+
+
 class SweepInterrupted(Exception):
-    """The sweep was stopped before every trial ended (no summary is written: it would be stale)."""
+    """The sweep was stopped (Ctrl-C or SIGTERM) before every trial ended (no summary is written:
+    it would be stale); `exit_code` is the stop's (`CtrlC.exit_code`)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def storage_root(spec: SweepSpec) -> str:
@@ -59,7 +73,11 @@ def make_tuner_parts(
 
     wrapped = tune.with_resources(
         tune.with_parameters(
-            train_trial, base=spec.run_config, make_trainer=make_trainer, fid_notes_said=fid_notes_said
+            train_trial,
+            base=spec.run_config,
+            make_trainer=make_trainer,
+            fid_notes_said=fid_notes_said,
+            experiment=spec.experiment_path,
         ),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
@@ -77,6 +95,9 @@ def make_tuner_parts(
         max_concurrent_trials=spec.max_concurrent,
         trial_name_creator=trial_dirname,
         trial_dirname_creator=trial_dirname,
+        # A trial's worker is handed the next trial: torch imported, Inception loaded (a few
+        # seconds a trial, the most of a short trial's start-up).
+        reuse_actors=True,
     )
     run_config = tune.RunConfig(
         name=spec.name,
@@ -131,30 +152,78 @@ def run_sweep(
     features: Optional[FeatureExtractor] = None,
     say: Callable[[str], None] = lambda line: None,
 ):
-    """Run the sweep to completion (or resume it), write its summary and return Ray Tune's
-    ResultGrid. Bad input is a ConfigError before any trial starts; an interrupted sweep
-    (Ctrl-C) raises SweepInterrupted without writing a summary.
-
-    `features` computes the sweep's FID reference (default: pytorch-fid's Inception); `say`
-    tells the user each phase in a line."""
+    """`drive_sweep` holding the experiment's driver lock (record.driver_lock), taken before Ray
+    starts and before anything is written: a second `sweep run` of the experiment is refused
+    (ConfigError) naming the first. A full disk raises NoSpaceLeft. A run that fails before it
+    has anything to resume (no Ray Tune state to restore) removes the folders it made: a plain
+    rerun starts the experiment again, and `--resume` never meets half of one."""
     configure_ray_console()
     from ray import tune
 
     path = spec.experiment_path
-    check_experiment_location(spec, resume)
+    storage.validate_storage(spec.storage)  # a bad URI or unreachable endpoint: exit 2 before anything is written
+    made_here = storage.missing_folders(path)
     try:
-        data = load_dataset(spec.run_config.data)  # bad data is exit 2 before Ray starts
-        start_ray(address or os.environ.get("RAY_ADDRESS"))
-        cluster = ray_cluster_resources()
-        say(describe_cluster(cluster))
-        check_resources(spec, cluster)
-        fid_notes_said = shares_fid_reference(spec)  # the launcher says them once, with the reference
-        spec = with_shared_fid_reference(spec, data, features, say)
-    except KeyboardInterrupt:
-        raise SweepInterrupted(
-            "interrupted before any trial started; "
-            + ("`sweep run SPEC --resume` finishes it" if resume else "nothing to resume: run the same command again")
-        ) from None
+        with DriverLock.take(path, say):
+            results = drive_sweep(
+                spec, address=address, resume=resume, make_trainer=make_trainer, features=features, say=say
+            )
+    except BaseException as err:
+        bad_input_or_stop = isinstance(err, (ConfigError, SweepInterrupted)) or not isinstance(err, Exception)
+        full = None if bad_input_or_stop else storage.full_disk_path(err, path)  # before removing frees space
+        resumable = tune.Tuner.can_restore(path)
+        if made_here and not resumable:
+            storage.remove_folders(made_here)
+        if full is not None:
+            raise NoSpaceLeft(_no_space_left_line(full, resumable)) from err
+        raise
+    # Trials that errored for want of space end the sweep as the full disk it is (the analysis
+    # would only fail on it too); their summary stands, and `--resume` restarts them.
+    for result in results:
+        if result.error is not None and (full := storage.full_disk_path(result.error, path)) is not None:
+            raise NoSpaceLeft(_no_space_left_line(full, resumable=True))
+    return results
+
+
+def _no_space_left_line(path: str, resumable: bool) -> str:
+    """NoSpaceLeft's line: where, and what to do once there is space again."""
+    then = "`sweep run SPEC --resume` finishes it" if resumable else "run the same command again"
+    return f"no space left on device writing {path}; free space there, then {then}"
+
+
+def drive_sweep(
+    spec: SweepSpec,
+    *,
+    address: Optional[str] = None,
+    resume: bool = False,
+    make_trainer: TrainerFactory = create_trainer,
+    features: Optional[FeatureExtractor] = None,
+    say: Callable[[str], None] = lambda line: None,
+):
+    """Run the sweep to completion (or resume it), write its summary and return Ray Tune's
+    ResultGrid. Bad input is a ConfigError before any trial starts; an interrupted sweep
+    (Ctrl-C or SIGTERM) raises SweepInterrupted without writing a summary.
+
+    `features` computes the sweep's FID reference (default: pytorch-fid's Inception); `say`
+    tells the user each phase in a line. Run by `run_sweep`, under the driver lock."""
+    from ray import tune
+
+    path = spec.experiment_path
+    check_experiment_location(spec, resume)
+    with CtrlC(tune=False) as before_trials:
+        try:
+            data = load_dataset(spec.run_config.data)  # bad data is exit 2 before Ray starts
+            start_ray(address or os.environ.get("RAY_ADDRESS"))
+            cluster = ray_cluster_resources()
+            say(describe_cluster(cluster))
+            check_resources(spec, cluster)
+            fid_notes_said = shares_fid_reference(spec)  # the launcher says them once, with the reference
+            spec = with_shared_fid_reference(spec, data, features, say)
+        except KeyboardInterrupt:
+            then = (
+                "`sweep run SPEC --resume` finishes it" if resume else "nothing to resume: run the same command again"
+            )
+            raise SweepInterrupted(f"interrupted before any trial started; {then}", before_trials.exit_code) from None
     wrapped, tune_config, run_config = make_tuner_parts(spec, make_trainer, fid_notes_said)
     if resume:
         tuner = tune.Tuner.restore(path, trainable=wrapped, resume_unfinished=True, resume_errored=True)
@@ -170,16 +239,16 @@ def run_sweep(
     if ctrl_c.pressed or finished < spec.num_trials:  # Ray saved its state and returned early
         message = "interrupted with trials unfinished; the state is saved: `sweep run SPEC --resume` finishes it"
         Interruption(message).write(path)
-        raise SweepInterrupted(message)
+        raise SweepInterrupted(message, ctrl_c.exit_code)
     summary(results, spec).write(path)
+    Interruption.remove(path)  # a resumed sweep has ended: the note of its interruption is history
     return results
 
 
 def check_experiment_location(spec: SweepSpec, resume: bool) -> None:
-    """A reachable storage, and an experiment there to resume (or none to overwrite)."""
+    """An experiment there to resume (or none to overwrite)."""
     from ray import tune
 
-    storage.validate_storage(spec.storage)  # a bad URI or unreachable endpoint: exit 2 before anything starts
     exists = tune.Tuner.can_restore(spec.experiment_path)
     if resume and not exists:
         raise ConfigError(f"--resume: no experiment to resume at {spec.experiment_path}")
@@ -237,13 +306,26 @@ def with_shared_fid_reference(
     )
     experiment = spec.experiment_path
     count = min(config.fid.ref_num_images or len(data), len(data))
-    say(f"FID reference: {count:,} {data.name} images through Inception, once for the sweep (unless stored already)")
+    say(f"FID reference: {count:,} {data.name} images through Inception, once for the sweep (none if cached already)")
     with storage.local_folder(experiment, seed=_stored_reference_and_floor) as folder:
-        reference = reference_statistics(data, features, config.fid.ref_num_images, folder / REFERENCE_DIR)
+        reference = _sweep_reference(data, features, config.fid, folder / REFERENCE_DIR)
         _say_once_for_all_trials(config, data, reference, say)
         _say_floor(fid_floor(config, data, features, reference, folder), say)
     reference_location = storage.join(experiment, REFERENCE_DIR, reference.name)
     return dataclasses.replace(spec, run_config=config.with_overrides({"fid.reference": reference_location}))
+
+
+def _sweep_reference(data: ImageDataset, features: FeatureExtractor, config: FidConfig, folder: Path) -> FidReference:
+    """The experiment's own reference when it has one (a resumed sweep keeps the reference its
+    FIDs were measured against), else the machine's (`fid.cache_dir`: a second sweep on the same
+    data computes none), stored with the experiment."""
+    subset = reference_images(data, config.ref_num_images)
+    own = folder / reference_file_name(subset)
+    if own.is_file():
+        return FidReference.load(own)
+    reference = reference_statistics(data, features, config.ref_num_images, config.cache_dir)
+    reference.save(own)
+    return reference
 
 
 def _stored_reference_and_floor(experiment: str, folder: Path) -> None:
@@ -289,12 +371,13 @@ def start_ray(address: Optional[str]) -> None:
     if ray.is_initialized():
         return
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        runtime_env={"worker_process_setup_hook": f"{one_line_console.__module__}.{one_line_console.__name__}"},
-    )
+    with ray_init_keeps_stop_handlers():
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            runtime_env={"worker_process_setup_hook": f"{one_line_console.__module__}.{one_line_console.__name__}"},
+        )
 
 
 def ray_cluster_resources() -> dict[str, float]:

@@ -19,13 +19,16 @@ search it. Parsed once, strictly, before Ray starts, into a `SweepSpec` of typed
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import math
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Collection, Literal, Optional
 
 from diffusion_lib.config import (
     AT_LEAST_1,
+    CHECKED_TOGETHER_KEYS,
     EMA_INITIALISATION_WARN_SHARE,
     POSITIVE,
     SEED_KEY,
@@ -90,7 +93,8 @@ class SweepSpec:
     repeats: int = opt(1, AT_LEAST_1)  # runs of each grid configuration, each with its own train.seed
 
     def __post_init__(self) -> None:
-        """Checks that span several fields."""
+        """Checks that span several fields, and the experiment's name."""
+        check_experiment_name(self.name)
         if not self.search:
             raise ConfigError("search: expected a mapping of dotted run-config keys to distributions")
         for key, searched in self.search.items():
@@ -111,6 +115,11 @@ class SweepSpec:
             raise ConfigError(
                 "repeats: seed repeats need algorithm grid and train.seed not searched (repeats set the seeds)"
             )
+        for setting in self.grid_settings(CHECKED_TOGETHER_KEYS):
+            try:
+                self.run_config.with_overrides(dict(setting))
+            except ConfigError as err:
+                raise ConfigError(f"search: the grid combines {trial_label(dict(setting))}: {err}") from None
         if self.scheduler.type != "none":
             for every in self.candidates("eval.every"):
                 off = [rung for rung in self.rungs() if rung % every]
@@ -164,15 +173,42 @@ class SweepSpec:
     def grid_keys(self) -> list[str]:
         return [k for k, d in self.search.items() if d.is_grid]
 
-    def grid_points(self) -> list[dict[str, Any]]:
-        keys = self.grid_keys
-        return [dict(zip(keys, values)) for values in itertools.product(*(self.search[k].args for k in keys))]
+    @property
+    def num_grid_points(self) -> int:
+        return math.prod(len(self.search[key].args) for key in self.grid_keys)
+
+    def grid_point(self, index: int) -> dict[str, Any]:
+        """The grid's point `index` (from 0), the last grid key varying fastest, made alone: a
+        100,000-point grid is described by its first and last points without making the others."""
+        positions = {}
+        for key in reversed(self.grid_keys):
+            index, positions[key] = divmod(index, len(self.search[key].args))
+        return {key: self.search[key].args[positions[key]] for key in self.grid_keys}
+
+    def grid_settings(self, keys: Collection[str], sampled: Optional[dict[str, Any]] = None) -> Counter[tuple]:
+        """Each setting of the dotted run-config `keys` (numbers) that the grid makes, as sorted
+        (key, value) pairs of those it searches, with how many grid points make it; the sampled
+        search keys at their values in `sampled`. Grid keys that leave `keys` alone multiply the
+        counts, not the settings, so a question about a few keys is cheap on any grid."""
+
+        def setting_of(searched: dict[str, Any]) -> tuple:
+            return tuple(sorted((k, v) for k, v in searched_values(searched).items() if k in keys))
+
+        settings = Counter({setting_of(sampled or {}): 1})
+        for key in self.grid_keys:
+            values = Counter(setting_of({key: value}) for value in self.search[key].args)
+            combined: Counter[tuple] = Counter()
+            for setting, points in settings.items():
+                for value, times in values.items():
+                    combined[tuple(sorted({**dict(setting), **dict(value)}.items()))] += points * times
+            settings = combined
+        return settings
 
     @property
     def num_trials(self) -> int:
         if self.algorithm == "optuna":
             return self.num_samples
-        return len(self.grid_points()) * self.num_samples * self.repeats
+        return self.num_grid_points * self.num_samples * self.repeats
 
     @property
     def seeds(self) -> list[int]:
@@ -190,6 +226,18 @@ class SweepSpec:
     @property
     def experiment_path(self) -> str:
         return storage.experiment_location(self.storage, self.name)
+
+
+# One folder inside the storage: `..`, `/` or a leading dot would put the experiment elsewhere or hide it.
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+EXPERIMENT_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
+def check_experiment_name(name: str) -> None:
+    """A ConfigError unless `name` is one safe folder name (`EXPERIMENT_NAME`), from the spec,
+    `--name` or `--set name=…` alike."""
+    if not EXPERIMENT_NAME.fullmatch(name):
+        raise ConfigError(f"name: {name!r} is not an experiment name; use {EXPERIMENT_NAME_RULE}")
 
 
 def short_params(searched: dict[str, Any]) -> str:

@@ -5,9 +5,12 @@ lists, as its own plugin answers."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +21,15 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # each, in this process and in the sweeps it starts, or four threads fight for two cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The machine's FID reference cache (fid.cache_dir's default, under $XDG_CACHE_HOME) is the
+# suite's own, in this process and every sweep and worker it starts: references of the stand-in
+# extractor must never reach a user's cache, where a real run with the same data would load them.
+# matplotlib keeps its font cache where it was (rebuilding it costs every process seconds).
+_user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+os.environ.setdefault("MPLCONFIGDIR", str(_user_cache / "matplotlib"))
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sweep-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402

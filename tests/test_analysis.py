@@ -1,4 +1,4 @@
-"""Analysis of an experiment of two tiny real runs: tables, best-checkpoint grids, plots, report,
+"""Analysis of an experiment of two tiny real runs: tables, the best milestones' grids, plots, report,
 damaged files. (That a Ray sweep lays out such a folder is tested in test_sweeps.py.)"""
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from analysis.grids import sample_grid
+from analysis.grids import denoising_diagnostic
 from analysis.report import analyze_experiment
 from cli.main import app
 from diffusion_lib.data import load_dataset
 from diffusion_lib.metrics.fid import reference_statistics
+from diffusion_lib.run_files import SAMPLES_DIR, sample_grid_name
 from record.experiment import load_experiment
 from record.files import REFERENCE_DIR
 
@@ -95,21 +96,23 @@ def test_the_sweep_is_an_optuna_study_that_optunas_tools_read(experiment, analys
     assert set(optuna.importance.get_param_importances(study)) == {"optim.lr"}
 
 
-def test_best_grid_comes_from_the_lowest_fid_checkpoint_and_is_reproducible(analysed, tmp_path):
+def test_grids_are_the_best_milestones_recorded_ones_and_denoise_is_drawn_from_the_best_checkpoint(
+    experiment, analysed, tmp_path
+):
+    trials = pd.read_parquet(analysed / "trials.parquet").set_index("trial_id").sort_values("best.value")
     milestones = pd.read_parquet(analysed / "milestones.parquet")
-    best = milestones.loc[milestones["val/fid"].idxmin()]
-    trials = pd.read_parquet(analysed / "trials.parquet").set_index("trial_id")
-    checkpoint = Path(trials.loc[best["trial_id"], "best_checkpoint"])
-    assert checkpoint.name == f"step_{int(best['step']):07d}.pt" and checkpoint.parent.parent.name == best["trial_id"]
-    sample_grid(checkpoint, tmp_path / "a.png")
-    sample_grid(checkpoint, tmp_path / "b.png")
-    assert (
-        (tmp_path / "a.png").read_bytes()
-        == (tmp_path / "b.png").read_bytes()
-        == (analysed / "best_grid.png").read_bytes()
-    )
-    sample_grid(checkpoint, tmp_path / "c.png", seed=1)
-    assert (tmp_path / "c.png").read_bytes() != (tmp_path / "a.png").read_bytes()
+    recorded = {
+        (trial_id, step): (experiment / trial_id / SAMPLES_DIR / sample_grid_name(step)).read_bytes()
+        for trial_id, step in zip(milestones["trial_id"], milestones["step"])
+    }
+    assert len(set(recorded.values())) == len(recorded) == 6  # no two alike: another step's would not pass
+    for file, (trial_id, best) in zip(["best_grid.png", "grid_rank2.png"], trials.iterrows()):
+        assert (analysed / file).read_bytes() == recorded[(trial_id, best["best.step"])], file
+
+    best_checkpoint = Path(trials["best_checkpoint"].iloc[0])
+    assert best_checkpoint.parent.parent.name == trials.index[0]
+    denoising_diagnostic(best_checkpoint, tmp_path / "denoise.png")
+    assert (tmp_path / "denoise.png").read_bytes() == (analysed / "denoise.png").read_bytes()
 
 
 def test_plots_are_valid_pngs_and_the_report_links_only_existing_files(analysed):
@@ -141,21 +144,29 @@ def test_damaged_files_are_reported_and_the_rest_still_written(experiment, tmp_p
     metrics.write_text(metrics.read_text()[:-40])  # a torn last line
     for checkpoint in broken.glob("checkpoint_*"):
         shutil.rmtree(checkpoint)
+    shutil.rmtree(broken / SAMPLES_DIR)  # its grids lost too
     (broken / "error.txt").write_text("")  # a trial that died before Ray could write its error
     (damaged / "experiment_summary.json").unlink()  # ... in a sweep killed before its end
     warnings = analyze_experiment(damaged)
     assert any("metrics.jsonl:3: truncated or corrupt line" in w for w in warnings)
-    assert any(broken.name in w and "no checkpoint" in w for w in warnings)
     # The experiment's own warnings (met reading it) first, then the analysis's, in a list of its own.
     read = load_experiment(damaged).warnings
-    assert warnings[: len(read)] == read and not any("no checkpoint" in w for w in read)
+    assert warnings[: len(read)] == read and not any("no sample grid" in w for w in read)
     trials = pq.read_table(damaged / "analysis" / "trials.parquet").to_pylist()
     assert len(trials) == 2
     by_id = {t["trial_id"]: t for t in trials}
     assert by_id[broken.name]["final.step"] == 20 and by_id[broken.name]["best_checkpoint"] is None
     assert by_id[broken.name]["state"] == "errored" and by_id[intact.name]["state"] == "finished"
     assert by_id[intact.name]["final.step"] == 30 and by_id[intact.name]["best_checkpoint"] is not None
-    assert (damaged / "analysis" / "best_grid.png").is_file() and (damaged / "analysis" / "fid_vs_step.png").is_file()
+    # The intact trial's grid is copied; the broken one's is a warning, not sampled again.
+    lost_grid = broken / SAMPLES_DIR / sample_grid_name(by_id[broken.name]["best.step"])
+    assert [w for w in warnings if "no sample grid" in w] == [
+        f"{broken.name}: no sample grid for its best milestone ({lost_grid} is missing)"
+    ]
+    grids = [file for file in ("best_grid.png", "grid_rank2.png") if (damaged / "analysis" / file).is_file()]
+    intact_grid = intact / SAMPLES_DIR / sample_grid_name(by_id[intact.name]["best.step"])
+    assert len(grids) == 1 and (damaged / "analysis" / grids[0]).read_bytes() == intact_grid.read_bytes()
+    assert (damaged / "analysis" / "denoise.png").is_file() and (damaged / "analysis" / "fid_vs_step.png").is_file()
     assert "Problems met while analysing" in (damaged / "analysis" / "report.md").read_text()
 
 

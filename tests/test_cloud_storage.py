@@ -24,7 +24,8 @@ import ray
 from typer.testing import CliRunner
 
 from cli.main import app
-from record import storage
+from diffusion_lib.run_files import SAMPLES_DIR, sample_grid_name
+from record import mirror, storage
 from sweeps.spec import load_spec
 
 from conftest import TINY_RUN, run_sweep_with_standin_fid, tiny_run, write_spec
@@ -70,9 +71,12 @@ class S3Server:
         infos = self.fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
         return sorted(i.path[len(root) + 1 :] for i in infos if i.type == pafs.FileType.File)
 
-    def read(self, key: str) -> str:
+    def read_bytes(self, key: str) -> bytes:
         with self.fs.open_input_stream(f"{BUCKET}/{key}") as f:
-            return f.read().decode()
+            return f.read()
+
+    def read(self, key: str) -> str:
+        return self.read_bytes(key).decode()
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +181,7 @@ def test_bad_storage_is_exit_2_before_ray_starts(aws_env, tmp_path, monkeypatch,
 
 
 @pytest.mark.slow
-def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
+def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path, monkeypatch):
     s3 = aws_env
     total = 60
     spec = write_spec(
@@ -220,12 +224,11 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    # Just killed: Ray's state in the bucket is seconds old, so status (reading the mirror's times,
-    # which are the objects') still calls the sweep running; after 5 minutes it would say killed.
+    # Just killed, Ray's state in the bucket seconds old: the driver lock there names the killed
+    # pid, on this host, so status says at once that the sweep is not running (record.driver_lock).
     status = CliRunner().invoke(app, ["status", uri])
-    assert status.exit_code == 0 and f"{uri}: sweep running (Ray's driver wrote its state" in status.output, (
-        status.output
-    )
+    killed = f"{uri}: sweep not running: its driver (pid {driver.pid} on host {socket.gethostname()}, "
+    assert status.exit_code == 0 and killed in status.output and "no longer runs" in status.output, status.output
     assert before and before[-1]["step"] == last["step"]
     # What a resume will do, read from the bucket: the interrupted trial continues from its checkpoint.
     plan = subprocess.run(cmd + ["--resume", "--dry-run"], cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -262,9 +265,14 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
         "loss_vs_step.png",
     ):
         assert (out / name).is_file(), name
-    assert pq.read_table(out / "trials.parquet").num_rows == 2
+    ranked = sorted(pq.read_table(out / "trials.parquet").to_pylist(), key=lambda t: t["best.value"])
+    assert len(ranked) == 2
     assert pq.read_table(out / "milestones.parquet").num_rows == 2 * total // 20
     assert not any(key.startswith("analysis/") for key in s3.files(prefix))
+    # The grids are the ones the best milestones recorded in the bucket.
+    best_milestone_grids = [f"{t['trial_id']}/{SAMPLES_DIR}/{sample_grid_name(t['best.step'])}" for t in ranked]
+    for file, grid in zip(["best_grid.png", "grid_rank2.png"], best_milestone_grids):
+        assert (out / file).read_bytes() == s3.read_bytes(f"{prefix}/{grid}"), file
 
     # sweep status, from the bucket through a local mirror whose file times are the objects' (the
     # summary was uploaded before the analysis above ran, not just now)
@@ -274,13 +282,26 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path):
     assert not re.search(r"written [0-4] s ago", status.output), status.output
     assert tempfile.gettempdir() not in status.output  # the mirror's path is not shown
 
-    # sweep analyze into the bucket
+    # sweep analyze into the bucket, recording what its mirror downloads (and downloading it)
+    downloaded: list[str] = []
+
+    def fetch_all(fs, items):
+        downloaded.extend(info.path.removeprefix(f"{BUCKET}/{prefix}/") for _, info in items)
+        storage.fetch_all(fs, items)
+
+    monkeypatch.setattr(mirror, "fetch_all", fetch_all)
     analysed = CliRunner().invoke(app, ["analyze", uri])
     assert analysed.exit_code == 0, analysed.output
+    # One checkpoint, the best trial's (for the denoising diagnostic), and the two grids: not
+    # each trial's newest and best checkpoints, nor every milestone's grid.
+    checkpoints = [path for path in downloaded if path.endswith(".pt")]
+    assert len(checkpoints) == 1 and checkpoints[0].startswith(f"{ranked[0]['trial_id']}/checkpoint_"), downloaded
+    assert sorted(path for path in downloaded if path.endswith(".png")) == sorted(best_milestone_grids)
     assert f"wrote {uri}/analysis/report.md" in analysed.output
     uploaded = {key.removeprefix("analysis/") for key in s3.files(prefix) if key.startswith("analysis/")}
     assert {"report.md", "report.html", "trials.parquet", "milestones.parquet", "best_grid.png"} <= uploaded
     assert "best_grid.png" in s3.read(f"{prefix}/analysis/report.md")
+    assert s3.read_bytes(f"{prefix}/analysis/best_grid.png") == s3.read_bytes(f"{prefix}/{best_milestone_grids[0]}")
 
 
 @pytest.mark.slow

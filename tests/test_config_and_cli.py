@@ -65,11 +65,13 @@ def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path, raw, key
     assert not out.exists()
 
 
-def test_bad_override_exits_2(tmp_path):
+@pytest.mark.parametrize("override", ["model.base_channels=0", "model.channel_mults=[1, 2"])
+def test_bad_override_exits_2(tmp_path, override):
     config, out = tmp_path / "empty.yaml", tmp_path / "run"
     config.write_text("")
-    result = runner.invoke(app, ["train", str(config), "--out", str(out), "--set", "model.base_channels=0"])
-    assert result.exit_code == 2 and "model.base_channels" in result.output and not out.exists()
+    result = runner.invoke(app, ["train", str(config), "--out", str(out), "--set", override])
+    assert result.exit_code == 2 and override.split("=")[0] in result.output and not out.exists()
+    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize(

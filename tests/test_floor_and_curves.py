@@ -358,7 +358,7 @@ def test_best_by_key_puts_words_on_a_category_axis_and_a_wide_range_on_a_log_one
     assert weighting.ys == (310.0, 300.0, 330.0)
 
 
-def test_sample_grids_come_from_each_best_trials_best_kept_checkpoint(tmp_path):
+def test_sample_grids_are_the_top_trials_recorded_grids_of_their_best_milestones(tmp_path):
     def trial(name: str, fids: list[float], kept: list[int]) -> Trial:
         milestones = [{"step": 100 * (i + 1), "val/fid": fid} for i, fid in enumerate(fids)]
         checkpoints = {step: tmp_path / name / f"step_{step}.pt" for step in kept}
@@ -368,25 +368,27 @@ def test_sample_grids_come_from_each_best_trials_best_kept_checkpoint(tmp_path):
     b = trial("b", [290.0, 295.0], kept=[200])  # the best milestone's checkpoint was not kept
     c = trial("c", [400.0], kept=[100])
     d = trial("d", [350.0], kept=[])
-    info = sample_grids_info(Experiment(tmp_path, trials=[a, b, c, d]), top_k=2)
+    info = sample_grids_info(Experiment(tmp_path, trials=[a, b, c, d]), top_k=3)
 
-    assert [(g.trial_id, g.checkpoint.name, g.file) for g in info.grids] == [
-        ("b", "step_200.pt", "best_grid.png"),
-        ("a", "step_200.pt", "grid_rank2.png"),
+    # Each grid is the one the best milestone recorded, whether its checkpoint was kept or not.
+    assert [(g.trial_id, g.recorded, g.file) for g in info.grids] == [
+        ("b", tmp_path / "b" / "samples" / "step_0000100.png", "best_grid.png"),
+        ("a", tmp_path / "a" / "samples" / "step_0000200.png", "grid_rank2.png"),
+        ("d", tmp_path / "d" / "samples" / "step_0000100.png", "grid_rank3.png"),
     ]
+    own = "(the milestone's own samples: the first of those its FID was measured on)"
     assert [g.caption for g in info.grids] == [
-        "Best: lr=0.001, step 200, val/fid 295",
-        "Rank 2: lr=0.001, step 200, val/fid 300",
+        f"Best: lr=0.001, step 100, val/fid 290 {own}",
+        f"Rank 2: lr=0.001, step 200, val/fid 300 {own}",
+        f"Rank 3: lr=0.001, step 100, val/fid 350 {own}",
     ]
-    assert [g.with_denoising_diagnostic for g in info.grids] == [True, False]
-    assert info.warnings == (
-        "b: no checkpoint for its best milestone (step 100); its grid uses the best one kept",
-        "d: no checkpoint for its best milestone (step 100); its grid uses the best one kept",
-    )
+    # The denoising diagnostic needs a checkpoint: the best trial's best kept one.
+    assert (info.denoise.trial_id, info.denoise.checkpoint) == ("b", tmp_path / "b" / "step_200.pt")
+    assert info.warnings == ()
+
     nothing_kept = sample_grids_info(Experiment(tmp_path, trials=[d]), top_k=3)
-    assert nothing_kept.grids == () and nothing_kept.warnings[-1] == (
-        "no trial has a checkpoint for a milestone with val/fid; no sample grids"
-    )
+    assert [g.trial_id for g in nothing_kept.grids] == ["d"] and nothing_kept.denoise is None
+    assert nothing_kept.warnings == ("no trial has a checkpoint for a milestone with val/fid; no denoising diagnostic",)
     assert DENOISE_CAPTION.startswith("Denoising diagnostic of the best checkpoint")
 
 

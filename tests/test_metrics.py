@@ -1,7 +1,10 @@
 """Milestone metrics: FID against closed forms and pytorch-fid itself, the statistics cache,
 Hutchinson against the exact Hessian trace, missing weights, TensorBoard contents."""
 
+import os
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +23,7 @@ from diffusion_lib.metrics.frechet import FrechetReference
 from diffusion_lib.milestone import HPARAMS_METRICS
 from diffusion_lib.run_log import RunLog, write_hparams_config, write_session_end
 
-from conftest import CIFAR_ROOT, FID_WEIGHTS, needs_cifar, needs_fid_weights, tiny_config
+from conftest import CIFAR_ROOT, FID_WEIGHTS, TINY_RUN, needs_cifar, needs_fid_weights, tiny_config, write_spec
 
 
 def closed_form_frechet(mu1, cov1, mu2, cov2) -> float:
@@ -32,6 +35,34 @@ def closed_form_frechet(mu1, cov1, mu2, cov2) -> float:
 
     s1 = sqrt_psd(cov1)
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(cov1 + cov2 - 2 * sqrt_psd(s1 @ cov2 @ s1)))
+
+
+def test_a_second_sweep_on_the_same_data_reuses_the_machines_reference(tmp_path, standin_features):
+    from sweeps.runner import with_shared_fid_reference
+    from sweeps.spec import load_spec
+
+    fid = {"num_samples": 8, "final_num_samples": 0, "ref_num_images": 32, "cache_dir": str(tmp_path / "cache")}
+    stored = []
+    for name in ("first", "second"):
+        spec = load_spec(
+            write_spec(
+                tmp_path,
+                base={**TINY_RUN, "fid": fid},
+                name=name,
+                metric="val/fid",
+                search={"optim.lr": {"grid": [1e-3]}},
+            )
+        )
+        data = load_dataset(spec.run_config.data)
+        before = standin_features.calls
+        shared = with_shared_fid_reference(spec, data, standin_features)
+        # The floor's held-out pass is the experiment's own; the reference pass is the cache's.
+        reference_passes = standin_features.calls - before - 1
+        stored.append((reference_passes, Path(shared.run_config.fid.reference)))
+    (first_passes, first_file), (second_passes, second_file) = stored
+    assert (first_passes, second_passes) == (1, 0)
+    assert first_file.parent.parent.name == "first" and second_file.parent.parent.name == "second"
+    assert first_file.read_bytes() == second_file.read_bytes()  # each experiment keeps its copy
 
 
 def test_fid_of_features_equals_the_closed_form_frechet_distance():
@@ -173,6 +204,17 @@ def test_a_run_without_reachable_weights_fails_fast_with_exit_2(tmp_path, monkey
     assert "SWEEP_FID_WEIGHTS" in result.output and "fid.weights" in result.output
     assert time.perf_counter() - started < 30
     assert not (tmp_path / "run").exists()
+
+
+@needs_fid_weights
+def test_a_process_loads_the_inception_network_once_per_weights_file(tmp_path):
+    weights = tmp_path / FID_WEIGHTS.name
+    shutil.copy(FID_WEIGHTS, weights)
+    first, second = InceptionFeatures(str(weights)), InceptionFeatures(str(weights))
+    assert first.model is second.model  # the next trial in a reused worker loads nothing
+    changed = weights.stat().st_mtime_ns + 10**9
+    os.utime(weights, ns=(changed, changed))  # a file replaced on disk is loaded again
+    assert InceptionFeatures(str(weights)).model is not first.model
 
 
 def test_a_missing_weights_file_is_named(tmp_path):

@@ -5,6 +5,7 @@ status`. Experiments are built with the record's own writers (no Ray, no trainin
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import optuna
 import pyarrow.parquet as pq
@@ -201,3 +202,34 @@ def test_a_mirror_copies_every_experiment_file_status_and_analysis_read():
     for name in (SWEEP_FILE, SUMMARY_FILE, INTERRUPTED_FILE, FLOOR_FILE, "experiment_state-2026.json"):
         assert experiment_file_kind((name,)) == SMALL, name
     assert experiment_file_kind(("fid_reference", "ref.npz")) == SKIP
+
+
+def test_a_mirror_fetches_only_the_checkpoints_and_sample_grids_it_is_asked_for(tmp_path):
+    """`sweep status` mirrors neither checkpoints nor sample grids; the analysis fetches the ones
+    its images come from, the other checkpoints only as empty placeholders (their steps)."""
+    from diffusion_lib.run_files import SAMPLES_DIR, checkpoint_name, sample_grid_name
+    from record.mirror import mirror_experiment
+
+    stored = tmp_path / "stored"
+    trial = write_trial(stored, "t0", [row(10, 300.0), row(20, 290.0)], searched={"optim.lr": 1e-3})
+    (trial / SAMPLES_DIR).mkdir()
+    for index, step in enumerate([10, 20]):
+        (trial / f"checkpoint_00000{index}").mkdir()
+        (trial / f"checkpoint_00000{index}" / checkpoint_name(step)).write_bytes(f"checkpoint {step}".encode())
+        (trial / SAMPLES_DIR / sample_grid_name(step)).write_bytes(f"grid {step}".encode())
+
+    def heavy_files(mirror: Path) -> dict[str, bytes]:
+        return {
+            str(p.relative_to(mirror / "t0")): p.read_bytes() for p in mirror.rglob("*") if p.suffix in (".pt", ".png")
+        }
+
+    assert heavy_files(mirror_experiment(f"file://{stored}", tmp_path / "for_status")) == {}
+    wanted = [Path("checkpoint_000001") / checkpoint_name(20), Path(SAMPLES_DIR) / sample_grid_name(10)]
+    mirror = mirror_experiment(
+        f"file://{stored}", tmp_path / "for_analysis", fetch=lambda m: [m / "t0" / w for w in wanted]
+    )
+    assert heavy_files(mirror) == {
+        f"checkpoint_000000/{checkpoint_name(10)}": b"",
+        f"checkpoint_000001/{checkpoint_name(20)}": b"checkpoint 20",
+        f"{SAMPLES_DIR}/{sample_grid_name(10)}": b"grid 10",
+    }

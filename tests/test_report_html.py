@@ -2,9 +2,9 @@
 and rendered in a real headless browser (Chromium; skipped, saying so, where none is installed).
 
 The experiment is built by hand rather than by a Ray sweep: one trial really trained for one
-step (so it has a checkpoint, hence a sample grid and the denoising diagnostic), one written by hand with a
-lower loss and no checkpoint (so the report has a problem to list), and one that errored with a
-message crafted to be HTML.
+step (so it has a sample grid, and a checkpoint for the denoising diagnostic), one written by
+hand with a lower loss and neither (so the report has a problem to list: the best trial's grid
+is missing), and one that errored with a message crafted to be HTML.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def test_report_html_is_self_contained_escaped_and_says_what_report_md_says(anal
     assert list(embedded) == list(linked)
     for caption, file in linked.items():
         assert embedded[caption] == (analysed / file).read_bytes(), f"{file} is not embedded as it is"
-    assert {"best_grid.png", "denoise.png", "loss_vs_step.png", "best_by_optim.lr.png"} <= set(linked.values())
+    assert {"grid_rank2.png", "denoise.png", "loss_vs_step.png", "best_by_optim.lr.png"} <= set(linked.values())
 
     # The same trials table (one row per trial, best first), sentences and problems.
     assert (
@@ -154,7 +154,7 @@ def test_report_html_is_self_contained_escaped_and_says_what_report_md_says(anal
     for text in [
         "Effects",
         "Problems met while analysing",
-        "no checkpoint for its best milestone",
+        "no sample grid for its best milestone",
         "Denoising diagnostic",
     ]:
         assert text in report_md and _as_html(text) in page_text, text

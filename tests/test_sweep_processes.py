@@ -229,6 +229,15 @@ class CtrlCSweep:
     def newest_stored_step(self) -> int:
         return max((max(steps) for steps in self.stored_checkpoints().values()), default=0)
 
+    def restored_step(self, trial: str) -> int:
+        """The step of the trial's latest report in Ray's newest experiment state: the checkpoint
+        `--resume` restores (a report newer than Ray's last save of its state is not)."""
+        newest = max(self.experiment.glob("experiment_state-*.json"))
+        for trial_json, run_metadata in json.loads(newest.read_text())["trial_data"]:
+            if json.loads(trial_json)["relative_logdir"] == trial:
+                return json.loads(run_metadata)["last_result"]["step"]
+        raise AssertionError(f"{trial} is not in Ray's state")
+
     def status(self) -> str:
         done = subprocess.run(
             [sys.executable, "-m", "cli", "status", str(self.experiment)], capture_output=True, text=True, env=self.env
@@ -276,7 +285,7 @@ def before_the_first_milestone(tmp_path) -> None:
     assert code == 130 and "`sweep run SPEC --resume` finishes it" in err, err[-2000:]
     assert not sweep.summary.exists() and "Tuner.restore" not in err
     status = sweep.status()
-    assert "sweep not running: interrupted (Ctrl-C)" in status, status
+    assert "sweep not running: interrupted (Ctrl-C or SIGTERM)" in status, status
 
 
 def between_milestones_of_a_resumed_run(tmp_path) -> None:
@@ -292,10 +301,13 @@ def between_milestones_of_a_resumed_run(tmp_path) -> None:
     newest = max(sweep.stored_checkpoints()[trial])
     assert before < newest < sweep.steps[-1] and newest in sweep.milestones()[trial]
     # Interrupted, not pending: the trial ran and stored a checkpoint (Ray's state of this run says
-    # RUNNING; the state of the run it resumed, still beside it, said PENDING).
+    # RUNNING; the state of the run it resumed, still beside it, said PENDING). It continues from
+    # the checkpoint Ray restores, which can be a milestone older than the newest stored.
+    restored = sweep.restored_step(trial)
+    assert restored in sweep.stored_checkpoints()[trial]
     assert sweep.resume_plan() == [
         f"resuming {sweep.experiment}:",
-        f"    {trial}  interrupted: continues from its checkpoint at step {newest}",
+        f"    {trial}  interrupted: continues from its checkpoint at step {restored}",
         "    1 more not created yet: start fresh",
     ]
 

@@ -11,6 +11,7 @@ pytorch-fid's `calculate_frechet_distance`), with a standard error, and KID from
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import tempfile
@@ -78,6 +79,21 @@ def load_inception(weights: Optional[str] = None, device: torch.device | str = "
     return model.eval().to(device=device, memory_format=torch.channels_last)
 
 
+def shared_inception(weights: Optional[str], device: torch.device) -> torch.nn.Module:
+    """`load_inception`'s network from a weights file, loaded once per process: a sweep's worker
+    runs trial after trial (Ray's `reuse_actors`), and the network is read-only in eval mode. A
+    file changed on disk is loaded again; pytorch-fid's own download is not kept."""
+    if weights is None or not Path(weights).is_file():
+        return load_inception(weights, device)
+    stat = Path(weights).stat()
+    return _load_inception_once(str(Path(weights).resolve()), device, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_inception_once(weights: str, device: torch.device, mtime_ns: int, size: int) -> torch.nn.Module:
+    return load_inception(weights, device)
+
+
 @contextlib.contextmanager
 def _torch_hub_holding(weights: Path) -> Iterator[None]:
     """pytorch-fid fetches its weights with torch.hub's `load_state_dict_from_url`, which first
@@ -112,7 +128,7 @@ class InceptionFeatures:
         progress: bool = False,
     ):
         self.device = torch.device(device)
-        self.model = load_inception(weights, self.device)
+        self.model = shared_inception(weights, self.device)
         self.batch_size = batch_size
         self.progress = progress
 
@@ -237,17 +253,27 @@ def reference_statistics(
     The file name is the data set's name, a fingerprint of the images' bytes and the count, so
     a hit costs no Inception pass and changed data never reuse stale statistics.
     """
-    images = data.images if num_images is None else data.images[:num_images]
-    subset = ImageDataset(data.name, images)
-    path = (
-        Path(cache_dir or Path.home() / ".cache" / "diffusion_sweeps" / "fid")
-        / f"{data.name}-{subset.fingerprint}-{len(subset)}.npz"
-    )
+    subset = reference_images(data, num_images)
+    path = Path(cache_dir or default_cache_dir()) / reference_file_name(subset)
     if path.is_file():
         return FidReference.load(path)
     reference = FidReference.from_features(features(subset.images), path.name)
     reference.save(path)
     return reference
+
+
+def default_cache_dir() -> Path:
+    """The machine's reference cache when `fid.cache_dir` is none: under $XDG_CACHE_HOME, the
+    usual place for a user's caches (~/.cache when it is not set)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffusion_sweeps" / "fid"
+
+
+def reference_images(data: ImageDataset, num_images: Optional[int]) -> ImageDataset:
+    return ImageDataset(data.name, data.images if num_images is None else data.images[:num_images])
+
+
+def reference_file_name(subset: ImageDataset) -> str:
+    return f"{subset.name}-{subset.fingerprint}-{len(subset)}.npz"
 
 
 def fid_floor(
@@ -308,12 +334,21 @@ def fid_comparability(config: FidConfig, reference_images: int, data_name: str) 
     return notes
 
 
+# A covariance needs two images: FID of fewer is undefined (pytorch-fid fails on it with a traceback).
+FID_MIN_IMAGES = 2
+
+
 def load_image_folder(folder: str | os.PathLike) -> list[torch.Tensor]:
-    """Every image file in a folder (not recursive, like pytorch-fid) as uint8 (3, H, W) tensors."""
+    """Every image file in a folder (not recursive, like pytorch-fid) as uint8 (3, H, W) tensors;
+    fewer than FID_MIN_IMAGES is a ConfigError."""
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ConfigError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if len(files) < FID_MIN_IMAGES:
+        found = f"{len(files)} image file" if files else "no image files"
+        raise ConfigError(
+            f"{folder}: {found} ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+            f"FID needs at least {FID_MIN_IMAGES} images, for their covariance"
+        )
     images = []
     for path in files:
         with Image.open(path) as img:
@@ -321,17 +356,18 @@ def load_image_folder(folder: str | os.PathLike) -> list[torch.Tensor]:
     return images
 
 
-def features_of_folder(folder: Path, features: FeatureExtractor) -> np.ndarray:
-    """The features of every image in a folder, as `python -m pytorch_fid` reads it."""
-    images = load_image_folder(folder)
+def features_of_images(images: list[torch.Tensor], features: FeatureExtractor) -> np.ndarray:
+    """The features of a folder's images (`load_image_folder`), as `python -m pytorch_fid` reads them."""
     shapes = {tuple(img.shape) for img in images}
     if len(shapes) == 1:
         return features(torch.stack(images))
     return np.concatenate([features(img[None]) for img in images])  # mixed sizes cannot share a batch
 
 
-def stats_of_source(source: str | os.PathLike, features: FeatureExtractor) -> FeatureStats:
-    """Statistics of an image folder or a saved `.npz` (the `python -m pytorch_fid` interface)."""
+def read_source(source: str | os.PathLike) -> FeatureStats | list[torch.Tensor]:
+    """A source of the `python -m pytorch_fid` interface, read without Inception: a `.npz`'s
+    statistics, or an image folder's images. Reading every source before loading the network
+    refuses one that FID cannot use at once."""
     source = Path(source)
     if source.suffix == ".npz":
         if not source.is_file():
@@ -339,4 +375,4 @@ def stats_of_source(source: str | os.PathLike, features: FeatureExtractor) -> Fe
         return FeatureStats.load(source)
     if not source.is_dir():
         raise ConfigError(f"{source}: expected an image folder or a .npz statistics file")
-    return FeatureStats.from_features(features_of_folder(source, features))
+    return load_image_folder(source)

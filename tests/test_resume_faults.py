@@ -1,0 +1,394 @@
+"""Resuming past damage: a checkpoint that cannot be read (the trial falls back to an older one,
+or starts over, and keeps every milestone it recorded), the resume plan naming the checkpoint
+Ray restores, and a metrics.jsonl that lost its last line. Fast tests of the rules on experiment
+folders built with the product's own writers; slow ones drive `sweep run` in its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from analysis.status import experiment_status
+from analysis.tables import trials_table
+from diffusion_lib.config import ConfigError
+from diffusion_lib.run_files import (
+    METRICS_FILE,
+    checkpoint_damage,
+    checkpoint_name,
+    metrics_line,
+    read_metrics,
+    write_metrics,
+)
+from record import states
+from record.experiment import load_experiment
+from record.files import resume_order
+from record.repair import restore_lost_milestones
+from sweeps.closing import lost_milestones
+from sweeps.resume_plan import resume_plan
+
+from conftest import (
+    as_from_a_terminal,
+    tiny_run,
+    write_ray_state,
+    write_spec,
+    write_summary,
+    write_sweep_file,
+    write_trial,
+)
+
+TRIAL = "a1b2c_00000_lr=0.0001"
+
+
+def row(step: int, wall_time_s: float | None = None) -> dict:
+    return {"step": step, "train/loss": 1.0 / step, "wall_time_s": float(step) if wall_time_s is None else wall_time_s}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes() -> bytes:
+    """A real checkpoint of a tiny network, written by `save_checkpoint` (its step is in the name)."""
+    import tempfile
+
+    import torch
+
+    from diffusion_lib.checkpoint import RunProgress, save_checkpoint
+    from diffusion_lib.config import RunConfig
+    from diffusion_lib.ema import EMA
+
+    model = torch.nn.Linear(4, 4)
+    with tempfile.TemporaryDirectory() as folder:
+        path = save_checkpoint(
+            Path(folder),
+            RunProgress(step=20),
+            model=model,
+            ema=EMA(model, 0.9),
+            optimizer=torch.optim.Adam(model.parameters()),
+            generator=torch.Generator(),
+            config=RunConfig(),
+        )
+        return path.read_bytes()
+
+
+def ray_checkpoint(trial: Path, folder: str, step: int, checkpoint: bytes) -> Path:
+    """A Ray checkpoint folder as a trial reports one: the trainer checkpoint and the record so far."""
+    path = trial / folder / checkpoint_name(step)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(checkpoint)
+    write_metrics(path.parent / METRICS_FILE, [row(s) for s in range(20, step + 1, 20)])
+    return path
+
+
+def record_latest_report(state: Path, trial: str, folder: str, step: int) -> None:
+    """Ray's state with the trial's latest report (its checkpoint folder and step) in its run
+    metadata's `last_result`, as Ray 2.x keeps it."""
+    raw = json.loads(state.read_text())
+    for entry in raw["trial_data"]:
+        if json.loads(entry[0])["relative_logdir"] == trial:
+            metadata = json.loads(entry[1])
+            metadata["last_result"] = {"step": step, "checkpoint_dir_name": folder, "done": False}
+            entry[1] = json.dumps(metadata)
+    stamp = state.stat().st_mtime
+    state.write_text(json.dumps(raw))
+    os.utime(state, (stamp, stamp))
+
+
+# ---- the rules, without Ray ------------------------------------------------------------------
+
+
+def test_a_damaged_checkpoint_is_told_by_its_archive_before_torch_reads_it(tmp_path, checkpoint_bytes):
+    """torch.load would load a changed byte's damaged weights; the zip archive's CRCs tell."""
+    from diffusion_lib.checkpoint import load_checkpoint
+
+    whole = tmp_path / "whole.pt"
+    whole.write_bytes(checkpoint_bytes)
+    assert checkpoint_damage(whole) is None and load_checkpoint(whole)["step"] == 20
+    damaged = {
+        "empty.pt": b"",
+        "truncated.pt": checkpoint_bytes[: len(checkpoint_bytes) // 2],
+        "flipped.pt": checkpoint_bytes[:-2000] + bytes([checkpoint_bytes[-2000] ^ 0xFF]) + checkpoint_bytes[-1999:],
+    }
+    for name, content in damaged.items():
+        (tmp_path / name).write_bytes(content)
+        assert checkpoint_damage(tmp_path / name) is not None, name
+        with pytest.raises(ConfigError, match=f"{name}: not a readable checkpoint"):
+            load_checkpoint(tmp_path / name)
+    assert checkpoint_damage(tmp_path / "empty.pt") == "empty file"
+
+
+def test_a_resume_tries_the_checkpoint_ray_restores_then_older_ones_never_newer():
+    folders = {"checkpoint_000000": 20, "checkpoint_000003": 80, "checkpoint_000004": 100, "checkpoint_000005": 120}
+    paths = [Path(TRIAL, folder, checkpoint_name(step)) for folder, step in folders.items()]
+    assert [p.parent.name for p in resume_order(paths, "checkpoint_000004")] == [
+        "checkpoint_000004",
+        "checkpoint_000003",
+        "checkpoint_000000",
+    ]  # checkpoint_000005 holds a report Ray never recorded
+    assert [p.parent.name for p in resume_order(paths, None)] == sorted(folders, reverse=True)
+
+
+def test_a_restarted_trial_falls_back_past_damaged_checkpoints_and_keeps_every_recorded_row(tmp_path, checkpoint_bytes):
+    """The trainable's restore: Ray restores checkpoint_000004 (emptied); checkpoint_000003 is
+    damaged too; checkpoint_000000 is whole. The record in the experiment holds rows past every
+    checkpoint; the trial's fresh working directory holds none."""
+    from ray import tune
+
+    from sweeps.trainable import resume_point
+
+    trial = tmp_path / "exp" / TRIAL
+    first = ray_checkpoint(trial, "checkpoint_000000", 20, checkpoint_bytes)
+    ray_checkpoint(trial, "checkpoint_000003", 80, checkpoint_bytes[:-100])
+    emptied = ray_checkpoint(trial, "checkpoint_000004", 100, b"")
+    recorded = [row(s) for s in range(20, 121, 20)]
+    write_metrics(trial / METRICS_FILE, recorded)
+    run_dir = tmp_path / "working_dirs" / TRIAL
+    run_dir.mkdir(parents=True)
+    scratch = tmp_path / "scratch"
+
+    with pytest.warns(UserWarning) as said:
+        point = resume_point(tune.Checkpoint(str(emptied.parent)), scratch, run_dir)
+    assert point is not None and point.location == str(first)
+    assert point.local.read_bytes() == checkpoint_bytes and str(scratch) in str(point.local)
+    (line,) = [str(w.message) for w in said]
+    assert line.startswith(f"trial {TRIAL}: checkpoint {emptied} unreadable (empty file); checkpoint ")
+    assert line.endswith(f"; continues from step 20 ({first})") and str(scratch) not in line
+    assert read_metrics(run_dir / METRICS_FILE) == recorded  # rows past the fallback kept, each once
+
+    first.write_bytes(b"")
+    with pytest.warns(UserWarning, match="no whole checkpoint left: starts over from step 0"):
+        assert resume_point(tune.Checkpoint(str(emptied.parent)), tmp_path / "scratch2", run_dir) is None
+
+
+def test_a_resumed_log_keeps_the_recorded_rows_and_records_a_milestone_measured_again_once(tmp_path):
+    """A run resumed from step 20 whose record reaches step 60 (and ends in a torn line, as an
+    older writer's crash left it): the rows stay as recorded, step 40 measured again is not
+    added, step 80 is, and the file is written whole."""
+    from diffusion_lib.run_log import RunLog
+
+    run = tmp_path / "run"
+    recorded = [row(20), row(40), row(60)]
+    write_trial(tmp_path, "run", recorded, searched={}, torn=metrics_line(row(80))[:15])
+    log = RunLog.open(run, resume_step=20, hparams={})
+    assert log.milestone(row(40, wall_time_s=99.0), grid=None) == row(40)  # the trainer's clock goes on from it
+    assert log.milestone(row(80), grid=None) == row(80)
+    log.close()
+    warnings: list[str] = []
+    assert read_metrics(run / METRICS_FILE, warnings) == [*recorded, row(80)] and not warnings
+
+
+def test_the_plan_names_the_checkpoint_ray_restores_and_where_a_damaged_one_falls_back_to(tmp_path, checkpoint_bytes):
+    """Ray's state records checkpoint_000004 (step 100); checkpoint_000005 (step 120) was written
+    after the driver's last save of it. The plan reads the same on a URI (a file:// one here)."""
+    experiment = tmp_path / "exp"
+    write_sweep_file(experiment, {"optim.lr": {"grid": [1e-4]}}, metric="train/loss")
+    rows = [row(s) for s in range(20, 121, 20)]
+    trial = write_trial(experiment, TRIAL, rows, searched={"optim.lr": 1e-4}, total_steps=200)
+    ray_checkpoint(trial, "checkpoint_000000", 20, checkpoint_bytes)
+    restored = ray_checkpoint(trial, "checkpoint_000004", 100, checkpoint_bytes)
+    ray_checkpoint(trial, "checkpoint_000005", 120, checkpoint_bytes)
+    state = write_ray_state(experiment, {TRIAL: "RUNNING"}, age_s=600)  # the driver is gone
+
+    def plan_line(location: str) -> str:
+        lines = resume_plan(location, num_trials=1)
+        assert lines[0] == f"resuming {location}:" and len(lines) == 2, lines
+        return lines[1]
+
+    assert plan_line(str(experiment)).endswith("interrupted: continues from its checkpoint at step 120")  # no report
+    record_latest_report(state, TRIAL, "checkpoint_000004", 100)
+    assert plan_line(str(experiment)) == f"    {TRIAL}  interrupted: continues from its checkpoint at step 100"
+    restored.write_bytes(b"")
+    falls_back = (
+        f"    {TRIAL}  interrupted: checkpoint at step 100 unreadable (empty file); "
+        "continues from its checkpoint at step 20"
+    )
+    assert plan_line(str(experiment)) == falls_back
+    assert plan_line(f"file://{experiment}") == falls_back
+
+
+def test_a_finished_trial_whose_record_lost_its_last_row_reads_finished_and_gets_it_back(tmp_path):
+    """The summary says finished; metrics.jsonl ends in a torn line (step 40 of 40); the trial's
+    newest checkpoint holds the record as it was reported."""
+    experiment = tmp_path / "exp"
+    write_sweep_file(experiment, {"optim.lr": {"grid": [1e-4]}}, metric="train/loss")
+    rows = [row(20), row(40)]
+    trial = write_trial(
+        experiment, TRIAL, rows[:1], torn=metrics_line(rows[1])[:25], searched={"optim.lr": 1e-4}, total_steps=40
+    )
+    write_summary(experiment, {TRIAL: states.FINISHED})
+
+    read = load_experiment(experiment)
+    (lacking,) = read.trials
+    assert (lacking.state, lacking.note) == (states.FINISHED, states.LACKS_ITS_END) and lacking.lacks_its_end
+    assert trials_table(read).column("state").to_pylist() == [states.FINISHED]  # the analysis says the same
+    (line,) = [line for line in experiment_status(experiment).lines if line.startswith(TRIAL)]
+    assert " finished " in line and " 20/40 " in line and line.endswith(states.LACKS_ITS_END)
+    assert resume_plan(str(experiment), num_trials=1)[1] == (
+        f"    {TRIAL}  finished: kept; the milestones its metrics.jsonl lost are put back from its checkpoints' copies"
+    )
+    # Without the summary (killed before it was written): Ray's report of the last step says finished.
+    (experiment / "experiment_summary.json").unlink()
+    record_latest_report(write_ray_state(experiment, {TRIAL: "TERMINATED"}), TRIAL, "checkpoint_000001", 40)
+    assert [(t.state, t.note) for t in load_experiment(experiment).trials] == [(states.FINISHED, states.LACKS_ITS_END)]
+
+    # No copy holds the row: it stays lost, and `sweep run` says so (its exit code is then 1).
+    assert restore_lost_milestones(str(experiment)) == []
+    assert lost_milestones(str(experiment)) == (
+        "1 trial finished with milestones lost from metrics.jsonl that no checkpoint holds "
+        f"(they cannot be measured again): {TRIAL} (ends at step 20 of 40)"
+    )
+    # The newest checkpoint's copy holds it: put back (through a URI, as on cloud storage).
+    write_metrics(trial / "checkpoint_000001" / METRICS_FILE, rows)
+    assert restore_lost_milestones(f"file://{experiment}") == [
+        f"trial {TRIAL}: its metrics.jsonl had lost the milestones at step 40; put back from its checkpoints' copies"
+    ]
+    warnings: list[str] = []
+    assert read_metrics(trial / METRICS_FILE, warnings) == rows and not warnings
+    assert lost_milestones(str(experiment)) is None
+    assert [(t.state, t.note) for t in load_experiment(experiment).trials] == [(states.FINISHED, "")]
+
+
+# ---- `sweep run` in its own process ----------------------------------------------------------
+
+
+class Sweep:
+    """A one-trial sweep over the tiny run, each `sweep` command in its own process."""
+
+    def __init__(self, tmp_path: Path, total_steps: int, **fields):
+        self.spec = write_spec(
+            tmp_path,
+            base=tiny_run(train={"total_steps": total_steps}, eval={"every": 20}),
+            search={"optim.lr": {"grid": [1e-4]}},
+            **fields,
+        )
+        self.cwd = tmp_path
+        self.experiment = tmp_path / "runs" / "tiny"
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "cli", *args]
+
+    def run(self, *options: str, timeout: float = 400) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            self.command("run", str(self.spec), "--no-analyze", *options),
+            cwd=self.cwd,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def status(self) -> str:
+        return subprocess.run(
+            self.command("status", str(self.experiment)), capture_output=True, text=True, env=self.env, check=True
+        ).stdout
+
+    def trial(self) -> Path:
+        (trial,) = [p for p in self.experiment.iterdir() if p.is_dir()]
+        return trial
+
+    def rows(self) -> list[dict]:
+        return [json.loads(line) for line in (self.trial() / METRICS_FILE).read_text().splitlines()]
+
+    def ctrl_c_once_recorded(self, step: int) -> None:
+        """`sweep run` stopped by Ctrl-C (SIGINT to its process group) once the trial recorded `step`."""
+        driver = subprocess.Popen(
+            self.command("run", str(self.spec), "--no-analyze"),
+            cwd=self.cwd,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            preexec_fn=as_from_a_terminal,
+        )
+        deadline = time.time() + 300
+        while not any(r["step"] >= step for r in self._rows_so_far()):
+            if driver.poll() is not None or time.time() > deadline:
+                os.killpg(driver.pid, signal.SIGKILL)
+                pytest.fail(f"the trial never recorded step {step}: {driver.communicate()[1][-2000:]}")
+            time.sleep(0.1)
+        os.killpg(driver.pid, signal.SIGINT)
+        _, err = driver.communicate(timeout=120)
+        assert driver.returncode == 130, err[-2000:]
+
+    def _rows_so_far(self) -> list[dict]:
+        return [r for path in self.experiment.glob(f"*/{METRICS_FILE}") for r in read_metrics(path)]
+
+    def restored_by_ray(self) -> tuple[str, int]:
+        """The checkpoint folder and step of the trial's latest report in Ray's newest state: the
+        checkpoint `--resume` restores."""
+        newest = max(self.experiment.glob("experiment_state-*.json"))
+        (entry,) = json.loads(newest.read_text())["trial_data"]
+        last = json.loads(entry[1])["last_result"]
+        return last["checkpoint_dir_name"], last["step"]
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_named_planned_for_and_resumed_past_with_every_milestone_once(tmp_path):
+    """One sweep for two points: Ctrl-C mid-trial, the checkpoint Ray restores emptied, then the
+    plan (--resume --dry-run) and the resume. The metric's mode is max, so that Ray keeps the
+    first milestone's checkpoint (the highest loss) beside the newest: the one to fall back to."""
+    sweep = Sweep(tmp_path, total_steps=100, mode="max")
+    sweep.ctrl_c_once_recorded(step=60)
+    trial = sweep.trial()
+    folder, step = sweep.restored_by_ray()
+    emptied = trial / folder / checkpoint_name(step)
+    emptied.write_bytes(b"")
+    older = [path for path in trial.glob("checkpoint_*/step_*.pt") if path.parent.name < folder]
+    assert older, "the case needs a checkpoint older than the one Ray restores"
+    fallback = max(older, key=lambda path: path.name)
+    fallback_step = int(fallback.stem.removeprefix("step_"))
+    before = sweep.rows()
+
+    # The plan: the checkpoint Ray restores (not the record's newest, which may be a report
+    # newer), unreadable, and the one the trial will continue from.
+    plan = sweep.run("--resume", "--dry-run", timeout=120)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert plan.stdout.splitlines()[1:] == [
+        f"    {trial.name}  interrupted: checkpoint at step {step} unreadable (empty file); "
+        f"continues from its checkpoint at step {fallback_step}"
+    ], plan.stdout
+
+    # The resume: the damaged file named where it is in the experiment, the fallback said in one
+    # line, the trial finished, every milestone once, those recorded before kept as they were.
+    resumed = sweep.run("--resume")
+    said = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, said[-3000:]
+    fell_back = f"checkpoint {emptied} unreadable (empty file); continues from step {fallback_step} ({fallback})"
+    assert f"trial {trial.name}: {fell_back}" in said
+    assert "trial-ckpt-" not in said
+    after = sweep.rows()
+    assert [r["step"] for r in after] == [20, 40, 60, 80, 100]
+    assert after[: len(before)] == before
+    wall_times = [r["wall_time_s"] for r in after]
+    assert wall_times == sorted(wall_times)  # the clock went on from the recorded rows, not from step 20's
+    assert json.loads((sweep.experiment / "experiment_summary.json").read_text())["trials"] == {
+        trial.name: {"state": "finished", "error": None, "traceback": None}
+    }
+
+
+@pytest.mark.slow
+def test_a_finished_trial_whose_last_row_was_torn_is_made_whole_by_resume(tmp_path):
+    sweep = Sweep(tmp_path, total_steps=40)
+    done = sweep.run()
+    assert done.returncode == 0, done.stderr[-2000:]
+    trial = sweep.trial()
+    rows = sweep.rows()
+    assert [r["step"] for r in rows] == [20, 40]
+    (trial / METRICS_FILE).write_text(metrics_line(rows[0]) + metrics_line(rows[1])[:30])  # a crash mid-write
+
+    status = sweep.status()
+    (line,) = [line for line in status.splitlines() if line.startswith(trial.name)]
+    assert " finished " in line and " 20/40 " in line and line.endswith(states.LACKS_ITS_END), status
+
+    resumed = sweep.run("--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"trial {trial.name}: its metrics.jsonl had lost the milestones at step 40" in resumed.stderr
+    assert sweep.rows() == rows
+    (line,) = [line for line in sweep.status().splitlines() if line.startswith(trial.name)]
+    assert " finished " in line and " 40/40 " in line and not line.endswith(states.LACKS_ITS_END)
