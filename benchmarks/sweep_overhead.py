@@ -41,11 +41,14 @@ SMOKE = REPO / "search_spaces" / "smoke.yaml"
 
 
 def many_cut_spec(folder: Path) -> Path:
-    """The smoke spec with 20 learning rates and ASHA keeping a quarter at each rung: most trials
-    end at their first milestone, so a trial's start-up is paid often for little work."""
+    """The smoke spec with 20 learning rates, a milestone every 20 steps and ASHA keeping a quarter
+    at each rung: most trials end at their first milestone, so a trial's start-up is paid often
+    for little work."""
     spec = yaml.safe_load(SMOKE.read_text())
     spec.update(
         name="many_cut",
+        # Spelled out, so that the code before and after a change runs the same sweep.
+        overrides={"eval.every": 20, "fid.num_samples": 24, "fid.final_num_samples": 32, "fid.ref_num_images": 64},
         search={"optim.lr": {"loguniform": [1.0e-5, 1.0e-2]}},
         algorithm="random",
         num_samples=20,

@@ -159,12 +159,17 @@ def run_sweep_with_standin_fid(spec, *test_modules):
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # An empty machine cache (fid.cache_dir's default), so that the launcher's one reference pass
+    # is there to count whatever sweeps this process ran before.
+    machine_cache = os.environ["XDG_CACHE_HOME"]
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(dir=machine_cache)
     try:
         for module in (sys.modules[__name__], *test_modules):
             ray.cloudpickle.register_pickle_by_value(module)  # workers cannot import tests
         driver_features = StandInFeatures()
         results = run_sweep(spec, make_trainer=trainer_with_standin_fid, features=driver_features)
     finally:
+        os.environ["XDG_CACHE_HOME"] = machine_cache
         if started:
             ray.shutdown()
     assert not results.errors

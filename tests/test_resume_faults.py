@@ -329,10 +329,11 @@ class Sweep:
 
 
 @pytest.mark.slow
-def test_a_damaged_checkpoint_is_named_planned_for_and_resumed_past_with_every_milestone_once(tmp_path):
-    """One sweep for two points: Ctrl-C mid-trial, the checkpoint Ray restores emptied, then the
-    plan (--resume --dry-run) and the resume. The metric's mode is max, so that Ray keeps the
-    first milestone's checkpoint (the highest loss) beside the newest: the one to fall back to."""
+def test_a_damaged_checkpoint_is_named_planned_for_and_resumed_past_then_a_torn_row_made_whole(tmp_path):
+    """One sweep for three points: Ctrl-C mid-trial, the checkpoint Ray restores emptied, then the
+    plan (--resume --dry-run) and the resume; then the finished trial's last row torn, and resumed.
+    The metric's mode is max, so that Ray keeps the first milestone's checkpoint (the highest
+    loss) beside the newest: the one to fall back to."""
     sweep = Sweep(tmp_path, total_steps=100, mode="max")
     sweep.ctrl_c_once_recorded(step=60)
     trial = sweep.trial()
@@ -371,24 +372,14 @@ def test_a_damaged_checkpoint_is_named_planned_for_and_resumed_past_with_every_m
         trial.name: {"state": "finished", "error": None, "traceback": None}
     }
 
-
-@pytest.mark.slow
-def test_a_finished_trial_whose_last_row_was_torn_is_made_whole_by_resume(tmp_path):
-    sweep = Sweep(tmp_path, total_steps=40)
-    done = sweep.run()
-    assert done.returncode == 0, done.stderr[-2000:]
-    trial = sweep.trial()
-    rows = sweep.rows()
-    assert [r["step"] for r in rows] == [20, 40]
-    (trial / METRICS_FILE).write_text(metrics_line(rows[0]) + metrics_line(rows[1])[:30])  # a crash mid-write
-
-    status = sweep.status()
-    (line,) = [line for line in status.splitlines() if line.startswith(trial.name)]
-    assert " finished " in line and " 20/40 " in line and line.endswith(states.LACKS_ITS_END), status
-
-    resumed = sweep.run("--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"trial {trial.name}: its metrics.jsonl had lost the milestones at step 40" in resumed.stderr
-    assert sweep.rows() == rows
+    # Then its last row torn (a crash mid-write): status reads it finished, short of its end, and
+    # a resume puts the row back from the checkpoint's copy of the record.
+    (trial / METRICS_FILE).write_text("".join(metrics_line(r) for r in after[:-1]) + metrics_line(after[-1])[:30])
     (line,) = [line for line in sweep.status().splitlines() if line.startswith(trial.name)]
-    assert " finished " in line and " 40/40 " in line and not line.endswith(states.LACKS_ITS_END)
+    assert " finished " in line and " 80/100 " in line and line.endswith(states.LACKS_ITS_END), line
+    repaired = sweep.run("--resume")
+    assert repaired.returncode == 0, repaired.stderr[-3000:]
+    assert f"trial {trial.name}: its metrics.jsonl had lost the milestones at step 100" in repaired.stderr
+    assert sweep.rows() == after
+    (line,) = [line for line in sweep.status().splitlines() if line.startswith(trial.name)]
+    assert " finished " in line and " 100/100 " in line and not line.endswith(states.LACKS_ITS_END)
