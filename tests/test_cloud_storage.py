@@ -237,6 +237,7 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path, monk
 
     resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary_uploaded = time.time()  # at the latest
     files = s3.files(prefix)
     trials = sorted({key.split("/")[0] for key in files if key.endswith("/trial.json")})
     assert len(trials) == 2 and interrupted in trials
@@ -275,7 +276,8 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path, monk
         assert (out / file).read_bytes() == s3.read_bytes(f"{prefix}/{grid}"), file
 
     # sweep status, from the bucket through a local mirror whose file times are the objects' (the
-    # summary was uploaded before the analysis above ran, not just now)
+    # summary was uploaded at least 6 s ago, not just now)
+    time.sleep(max(0.0, summary_uploaded + 6 - time.time()))
     status = CliRunner().invoke(app, ["status", uri])
     assert status.exit_code == 0, status.output
     assert f"{uri}: sweep ended" in status.output and "2 finished" in status.output
