@@ -128,8 +128,8 @@ class DriverLock:
         lock = cls(experiment, Driver.this_process(), say)
         if storage.is_uri(experiment):
             say(
-                f"warning: {lock.path}: cloud storage has no exclusive create, so this lock refuses "
-                "a `sweep run` of the experiment started later, not one started at the same moment"
+                f"warning: {lock.path}: cloud storage has no exclusive create, "
+                "so this lock refuses a `sweep run` of the experiment started later, not one started at the same moment"
             )
         for _ in range(_TRIES):
             if _create(lock.path, lock.driver):
@@ -141,8 +141,9 @@ class DriverLock:
             say(f"warning: {lock.path}: its driver ({holder.describe()}) no longer runs; this run takes over")
             _retire(experiment, holder)
         raise ConfigError(
-            f"{lock.path}: could not take the lock (other `sweep run`s kept taking it, or one was killed while "
-            f"clearing it: then delete {storage.join(experiment, DRIVER_LOCK_BREAK_FILE)}); run again"
+            f"{lock.path}: could not take the lock "
+            "(other `sweep run`s kept taking it, or one was killed while clearing it: "
+            f"then delete {storage.join(experiment, DRIVER_LOCK_BREAK_FILE)}); run again"
         )
 
     def give_back(self) -> None:

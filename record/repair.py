@@ -26,9 +26,9 @@ def restore_lost_milestones(experiment: str) -> list[str]:
         for trial_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
             steps = restore_trial_rows(trial_dir)
             if steps:
+                at = f"step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}"
                 lines.append(
-                    f"trial {trial_dir.name}: its metrics.jsonl had lost the milestones at "
-                    f"step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}; "
+                    f"trial {trial_dir.name}: its metrics.jsonl had lost the milestones at {at}; "
                     "put back from its checkpoints' copies"
                 )
     return lines

@@ -52,6 +52,7 @@ def lost_milestones(experiment: str) -> Optional[str]:
         return None
     named = ", ".join(f"{t.trial_id} (ends at step {t.last_step or 0} of {t.total_steps})" for t in lacking)
     return (
-        f"{states.trial_count(len(lacking))} finished with milestones lost from metrics.jsonl "
-        f"that no checkpoint holds (they cannot be measured again): {named}"
+        f"{states.trial_count(len(lacking))} finished "
+        "with milestones lost from metrics.jsonl that no checkpoint holds (they cannot be measured again): "
+        f"{named}"
     )
