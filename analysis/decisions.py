@@ -200,13 +200,13 @@ class RankingMovement:
         pairs = f"{d.num_pairs} pairs of {d.num_trials} trials"
         if d.spread == 0:
             return (
-                f"Rankings held after step {d.rung:g}: the FID differences between trials there changed "
-                f"no more than the {d.sampling_spread:.3g} that sampling alone explains ({pairs}) "
+                f"Rankings held after step {d.rung:g}: no trial trailing another there caught up by more "
+                f"than the {d.sampling_spread:.3g} that sampling alone explains ({pairs}) "
                 "by the last milestone both reached."
             )
         return (
             f"Rankings still move after step {d.rung:g}: "
-            f"the FID difference between two trials there changed by {d.spread:.3g} "
+            f"a trial trailing another there caught up by a spread of {d.spread:.3g} FID "
             "by the last milestone both reached, "
             f"beyond the {d.sampling_spread:.3g} that sampling alone explains ({pairs}); "
             "a cut at this step is safe only with a margin that counts it (scheduler racing_dynamics)."

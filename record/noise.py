@@ -185,29 +185,43 @@ def later_change(a: Curve, b: Curve, rung: int | float) -> Optional[LaterChange]
 
 @dataclass(frozen=True)
 class RungDynamics:
-    """The training-dynamics noise of a comparison at a rung: the spread of the later change Δ
-    between two trials beyond what sampling explains, τ = √max(0, mean(Δ² − se_Δ²)) over the
-    pairs of trials that went past the rung (a moment estimate: E[Δ²] = τ² + E[se_Δ²])."""
+    """The training-dynamics noise of a cut at a rung: how far a trailing trial still catches up
+    with a leading one after the rung, beyond what sampling explains. Only catching up can make a
+    cut wrong (a trailer that falls further behind was rightly cut), so the spread is one-sided:
+    with C the trailer's catch-up of a pair (its gap at the rung minus its gap later),
+    τ = √max(0, 2 · mean(max(C, 0)²) − mean(se_C²)) over the pairs of trials that went past the
+    rung. For C symmetric about 0 this is the two-sided moment estimate (E[C²] = τ² + E[se_C²],
+    half of it on each side); where trailers fall behind, as a bad learning rate's does, it is
+    smaller; where they catch up, as curves that cross do, larger."""
 
     rung: int | float
     num_trials: int
     num_pairs: int
     spread: float  # τ, in the metric's units
-    sampling_spread: float  # √mean(se_Δ²): what sampling alone would move the pairs' differences by
+    sampling_spread: float  # √mean(se_C²): what sampling alone would move the pairs' differences by
 
 
 def rung_dynamics(
     curves: Mapping[str, Curve], rung: int | float, min_trials: int = MIN_DYNAMICS_TRIALS
 ) -> Optional[RungDynamics]:
     """τ at `rung` from every pair of the trials measured there and later; None until
-    `min_trials` trials have gone past the rung (a rung not yet measured)."""
+    `min_trials` trials have gone past the rung (a rung not yet measured). Which of a pair trails
+    needs no mode: the catch-up is how much their gap at the rung narrowed, either way round."""
     past = sorted(t for t, curve in curves.items() if rung in curve and any(step > rung for step in curve))
-    changes = [c for a, b in itertools.combinations(past, 2) if (c := later_change(curves[a], curves[b], rung))]
-    if len(past) < max(min_trials, 2) or not changes:
+    catch_ups = []  # (C, se_C) of each pair
+    for a, b in itertools.combinations(past, 2):
+        if (found := later_change(curves[a], curves[b], rung)) is None:
+            continue
+        gap = curves[a][rung].value - curves[b][rung].value  # Δ is later gap minus this one
+        catch_up = -found.change if gap > 0 else found.change if gap < 0 else abs(found.change)
+        catch_ups.append((catch_up, found.stderr))
+    if len(past) < max(min_trials, 2) or not catch_ups:
         return None
-    excess = statistics.fmean(c.change**2 - c.stderr**2 for c in changes)
-    sampling = math.sqrt(statistics.fmean(c.stderr**2 for c in changes))
-    return RungDynamics(rung, len(past), len(changes), math.sqrt(max(excess, 0.0)), sampling)
+    excess = 2 * statistics.fmean(max(c, 0.0) ** 2 for c, _ in catch_ups) - statistics.fmean(
+        se**2 for _, se in catch_ups
+    )
+    sampling = math.sqrt(statistics.fmean(se**2 for _, se in catch_ups))
+    return RungDynamics(rung, len(past), len(catch_ups), math.sqrt(max(excess, 0.0)), sampling)
 
 
 def with_dynamics(gap: Difference, dynamics: RungDynamics) -> Difference:

@@ -279,7 +279,7 @@ class RacingScheduler(FIFOScheduler):
 
 
 class DynamicsRacingScheduler(RacingScheduler):
-    """Racing whose cut also allows for how far rankings still move after the rung: a trial is
+    """Racing whose cut also allows for how far a trailing trial still catches up after the rung: a trial is
     stopped only when it is worse than the keep threshold by more than z standard errors of the
     difference, sampling and training dynamics together, √(se² + τ²), where τ is measured from
     the trials that went past the rung (`record.noise.rung_dynamics`). A rung whose τ is not yet

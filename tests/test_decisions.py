@@ -130,23 +130,24 @@ def test_rank_agreement_reads_strong_agreement_and_shuffled_finals_as_too_weak()
 
 
 def test_ranking_movements_measure_crossing_curves_and_not_parallel_ones():
-    """Curves that cross move each pair's difference by tens of FID after step 2000; parallel
-    curves keep every difference, so only sampling noise (± 1 each, not paired) is left."""
+    """Curves that cross: trailers catch up by tens of FID after step 2000; parallel curves keep
+    every difference, so only sampling noise (± 1 each, not paired) is left."""
     crossing = experiment(
         *[trial(f"t{i}", {"optim.lr": i}, fids) for i, fids in enumerate([[300, 250], [320, 220], [340, 280]])]
     )
     (moved,) = ranking_movements(crossing)
-    # Δ: (250 − 220) − (300 − 320) = 50; (250 − 280) − (300 − 340) = 10; (220 − 280) − (320 − 340) = −40;
-    # each se_Δ² = 4: τ² = (2500 + 100 + 1600) / 3 − 4.
+    # The trailer's catch-up C: t1 on t0 (320 − 300) − (220 − 250) = 50; t2 on t0 (340 − 300) − (280 − 250)
+    # = 10; t2 on t1 (340 − 320) − (280 − 220) = −40 (fell behind: counts 0); each se_C² = 4:
+    # τ² = 2 · (2500 + 100 + 0) / 3 − 4.
     assert (moved.dynamics.rung, moved.dynamics.num_pairs) == (2000, 3)
-    assert moved.dynamics.spread == pytest.approx(np.sqrt(4200 / 3 - 4))
-    assert "Rankings still move after step 2000: the FID difference between two trials there changed by 37.4" in (
+    assert moved.dynamics.spread == pytest.approx(np.sqrt(5200 / 3 - 4))
+    assert "Rankings still move after step 2000: a trial trailing another there caught up by a spread of 41.6 FID" in (
         moved.sentence
     )
     parallel = experiment(*[trial(f"t{i}", {"optim.lr": i}, [300 + i, 250 + i]) for i in range(3)])
     (still,) = ranking_movements(parallel)
     assert still.dynamics.spread == 0.0 and still.dynamics.sampling_spread == pytest.approx(2.0)
-    assert still.sentence.startswith("Rankings held after step 2000: the FID differences between trials there changed")
+    assert still.sentence.startswith("Rankings held after step 2000: no trial trailing another there caught up")
 
 
 def test_repeats_give_each_configuration_k_distinct_seeds(tmp_path):

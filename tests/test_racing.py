@@ -256,15 +256,20 @@ def feed(racing: RacingScheduler, curves: dict[str, list[dict]]) -> None:
 
 def test_the_dynamics_term_equals_its_definition_on_a_hand_computed_example():
     """Three trials, rung 10, later step 20, standard error 1 each (no replicates: independent).
-    Pairs: (a, b) Δ = (80 − 70) − (100 − 110) = 20; (a, c) Δ = (80 − 100) − (100 − 120) = 0;
-    (b, c) Δ = (70 − 100) − (110 − 120) = −20; se_Δ² = 4 each. τ² = mean(Δ² − 4) = 788/3."""
+    The trailer's catch-up C of each pair (its gap at the rung minus its gap at step 20): b on a
+    (110 − 100) − (70 − 80) = 20; c on a (120 − 100) − (110 − 80) = −10; c on b (120 − 110) −
+    (110 − 70) = −30; se_C² = 4 each. Only catching up counts: τ² = 2 · mean(max(C, 0)²) − 4 =
+    800/3 − 4 (the two-sided mean(C² − 4) would be 1400/3 − 4). A trial's lead is its lead
+    whichever way the metric points: negated values give the same τ."""
+    values = {"a": (100, 80), "b": (110, 70), "c": (120, 110)}
     curves = {
-        t: {10: Measurement(f10, stderr=1.0), 20: Measurement(f20, stderr=1.0)}
-        for t, (f10, f20) in {"a": (100, 80), "b": (110, 70), "c": (120, 100)}.items()
+        t: {10: Measurement(f10, stderr=1.0), 20: Measurement(f20, stderr=1.0)} for t, (f10, f20) in values.items()
     }
     measured = rung_dynamics(curves, 10)
     assert (measured.num_trials, measured.num_pairs, measured.sampling_spread) == (3, 3, 2.0)
-    assert measured.spread == pytest.approx(math.sqrt(788 / 3))
+    assert measured.spread == pytest.approx(math.sqrt(800 / 3 - 4))
+    negated = {t: {s: Measurement(-m.value, stderr=1.0) for s, m in c.items()} for t, c in curves.items()}
+    assert rung_dynamics(negated, 10).spread == pytest.approx(measured.spread)
     assert rung_dynamics({t: curves[t] for t in "ab"}, 10) is None  # two trials past it: not measured yet
     assert rung_dynamics(curves, 20) is None  # nobody went past the last step
 

@@ -273,9 +273,9 @@ def test_status_says_how_far_rankings_still_move_once_three_trials_went_past_a_m
     write_trial(exp, "d_lr=1", [row(10, 330.0)], searched={"optim.lr": 1})
     result = runner.invoke(app, ["status", str(exp)])
     assert result.exit_code == 0, result.output
-    # Δ between pairs from step 10 to 20: 50, 10, −40: τ = √((2500 + 100 + 1600) / 3) = 37.4.
+    # The trailers' catch-ups from step 10 to 20: 50, 10, −40 (counts 0): τ = √(2 · (2500 + 100) / 3) = 41.6.
     assert result.stdout.splitlines()[-1] == (
-        "rankings still move (FID, training dynamics beyond sampling): after step 10: 37.4 (3 trials past it)"
+        "rankings still move (FID, training dynamics beyond sampling): after step 10: 41.6 (3 trials past it)"
     )
     write_trial(exp, "b_lr=1", [row(10, 320.0)], searched={"optim.lr": 1})  # only two past step 10: not yet said
     assert "rankings still move" not in runner.invoke(app, ["status", str(exp)]).stdout
