@@ -1,6 +1,6 @@
 """Sweeps on cloud storage, against a real S3 API on 127.0.0.1 (moto's standalone server, in its
 own process): run, kill -9 and resume, `sweep status` and `sweep analyze` on an s3:// experiment;
-a 20 s storage outage mid-sweep; the shared FID reference uploaded once and downloaded by the
+a 10 s storage outage mid-sweep; the shared FID reference uploaded once and downloaded by the
 trials; bad storage refused with exit 2 before Ray starts. Nothing of this project is mocked:
 every byte goes through pyarrow's S3 filesystem (the project's and Ray Tune's) over HTTP."""
 
@@ -308,7 +308,7 @@ def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path, monk
 
 @pytest.mark.slow
 def test_a_storage_outage_mid_sweep_loses_no_milestone_and_repeats_none(aws_env, tmp_path):
-    """The S3 server stops answering for 20 s (SIGSTOP: requests hang and time out, as with a
+    """The S3 server stops answering for 10 s (SIGSTOP: requests hang and time out, as with a
     network partition) while a trial reports its milestones, then answers again."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -335,7 +335,7 @@ def test_a_storage_outage_mid_sweep_loses_no_milestone_and_repeats_none(aws_env,
                     )
                 time.sleep(0.2)
             os.killpg(s3.process.pid, signal.SIGSTOP)
-            time.sleep(20)
+            time.sleep(10)
         finally:
             os.killpg(s3.process.pid, signal.SIGCONT)
         code = driver.wait(timeout=300)

@@ -62,33 +62,30 @@ def sqrt_psd(matrix: np.ndarray) -> np.ndarray:
 
 @pytest.mark.slow
 @needs_pool3
-def test_fid_equals_pytorch_fid_with_fewer_and_with_more_samples_than_dimensions(pool3):
-    """1,500 generated samples take the N×N Gram route, 2,500 the D×D one (D = 2,048)."""
+def test_fid_equals_an_exact_svd_route_and_pytorch_fid_with_fewer_and_with_more_samples_than_dimensions(pool3):
+    """1,500 generated samples take the N×N Gram route, 2,500 the D×D one (D = 2,048). Both
+    against an independent exact route: tr √(Σ_r^½ Σ_g Σ_r^½) is the sum of the singular values
+    of (X − μ) Σ_r^½ / √(N−1). pytorch-fid's sqrtm adds √(round-off) for each zero eigenvalue
+    of Σ_g (549 at 1,500 samples: ≈ 5e-7 relative), so it is held to 1e-6, once (20 s a call)."""
     from pytorch_fid.fid_score import calculate_frechet_distance
 
     real = pool3[:2585]
     reference = FrechetReference.from_features(real)
+    sigma_r = np.cov(real, rowvar=False)
+    sqrt_sigma_r = sqrt_psd(sigma_r)
     for n in (1500, 2500):
         generated = pool3[2585 : 2585 + n]
-        theirs = calculate_frechet_distance(
-            generated.mean(0), np.cov(generated, rowvar=False), real.mean(0), np.cov(real, rowvar=False)
+        centered = generated - generated.mean(0)
+        trace_sqrt = np.linalg.svd(centered @ sqrt_sigma_r, compute_uv=False).sum() / np.sqrt(n - 1)
+        exact = (
+            np.sum((real.mean(0) - generated.mean(0)) ** 2)
+            + np.trace(sigma_r)
+            + np.sum(centered**2) / (n - 1)
+            - 2 * trace_sqrt
         )
-        assert reference.fid(generated) == pytest.approx(theirs, rel=1e-6)
-
-    # pytorch-fid's sqrtm adds √(round-off) for each of Σ_g's 549 zero eigenvalues (≈ 5e-7
-    # relative); the sum of singular values of (X − μ) Σ_r^½ / √(N−1), which equal the square
-    # roots of the nonzero eigenvalues of Σ_r^½ Σ_g Σ_r^½, has no such term.
-    generated = pool3[2585:4085]
-    centered = generated - generated.mean(0)
-    sqrt_sigma_r = sqrt_psd(np.cov(real, rowvar=False))
-    trace_sqrt = np.linalg.svd(centered @ sqrt_sigma_r, compute_uv=False).sum() / np.sqrt(len(generated) - 1)
-    exact = (
-        np.sum((real.mean(0) - generated.mean(0)) ** 2)
-        + np.trace(np.cov(real, rowvar=False))
-        + np.sum(centered**2) / (len(generated) - 1)
-        - 2 * trace_sqrt
-    )
-    assert reference.fid(generated) == pytest.approx(exact, rel=1e-10)
+        assert reference.fid(generated) == pytest.approx(exact, rel=1e-10), n
+    theirs = calculate_frechet_distance(generated.mean(0), np.cov(generated, rowvar=False), real.mean(0), sigma_r)
+    assert reference.fid(generated) == pytest.approx(theirs, rel=1e-6)
 
 
 @pytest.mark.slow

@@ -124,8 +124,11 @@ def test_hutchinson_agrees_with_the_exact_hessian_trace_and_its_stderr_shrinks()
 @needs_fid_weights
 def test_fid_equals_pytorch_fids_own_computation_on_the_same_pngs(tmp_path, monkeypatch):
     """Milestone FID (float samples quantised in memory) and `sweep fid-stats`/`sweep fid` (PNG
-    folders) against pytorch-fid's own pipeline reading the same images as PNG files."""
-    from pytorch_fid.fid_score import calculate_fid_given_paths
+    folders) against pytorch-fid's own pipeline reading the same images as PNG files: its
+    statistics, through the Fréchet distance checked against pytorch-fid's own in
+    test_fid_statistics.py (its sqrtm of a 16-image covariance takes 20 s here)."""
+    from pytorch_fid.fid_score import compute_statistics_of_path
+    from pytorch_fid.inception import InceptionV3
 
     images = load_dataset(DataConfig(name="cifar10", root=str(CIFAR_ROOT))).images
     # Stand-ins for generated samples: float images in [-1, 1] off the uint8 grid.
@@ -168,7 +171,13 @@ def test_fid_equals_pytorch_fids_own_computation_on_the_same_pngs(tmp_path, monk
     hub.mkdir(parents=True)
     (hub / FID_WEIGHTS.name).symlink_to(FID_WEIGHTS)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    theirs = calculate_fid_given_paths([str(tmp_path / "a"), str(tmp_path / "b")], 100, "cpu", 2048, num_workers=0)
+    inception = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    for side in "ab":
+        mu, sigma = compute_statistics_of_path(str(tmp_path / side), inception, 100, 2048, "cpu", num_workers=0)
+        FeatureStats(mu, sigma, 16).save(tmp_path / f"theirs_{side}.npz")
+    from_theirs = runner.invoke(app, ["fid", str(tmp_path / "theirs_a.npz"), str(tmp_path / "theirs_b.npz")])
+    assert from_theirs.exit_code == 0, from_theirs.output
+    theirs = float(from_theirs.output.split("FID:")[1].split()[0])
     assert ours == pytest.approx(theirs, rel=1e-3)
     assert ours > 1.0  # different images: the comparison is not vacuous
 
