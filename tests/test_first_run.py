@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import re
@@ -87,34 +86,6 @@ def test_the_readme_main_job_runs_as_printed(tmp_path):
     assert "FID floor: real images (training images outside the reference) score" in done.stderr
     assert done.stdout.rstrip().splitlines()[-1].startswith("TensorBoard: tensorboard --logdir")
     assert "Current best trial" not in console and "Result logdir" not in console
-
-
-@pytest.mark.slow
-def test_relative_paths_mean_what_the_user_typed(tmp_path):
-    """A relative data.root resolves against the launch directory, not a Ray worker's."""
-    from PIL import Image
-
-    launch = tmp_path / "launch"
-    (launch / "images").mkdir(parents=True)
-    for i in range(8):
-        Image.new("RGB", (32, 32), (30 * i, 100, 200)).save(launch / "images" / f"{i}.png")
-    spec = write_spec(
-        launch,
-        base={**TINY_RUN, "data": {"name": "folder", "root": "images"}},
-        storage="runs",
-        search={"optim.lr": {"grid": [1e-4]}},
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "cli", "run", spec.name, "--no-analyze"],
-        cwd=launch,
-        env=user_env(),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (trial,) = (launch / "runs" / "tiny").glob("*/trial.json")
-    assert json.loads(trial.read_text())["config"]["data.root"] == str(launch / "images")
 
 
 def test_a_missing_weights_file_is_exit_2_naming_the_key_before_any_trial(tmp_path, monkeypatch):

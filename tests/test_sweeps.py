@@ -292,6 +292,27 @@ def test_max_failures_retries_a_crashed_trial_from_its_last_checkpoint(tmp_path,
     assert len(hparams_sessions(Path(results[0].path))) == 1  # the resumed trial is one HParams session
 
 
+def test_relative_paths_mean_what_the_user_typed(tmp_path, local_ray, monkeypatch):
+    """A relative data.root resolves against the launch directory, not a Ray worker's."""
+    from PIL import Image
+
+    launch = tmp_path / "launch"
+    (launch / "images").mkdir(parents=True)
+    for i in range(8):
+        Image.new("RGB", (32, 32), (30 * i, 100, 200)).save(launch / "images" / f"{i}.png")
+    spec = write_spec(
+        launch,
+        base={**TINY_RUN, "data": {"name": "folder", "root": "images"}},
+        storage="runs",
+        search={"optim.lr": {"grid": [1e-4]}},
+    )
+    monkeypatch.chdir(launch)
+    done = runner.invoke(app, ["run", spec.name, "--no-analyze"])
+    assert done.exit_code == 0, done.output[-3000:]
+    (trial,) = (launch / "runs" / "tiny").glob("*/trial.json")
+    assert json.loads(trial.read_text())["config"]["data.root"] == str(launch / "images")
+
+
 def test_a_gpu_spec_on_a_cpu_only_cluster_is_refused_before_any_trial(tmp_path, local_ray):
     result = runner.invoke(
         app,
