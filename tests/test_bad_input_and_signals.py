@@ -1,6 +1,7 @@
 """Nothing lost, nothing false: an experiment name that would leave the storage, numbers YAML 1.1
-reads as strings, FID of a single image, a dry run of a huge grid, the interruption note after a
-resume, and SIGTERM — each as the `sweep` command meets it."""
+reads as strings, FID of a single image, a dry run of a huge grid, and SIGTERM's handler — each
+as the `sweep` command meets it (SIGTERM ending a real sweep, and the interruption note after its
+resume: tests/test_resume_faults.py)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from diffusion_lib.config import ConfigError, load_yaml
-from record.files import INTERRUPTED_FILE, SUMMARY_FILE
 from sweeps.spec import load_spec
 
-from conftest import TINY_RUN, tiny_run, write_spec
+from conftest import TINY_RUN, write_spec
 
 
 def sweep(*args: str, cwd, **options) -> subprocess.CompletedProcess:
@@ -156,46 +156,3 @@ def test_sigterm_outside_tune_raises_keyboard_interrupt_and_survives_ray_init():
             time.sleep(10)  # the handler interrupts this at once
     assert stop.pressed and stop.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) is before
-
-
-@pytest.mark.slow
-def test_sigterm_ends_a_sweep_as_ctrl_c_does_and_the_resume_removes_the_interruption_note(tmp_path):
-    """SIGTERM to the driver alone (`kill PID`, a container's stop) once its one trial has started:
-    Ray saves its state, one line says how to resume, exit 143 — it dumped a native stack. The
-    resumed sweep finishes, and its interruption note goes (it stayed after a successful resume)."""
-    spec = write_spec(tmp_path, base=tiny_run(train={"total_steps": 20}), search={"optim.lr": {"grid": [1e-4]}})
-    experiment = tmp_path / "runs" / "tiny"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "cli", "run", str(spec)],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            start_new_session=True,
-        )
-        deadline = time.time() + 240
-        while not any(p.is_dir() for p in experiment.glob("*_lr=*")):  # Ray made the trial's folder
-            if driver.poll() is not None or time.time() > deadline:
-                driver.kill()
-                pytest.fail(f"the trial never started: {(tmp_path / 'stderr.txt').read_text()[-2000:]}")
-            time.sleep(0.05)
-        os.kill(driver.pid, signal.SIGTERM)
-        code = driver.wait(timeout=120)
-    err = (tmp_path / "stderr.txt").read_text()
-    assert code == 143, err[-3000:]
-    assert [line for line in err.splitlines() if "--resume" in line] == [
-        "interrupted with trials unfinished; the state is saved: `sweep run SPEC --resume` finishes it"
-    ]
-    # No native stack, no traceback of the driver's (a trial's worker, which Ray ends by SIGTERM as it
-    # shuts down, may print one of its own, prefixed with its name and pid).
-    assert "SIGTERM received" not in err and not any(line.startswith("Traceback") for line in err.splitlines())
-    assert (experiment / INTERRUPTED_FILE).is_file()
-    assert "sweep not running: interrupted (Ctrl-C or SIGTERM)" in sweep("status", str(experiment), cwd=tmp_path).stdout
-
-    resumed = sweep("run", str(spec), "--resume", "--no-analyze", cwd=tmp_path, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (experiment / SUMMARY_FILE).is_file() and not (experiment / INTERRUPTED_FILE).exists()
-    status = sweep("status", str(experiment), cwd=tmp_path).stdout
-    assert "sweep ended" in status and "interrupted" not in status, status

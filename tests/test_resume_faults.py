@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from analysis.status import experiment_status
 from analysis.tables import trials_table
+from cli.main import app
 from diffusion_lib.config import ConfigError
 from diffusion_lib.run_files import (
     METRICS_FILE,
@@ -28,13 +30,12 @@ from diffusion_lib.run_files import (
 )
 from record import states
 from record.experiment import load_experiment
-from record.files import resume_order
+from record.files import INTERRUPTED_FILE, resume_order
 from record.repair import restore_lost_milestones
 from sweeps.closing import lost_milestones
 from sweeps.resume_plan import resume_plan
 
 from conftest import (
-    as_from_a_terminal,
     tiny_run,
     write_ray_state,
     write_spec,
@@ -294,8 +295,9 @@ class Sweep:
     def rows(self) -> list[dict]:
         return [json.loads(line) for line in (self.trial() / METRICS_FILE).read_text().splitlines()]
 
-    def ctrl_c_once_recorded(self, step: int) -> None:
-        """`sweep run` stopped by Ctrl-C (SIGINT to its process group) once the trial recorded `step`."""
+    def sigterm_once_recorded(self, step: int) -> subprocess.CompletedProcess:
+        """`sweep run` sent SIGTERM (to the driver alone: `kill PID`, a container's stop) once the
+        trial recorded `step`."""
         driver = subprocess.Popen(
             self.command("run", str(self.spec), "--no-analyze"),
             cwd=self.cwd,
@@ -304,7 +306,6 @@ class Sweep:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
-            preexec_fn=as_from_a_terminal,
         )
         deadline = time.time() + 300
         while not any(r["step"] >= step for r in self._rows_so_far()):
@@ -312,9 +313,9 @@ class Sweep:
                 os.killpg(driver.pid, signal.SIGKILL)
                 pytest.fail(f"the trial never recorded step {step}: {driver.communicate()[1][-2000:]}")
             time.sleep(0.1)
-        os.killpg(driver.pid, signal.SIGINT)
+        os.kill(driver.pid, signal.SIGTERM)
         _, err = driver.communicate(timeout=120)
-        assert driver.returncode == 130, err[-2000:]
+        return subprocess.CompletedProcess(driver.args, driver.returncode, "", err)
 
     def _rows_so_far(self) -> list[dict]:
         return [r for path in self.experiment.glob(f"*/{METRICS_FILE}") for r in read_metrics(path)]
@@ -329,13 +330,26 @@ class Sweep:
 
 
 @pytest.mark.slow
-def test_a_damaged_checkpoint_is_named_planned_for_and_resumed_past_then_a_torn_row_made_whole(tmp_path):
-    """One sweep for three points: Ctrl-C mid-trial, the checkpoint Ray restores emptied, then the
-    plan (--resume --dry-run) and the resume; then the finished trial's last row torn, and resumed.
-    The metric's mode is max, so that Ray keeps the first milestone's checkpoint (the highest
-    loss) beside the newest: the one to fall back to."""
+def test_sigterm_then_a_damaged_checkpoint_named_planned_for_and_resumed_past_then_a_torn_row_made_whole(tmp_path):
+    """One sweep for four points (each sweep started costs the suite about 15 s): SIGTERM
+    mid-trial ends it as Ctrl-C does; the checkpoint Ray restores emptied, then the plan
+    (--resume --dry-run) and the resume, which also removes the interruption note; then the
+    finished trial's last row torn, and resumed. The metric's mode is max, so that Ray keeps the
+    first milestone's checkpoint (the highest loss) beside the newest: the one to fall back to.
+    Ctrl-C itself (SIGINT to the process group) is tests/test_sweep_processes.py's."""
     sweep = Sweep(tmp_path, total_steps=100, mode="max")
-    sweep.ctrl_c_once_recorded(step=60)
+    stopped = sweep.sigterm_once_recorded(step=60)
+    # Ray saves its state, one line says how to resume, exit 143 — no native stack, no traceback
+    # of the driver's (a trial's worker, which Ray ends by SIGTERM as it shuts down, may print one
+    # of its own, prefixed with its name and pid).
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert [line for line in stopped.stderr.splitlines() if "--resume" in line] == [
+        "interrupted with trials unfinished; the state is saved: `sweep run SPEC --resume` finishes it"
+    ]
+    assert "SIGTERM received" not in stopped.stderr
+    assert not any(line.startswith("Traceback") for line in stopped.stderr.splitlines())
+    assert (sweep.experiment / INTERRUPTED_FILE).is_file()
+    assert "sweep not running: interrupted (Ctrl-C or SIGTERM)" in sweep.status()
     trial = sweep.trial()
     folder, step = sweep.restored_by_ray()
     emptied = trial / folder / checkpoint_name(step)
@@ -348,8 +362,8 @@ def test_a_damaged_checkpoint_is_named_planned_for_and_resumed_past_then_a_torn_
 
     # The plan: the checkpoint Ray restores (not the record's newest, which may be a report
     # newer), unreadable, and the one the trial will continue from.
-    plan = sweep.run("--resume", "--dry-run", timeout=120)
-    assert plan.returncode == 0, plan.stderr[-2000:]
+    plan = CliRunner().invoke(app, ["run", str(sweep.spec), "--no-analyze", "--resume", "--dry-run"])
+    assert plan.exit_code == 0, plan.output[-2000:]
     assert plan.stdout.splitlines()[1:] == [
         f"    {trial.name}  interrupted: checkpoint at step {step} unreadable (empty file); "
         f"continues from its checkpoint at step {fallback_step}"
@@ -371,6 +385,9 @@ def test_a_damaged_checkpoint_is_named_planned_for_and_resumed_past_then_a_torn_
     assert json.loads((sweep.experiment / "experiment_summary.json").read_text())["trials"] == {
         trial.name: {"state": "finished", "error": None, "traceback": None}
     }
+    assert not (sweep.experiment / INTERRUPTED_FILE).exists()  # the resumed sweep ended: the note is history
+    status = sweep.status()
+    assert "sweep ended" in status and "interrupted" not in status, status
 
     # Then its last row torn (a crash mid-write): status reads it finished, short of its end, and
     # a resume puts the row back from the checkpoint's copy of the record.

@@ -240,14 +240,9 @@ class CtrlCSweep:
         return done.stdout
 
     def resume_plan(self) -> list[str]:
-        done = subprocess.run(
-            [sys.executable, "-m", "cli", *self.run, "--resume", "--dry-run"],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            cwd=self.cwd,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
+        """`sweep run SPEC --resume --dry-run`, in this process (it starts nothing)."""
+        done = CliRunner().invoke(app, [*self.run, "--resume", "--dry-run"])
+        assert done.exit_code == 0, done.output
         return done.stdout.splitlines()
 
 
