@@ -183,7 +183,7 @@ def test_bad_storage_is_exit_2_before_ray_starts(aws_env, tmp_path, monkeypatch,
 @pytest.mark.slow
 def test_s3_sweep_killed_resumed_then_status_and_analyze(aws_env, tmp_path, monkeypatch):
     s3 = aws_env
-    total = 60
+    total = 40
     spec = write_spec(
         tmp_path,
         base=tiny_run(train={"total_steps": total}, eval={"every": 20}),
@@ -313,7 +313,7 @@ def test_a_storage_outage_mid_sweep_loses_no_milestone_and_repeats_none(aws_env,
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     s3 = aws_env
-    total, every = 180, 30
+    total, every = 120, 30
     spec = write_spec(
         tmp_path,
         base=tiny_run(train={"total_steps": total}, eval={"every": every}),

@@ -106,7 +106,7 @@ def test_a_node_dies_and_its_trial_resumes_on_the_other_from_its_checkpoint(tmp_
     """`sweep run --address` against a two-node Ray cluster (ray.cluster_utils on one machine),
     each in its own process as a user would run them; the worker node's raylet is killed
     (kill -9) while a trial runs there with checkpoints stored."""
-    total, every = 100, 20
+    total, every = 80, 20
     spec = write_spec(
         tmp_path,
         base=tiny_run(train={"total_steps": total}, eval={"every": every}),

@@ -1,20 +1,23 @@
-"""Real Ray Tune sweeps on the CPU, in this process: grid, Optuna + ASHA, a crashing trial,
-a GPU spec on a CPU-only cluster."""
+"""Real Ray Tune sweeps on the CPU, in this process, on one Ray for the module: grid, racing,
+Optuna + ASHA, a NaN and a crashing trial, relative paths, a failed sweep and its resume, a GPU
+spec on a CPU-only cluster."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
 from typer.testing import CliRunner
 
 from analysis.curves import floor_gap
-from cli.main import app
+from cli.main import app, report_results
 from diffusion_lib.losses import DiffusionLoss
 from diffusion_lib.run_files import FLOOR_FILE
 from diffusion_lib.trainer import Trainer
@@ -311,6 +314,54 @@ def test_relative_paths_mean_what_the_user_typed(tmp_path, local_ray, monkeypatc
     assert done.exit_code == 0, done.output[-3000:]
     (trial,) = (launch / "runs" / "tiny").glob("*/trial.json")
     assert json.loads(trial.read_text())["config"]["data.root"] == str(launch / "images")
+
+
+def fail_until_fixed(config, run_dir, **kwargs):
+    """Every trial fails (with a colour-coded message, as Ray's tracebacks are) until the marker exists."""
+    if not FIXED.exists():
+        raise RuntimeError("\x1b[31mdisk on fire\x1b[0m at trial start")
+    return trainer_with_parts(config, run_dir, **kwargs)
+
+
+FIXED = Path("/nonexistent")
+ANSI = re.compile(r"\x1b\[")
+
+
+def test_a_failed_sweep_fails_and_resume_tells_the_truth(tmp_path, local_ray, capsys):
+    global FIXED
+    FIXED = tmp_path / "fixed"
+    pickle_tests_by_value()
+    spec = load_spec(write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4, 1e-3]}}))
+
+    results = run_sweep(spec, make_trainer=fail_until_fixed)
+    assert report_results(spec, results, analyze=True) == 1
+    out = capsys.readouterr()
+    assert re.search(r"2 of 2 trials errored; full tracebacks in \S+/error.txt, \S+/error.txt", out.err)
+    experiment = Path(spec.experiment_path)
+    report = (experiment / "analysis" / "report.md").read_text()
+    error_lines = [line for line in report.splitlines() if line.startswith("- `") and "disk on fire" in line]
+    assert len(error_lines) == 1 and not ANSI.search(report)  # one error, said once, naming both trials
+    assert error_lines[0].count("_lr=") == 2 and error_lines[0].endswith("RuntimeError: disk on fire at trial start")
+    assert pq.read_table(experiment / "analysis" / "trials.parquet").column("state").to_pylist() == [
+        "errored",
+        "errored",
+    ]
+    assert (
+        f"report: {experiment / 'analysis' / 'report.md'}" in out.out
+        and f"tensorboard --logdir {experiment}" in out.out
+    )
+
+    FIXED.write_text("")
+    resumed = run_sweep(spec, resume=True, make_trainer=fail_until_fixed)
+    assert report_results(spec, resumed, analyze=True) == 0
+    assert pq.read_table(experiment / "analysis" / "trials.parquet").column("state").to_pylist() == [
+        "finished",
+        "finished",
+    ]
+    assert "disk on fire" not in (experiment / "analysis" / "report.md").read_text()
+
+    relaxed = load_spec(write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4]}}, fail_on_trial_error=False))
+    assert report_results(relaxed, results, analyze=False) == 0  # errors expected: the spec opted out
 
 
 def test_a_gpu_spec_on_a_cpu_only_cluster_is_refused_before_any_trial(tmp_path, local_ray):
