@@ -12,6 +12,7 @@ into the trial's scratch folder and the trainer is handed that local file.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ from diffusion_lib.metrics.fid import FidComparabilityWarning
 from diffusion_lib.run_files import (
     CHECKPOINT_DIR,
     CHECKPOINT_GLOB,
+    EVENTS_GLOB,
     METRICS_FILE,
     checkpoint_damage,
     checkpoint_step,
@@ -65,6 +67,8 @@ def train_trial(
         scratch = Path(scratch)
         restored = tune.get_checkpoint()
         resume = None if restored is None else resume_point(restored, scratch, run_dir)
+        if resume is None and experiment is not None:
+            start_over(storage.join(experiment, run_dir.name), scratch, run_dir)
         try:
             trainer = make_trainer(
                 with_local_fid_reference(config, scratch),
@@ -151,6 +155,22 @@ def _stored_checkpoints(fs: pyarrow.fs.FileSystem, trial_path: PurePosixPath) ->
         and path.parent.match(RAY_CHECKPOINT_GLOB)
         and checkpoint_step(path.name) is not None
     ]
+
+
+def start_over(trial_location: str, scratch: Path, run_dir: Path) -> None:
+    """A trial starting from step 0 whose folder in the experiment holds an earlier attempt's
+    record (Ray restarted it before any checkpoint of it was stored, or none was left whole):
+    the rows that attempt recorded are kept, merged into `run_dir`'s, and its TensorBoard events
+    there are removed, as `RunLog.open` removes the local ones of a fresh start: this attempt
+    writes every milestone's scalars anew, from the recorded rows, so that none shows twice."""
+    fs, path = storage.resolve(trial_location)
+    found = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    stale_events = [info.path for info in found if fnmatch.fnmatch(info.base_name, EVENTS_GLOB)]
+    recorded = _stored_rows(fs, PurePosixPath(path) / METRICS_FILE, scratch)
+    if recorded:
+        write_metrics(run_dir / METRICS_FILE, merge_rows(recorded, read_metrics(run_dir / METRICS_FILE)))
+    for stale in stale_events:
+        fs.delete_file(stale)
 
 
 def _stored_rows(fs: pyarrow.fs.FileSystem, path: PurePosixPath, scratch: Path) -> list[dict[str, Any]]:

@@ -165,6 +165,27 @@ def test_a_restarted_trial_falls_back_past_damaged_checkpoints_and_keeps_every_r
         assert resume_point(tune.Checkpoint(str(emptied.parent)), tmp_path / "scratch2", run_dir) is None
 
 
+def test_a_trial_started_over_keeps_its_earlier_attempts_rows_and_drops_its_events(tmp_path):
+    """Ray restarted the trial before any checkpoint of it was stored (a storage outage failed
+    the first report's upload): the experiment's trial folder holds the earlier attempt's row
+    and TensorBoard events, which the new attempt would otherwise show a second time. Through a
+    URI (a file:// one here), as on cloud storage."""
+    from sweeps.trainable import start_over
+
+    trial = tmp_path / "exp" / TRIAL
+    recorded = [row(30)]
+    write_trial(tmp_path / "exp", TRIAL, recorded, searched={})
+    (trial / "events.out.tfevents.1.host.1.0").write_bytes(b"an earlier attempt's scalars")
+    run_dir = tmp_path / "working_dirs" / TRIAL
+    run_dir.mkdir(parents=True)
+
+    start_over(f"file://{trial}", tmp_path / "scratch", run_dir)
+    assert read_metrics(run_dir / METRICS_FILE) == recorded  # measured again, step 30 keeps this row
+    assert not list(trial.glob("events.out.tfevents.*")) and read_metrics(trial / METRICS_FILE) == recorded
+    start_over(str(tmp_path / "exp" / "a_trial_never_started"), tmp_path / "scratch2", run_dir)  # nothing there
+    assert read_metrics(run_dir / METRICS_FILE) == recorded
+
+
 def test_a_resumed_log_keeps_the_recorded_rows_and_records_a_milestone_measured_again_once(tmp_path):
     """A run resumed from step 20 whose record reaches step 60 (and ends in a torn line, as an
     older writer's crash left it): the rows stay as recorded, step 40 measured again is not
