@@ -28,7 +28,7 @@ import statistics
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -204,9 +204,10 @@ def replay(
     pilots: Sequence[int] = (MIN_DYNAMICS_TRIALS,),
 ) -> ReplayInfo:
     """Replay the grid's `curves` in `num_orders` random arrival orders through a fresh ASHA, a
-    fresh RacingScheduler and a fresh DynamicsRacingScheduler for each pilot count in `pilots`
-    (the trials that must go past a rung before it cuts), all on the same rungs (grace period,
-    reduction factor, max_t in steps)."""
+    fresh RacingScheduler, a fresh DynamicsRacingScheduler for each pilot count in `pilots`
+    (the trials that must go past a rung before it cuts) and one told the whole grid's term from
+    the start ("dynamics known": no pilots, a bound on what they cost), all on the same rungs
+    (grace period, reduction factor, max_t in steps)."""
     from ray.tune.schedulers import ASHAScheduler  # Ray loads only once the input is read and checked
 
     from .racing import DynamicsRacingScheduler, RacingScheduler
@@ -215,6 +216,7 @@ def replay(
     best_trial, grid_best = _lowest_fid([(t, r) for t, rows in curves.items() for r in rows])
     grid_trial_steps = sum(rows[-1][STEP.name] for rows in curves.values())
     rung_settings = dict(max_t=max_t, grace_period=grace_period, reduction_factor=reduction_factor, z=z)
+    grid_terms = grid_dynamics(curves, rungs(grace_period, reduction_factor, max_t))
     makers = {
         "ASHA": lambda: ASHAScheduler(
             time_attr=STEP.name,
@@ -231,6 +233,7 @@ def replay(
             )
             for count in pilots
         },
+        "dynamics known": lambda: _told_the_grids_dynamics(grid_terms, **rung_settings),
     }
     rng = np.random.default_rng(seed)
     ids = list(curves)
@@ -255,8 +258,23 @@ def replay(
         best_fid=grid_best[FID.name],
         best_stderr=Measurement.from_row(grid_best, FID.name).stderr,
         schedulers=tuple(SchedulerReplay(name, tuple(found)) for name, found in runs.items()),
-        dynamics=grid_dynamics(curves, rungs(grace_period, reduction_factor, max_t)),
+        dynamics=grid_terms,
     )
+
+
+def _told_the_grids_dynamics(grid_terms: tuple[RungDynamics, ...], **rung_settings):
+    """racing_dynamics told the whole grid's training-dynamics term at every rung from its first
+    trial on. No sweep can run it (the term is known once the grid has run); replayed, it shows
+    what the rule costs without its pilots."""
+    from .racing import DynamicsRacingScheduler
+
+    terms = {term.rung: term for term in grid_terms}
+
+    class TermKnown(DynamicsRacingScheduler):
+        def dynamics(self, rung: float) -> Optional[RungDynamics]:
+            return terms.get(rung)
+
+    return TermKnown(STEP.name, FID.name, "min", **rung_settings)
 
 
 def _dynamics_name(count: int, pilots: Sequence[int]) -> str:

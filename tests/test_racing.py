@@ -168,7 +168,7 @@ def grid_curves() -> dict[str, list[dict]]:
 def test_replay_asha_loses_a_best_that_trailed_within_noise_and_racing_keeps_it(capsys):
     info = replay(grid_curves(), grace_period=20, reduction_factor=2, max_t=60, concurrency=2, num_orders=200, seed=0)
     assert capsys.readouterr().err == ""  # the replayed schedulers' stops are counted, not said
-    asha, racing, _ = info.schedulers
+    asha, racing, _, _ = info.schedulers
     assert (info.best_trial, info.best_step, info.best_fid, info.grid_trial_steps) == ("best", 60, 330.0, 360)
     assert asha.kept_best_share < 0.8
     assert asha.stop_counts["best", 20] > 0.2 * info.num_orders
@@ -186,11 +186,14 @@ def test_replay_trial_step_shares_by_hand():
     """One trial at a time, a first: b arrives at step 10 with 200 against a's 100 and is cut by
     both (no standard error: a plain comparison), so the run uses 20 + 10 of the grid's 40
     trial-steps and sees 90, not the grid's best 80. b first: nothing is cut, 40 of 40. The
-    dynamics rule cuts nothing: no three trials ever go past the rung to measure it."""
+    dynamics rule cuts nothing: no three trials ever go past the rung to measure it; told the
+    grid's term, it still cuts nothing: b caught up by 110 after the rung (τ = √2 · 110)."""
     curves = {"a": [row(10, 100.0), row(20, 90.0)], "b": [row(10, 200.0), row(20, 80.0)]}
     info = replay(curves, grace_period=10, reduction_factor=2, max_t=20, concurrency=1, num_orders=20, seed=5)
-    asha, racing, dynamics = info.schedulers
+    asha, racing, dynamics, known = info.schedulers
     assert all(run.stopped == {} for run in dynamics.runs)  # two trials: the rung's dynamics never measured
+    assert known.name == "dynamics known" and info.dynamics[0].spread == pytest.approx(math.sqrt(2) * 110)
+    assert all(run.stopped == {} and run.steps_share == 1.0 for run in known.runs)
     for replayed in (asha, racing):
         for run in replayed.runs:
             if run.arrival[0] == "a":
@@ -221,7 +224,7 @@ def test_sweep_replay_reads_a_finished_grid_from_its_files_and_refuses_an_unfini
     assert result.exit_code == 0, result.output
     assert "Rungs at step 20, 40 (grace period 20, reduction factor 2, max_t 60)" in result.output
     kept = next(line for line in result.output.splitlines() if line.startswith("kept the grid's best"))
-    assert kept.split()[-1] == "100%"  # racing, as in the replay test above
+    assert kept.split()[5] == "100%"  # racing (ASHA's column first), as in the replay test above
 
     write_trial(experiment, "mid_a", grid_curves()["mid_a"][:1], searched={"optim.lr": 1}, total_steps=60)
     write_summary(
