@@ -3,7 +3,8 @@
 Runs (or resumes, or reuses) the full grid of one of two real-data specs, then replays its
 recorded FID curves under every scheduler in many arrival orders (`sweeps.replay`): Ray's ASHA,
 the racing scheduler (sampling noise only), and racing_dynamics (sampling and training
-dynamics) with 2, 3 and 4 pilot trials past a rung before it cuts. For each: how often the
+dynamics) with 2, 3 and 4 pilot trials past a rung before it cuts, and racing_dynamics told
+the whole grid's term from the start (no pilots: what they cost). For each: how often the
 survivors held the grid's best within noise, and the mean share of the grid's trial-steps.
 
 - `--grid crossing`: search_spaces/cpu_crossing_curves.yaml, the Min-SNR study drawn again with a
