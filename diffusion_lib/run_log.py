@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torchvision.utils
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams_api
@@ -98,12 +97,16 @@ class RunLog:
 
 def make_grid(images_uint8: torch.Tensor) -> torch.Tensor:
     """A square-ish grid (3, H, W) in [0, 1] from uint8 images."""
+    import torchvision.utils  # torchvision's import costs 2 s (it loads torch._dynamo): only where grids are drawn
+
     nrow = max(1, int(math.sqrt(images_uint8.shape[0])))
     return torchvision.utils.make_grid(images_uint8.float().div(255), nrow=nrow, padding=2)
 
 
 def save_png(grid: torch.Tensor, path: Path) -> None:
     """A (3, H, W) image in [0, 1] as a PNG, written atomically."""
+    import torchvision.utils
+
     with atomic_path(path) as tmp:
         torchvision.utils.save_image(grid, tmp, format="png")
 

@@ -23,7 +23,6 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 from PIL import Image
-from pytorch_fid import inception as pytorch_fid_inception
 from tqdm import tqdm
 
 from ..atomic import atomic_path
@@ -61,6 +60,9 @@ def load_inception(weights: Optional[str] = None, device: torch.device | str = "
     Raises ConfigError with `weights_help()` when no weights can be had, so a run fails before
     training rather than at its first milestone.
     """
+    # pytorch-fid imports torchvision (2 s, torch._dynamo with it): only where FID is measured.
+    from pytorch_fid import inception as pytorch_fid_inception
+
     block = [pytorch_fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIMS]]
     try:
         if weights is None:
@@ -104,7 +106,9 @@ def _torch_hub_holding(weights: Path) -> Iterator[None]:
     with tempfile.TemporaryDirectory(prefix="fid-weights-") as home:
         checkpoints = Path(home) / "hub" / "checkpoints"
         checkpoints.mkdir(parents=True)
-        name = Path(urllib.parse.urlsplit(pytorch_fid_inception.FID_WEIGHTS_URL).path).name
+        from pytorch_fid.inception import FID_WEIGHTS_URL
+
+        name = Path(urllib.parse.urlsplit(FID_WEIGHTS_URL).path).name
         (checkpoints / name).symlink_to(weights.resolve())
         os.environ["TORCH_HOME"] = home
         try:
