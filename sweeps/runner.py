@@ -219,6 +219,8 @@ def drive_sweep(
             check_resources(spec, cluster)
             fid_notes_said = shares_fid_reference(spec)  # the launcher says them once, with the reference
             spec = with_shared_fid_reference(spec, data, features, say)
+            if before_trials.pressed:  # its KeyboardInterrupt was lost (raised in an at-fork handler: "ignored")
+                raise KeyboardInterrupt
         except KeyboardInterrupt:
             then = (
                 "`sweep run SPEC --resume` finishes it" if resume else "nothing to resume: run the same command again"

@@ -156,3 +156,30 @@ def test_sigterm_outside_tune_raises_keyboard_interrupt_and_survives_ray_init():
             time.sleep(10)  # the handler interrupts this at once
     assert stop.pressed and stop.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_ctrl_c_whose_keyboard_interrupt_was_swallowed_still_ends_the_sweep_before_any_trial(tmp_path, monkeypatch):
+    """Python runs a signal's handler wherever it is, e.g. inside logging's at-fork handler while
+    Ray starts its processes, which prints "Exception ignored" and drops the KeyboardInterrupt:
+    the sweep then ran to its end and exited 0. The handler's note of the signal still stops it."""
+    from sweeps import runner
+
+    real_load_dataset = runner.load_dataset
+
+    def load_dataset_swallowing_a_ctrl_c(config):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)  # the handler interrupts this at once
+        except KeyboardInterrupt:
+            pass  # what an at-fork handler's "Exception ignored" does
+        return real_load_dataset(config)
+
+    monkeypatch.setattr(runner, "load_dataset", load_dataset_swallowing_a_ctrl_c)
+    for name in ("start_ray", "check_resources"):
+        monkeypatch.setattr(runner, name, lambda *args: None)
+    monkeypatch.setattr(runner, "ray_cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(runner, "describe_cluster", lambda cluster: "Ray (stand-in)")
+    spec = load_spec(write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4]}}))
+    with pytest.raises(runner.SweepInterrupted, match="interrupted before any trial started") as stopped:
+        runner.drive_sweep(spec)
+    assert stopped.value.exit_code == 130
