@@ -279,10 +279,10 @@ class RacingScheduler(FIFOScheduler):
 
 
 class DynamicsRacingScheduler(RacingScheduler):
-    """Racing whose cut also allows for how far a trailing trial still catches up after the rung: a trial is
-    stopped only when it is worse than the keep threshold by more than z standard errors of the
-    difference, sampling and training dynamics together, √(se² + τ²), where τ is measured from
-    the trials that went past the rung (`record.noise.rung_dynamics`). A rung whose τ is not yet
+    """Racing whose cut also allows for how far a trailing trial still catches up after the rung:
+    a trial is stopped only when it is worse than the keep threshold by more than z standard
+    errors of the difference, sampling and training dynamics together, √(se² + τ²), where τ is
+    measured from the trials that went past the rung (`record.noise.rung_dynamics`). A rung whose τ is not yet
     measured cuts nothing: its first trials run on as pilots until `min_trials_past` of them have
     gone past it (the replay compares the choices). A trial is told apart from its rivals by
     every milestone it reports, so the scheduler keeps each trial's curve, in its state too."""
