@@ -97,7 +97,7 @@ class RunLog:
 
 def make_grid(images_uint8: torch.Tensor) -> torch.Tensor:
     """A square-ish grid (3, H, W) in [0, 1] from uint8 images."""
-    import torchvision.utils  # torchvision's import costs 2 s (it loads torch._dynamo): only where grids are drawn
+    import torchvision.utils  # its import loads torch._dynamo (seconds): only where grids are drawn
 
     nrow = max(1, int(math.sqrt(images_uint8.shape[0])))
     return torchvision.utils.make_grid(images_uint8.float().div(255), nrow=nrow, padding=2)

@@ -126,7 +126,7 @@ def test_fid_equals_pytorch_fids_own_computation_on_the_same_pngs(tmp_path, monk
     """Milestone FID (float samples quantised in memory) and `sweep fid-stats`/`sweep fid` (PNG
     folders) against pytorch-fid's own pipeline reading the same images as PNG files: its
     statistics, through the Fréchet distance checked against pytorch-fid's own in
-    test_fid_statistics.py (its sqrtm of a 16-image covariance takes 20 s here)."""
+    test_fid_statistics.py (its sqrtm of a 2,048² covariance would be most of this test)."""
     from pytorch_fid.fid_score import compute_statistics_of_path
     from pytorch_fid.inception import InceptionV3
 

@@ -352,7 +352,7 @@ class Sweep:
 
 @pytest.mark.slow
 def test_sigterm_then_a_damaged_checkpoint_named_planned_for_and_resumed_past_then_a_torn_row_made_whole(tmp_path):
-    """One sweep for four points (each sweep started costs the suite about 15 s): SIGTERM
+    """One sweep for four points (each sweep started costs the suite seconds of imports and Ray): SIGTERM
     mid-trial ends it as Ctrl-C does; the checkpoint Ray restores emptied, then the plan
     (--resume --dry-run) and the resume, which also removes the interruption note; then the
     finished trial's last row torn, and resumed. The metric's mode is max, so that Ray keeps the

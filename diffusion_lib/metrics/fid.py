@@ -60,7 +60,7 @@ def load_inception(weights: Optional[str] = None, device: torch.device | str = "
     Raises ConfigError with `weights_help()` when no weights can be had, so a run fails before
     training rather than at its first milestone.
     """
-    # pytorch-fid imports torchvision (2 s, torch._dynamo with it): only where FID is measured.
+    # pytorch-fid imports torchvision, which loads torch._dynamo (seconds): only where FID is measured.
     from pytorch_fid import inception as pytorch_fid_inception
 
     block = [pytorch_fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIMS]]
