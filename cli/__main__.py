@@ -1,3 +1,3 @@
-from cli.main import app
+from cli.entry import main
 
-app(prog_name="sweep")
+main()

@@ -69,7 +69,6 @@ def create_trainer(
     extractor and reference statistics (unless handed in: `fid.reference` names a file a sweep
     computed once for all its trials; else the per-machine cache), network, diffusion and loss."""
     device = resolve_device(config.train.device)
-    torch.manual_seed(config.train.seed)  # model initialisation and dropout
     data = load_dataset(config.data).to(device)
     # FID is set up before any training step: missing weights fail now, not at step 2,000.
     if config.fid.enabled:
@@ -80,6 +79,9 @@ def create_trainer(
                 if config.fid.reference
                 else reference_statistics(data, features, config.fid.ref_num_images, config.fid.cache_dir)
             )
+    # Model initialisation and dropout, seeded after the FID setup: building Inception draws from
+    # torch's global stream, and a sweep's worker builds it for its first trial only.
+    torch.manual_seed(config.train.seed)
     model, diffusion, loss = create_model_and_diffusion(config, device)
     return Trainer(
         config,

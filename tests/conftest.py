@@ -109,9 +109,7 @@ def trainer_with_parts(
     from diffusion_lib.data import load_dataset
     from diffusion_lib.trainer import Trainer
 
-    torch.manual_seed(config.train.seed)
     data = load_dataset(config.data)
-    model, diffusion, default_loss = create_model_and_diffusion(config, torch.device("cpu"))
     if config.fid.num_samples or config.fid.final_num_samples:
         from diffusion_lib.metrics.fid import reference_statistics
 
@@ -120,6 +118,8 @@ def trainer_with_parts(
             "fid_reference",
             reference_statistics(data, kwargs["features"], config.fid.ref_num_images, config.fid.cache_dir),
         )
+    torch.manual_seed(config.train.seed)
+    model, diffusion, default_loss = create_model_and_diffusion(config, torch.device("cpu"))
     loss = loss_class(diffusion, config.loss.weighting, config.loss.minsnr_gamma) if loss_class else default_loss
     return (trainer_class or Trainer)(config, run_dir, model=model, diffusion=diffusion, loss=loss, data=data, **kwargs)
 

@@ -8,11 +8,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from cli.entry import exit_code
 from cli.main import app
 from diffusion_lib.config import ConfigError, DataConfig, RunConfig, load_config
 from diffusion_lib.data import load_dataset
 
-from conftest import CIFAR_ROOT, needs_cifar, sessions_by_status
+from conftest import CIFAR_ROOT, needs_cifar, sessions_by_status, write_spec
 
 runner = CliRunner()
 
@@ -155,3 +156,32 @@ def test_sweep_train_console_script_runs_and_resumes(tmp_path):
     again = subprocess.run(cmd + ["--set", "train.total_steps=15"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "resuming" in again.stderr and "from step 10" in again.stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_the_sweep_command_exits_with_its_code_its_output_flushed_and_its_atexit_handlers_run(tmp_path):
+    """`cli.entry` ends the process with os._exit, skipping the interpreter's teardown: what Python
+    does at exit that matters still happens — threads finished, atexit handlers run, output
+    (block-buffered into a pipe) flushed — and the exit code is the command's."""
+    spec = write_spec(tmp_path, search={"optim.lr": {"grid": [1e-4, 2e-4]}})
+    marker = tmp_path / "atexit-ran"
+    probe = (
+        "import atexit, sys, threading, time; from cli.entry import main; "
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').close()); "
+        "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done'))).start(); "
+        "sys.argv[0] = 'sweep'; main()"
+    )
+    dry_run = subprocess.run(
+        [sys.executable, "-c", probe, "run", str(spec), "--dry-run"], capture_output=True, text=True
+    )
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert "lr=0.0002" in dry_run.stdout and dry_run.stdout.rstrip().endswith("thread done")
+    assert marker.is_file()
+    refused = subprocess.run(
+        [sys.executable, "-c", probe, "status", str(tmp_path / "nowhere")], capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "no such experiment directory" in refused.stderr
+
+
+def test_an_exit_with_a_message_is_status_1_with_the_message_on_stderr(capsys):
+    assert (exit_code(None), exit_code(130)) == (0, 130)
+    assert exit_code("gone wrong") == 1 and capsys.readouterr().err == "gone wrong\n"

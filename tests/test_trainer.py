@@ -14,7 +14,7 @@ from diffusion_lib.data import load_dataset, uint8_to_float
 from diffusion_lib.run_files import CHECKPOINT_DIR, list_checkpoints
 from diffusion_lib.trainer import Trainer
 
-from conftest import tiny_config, trainer_with_parts
+from conftest import StandInFeatures, tiny_config, trainer_with_parts
 
 
 def params(trainer: Trainer) -> list[torch.Tensor]:
@@ -119,6 +119,26 @@ def test_every_milestone_fid_shares_one_sample_count_and_the_final_count_is_repo
     assert summary["final_fid"] == rows[-1]["val/final_fid"] != rows[-1]["val/fid"]
     assert all(r["val/fid_stderr"] > 0 and r["val/kid_stderr"] > 0 for r in rows)
     assert set(list_checkpoints(tmp_path / "run" / CHECKPOINT_DIR)) == {30, best["step"]}
+
+
+def test_the_model_and_its_training_draw_the_same_numbers_whatever_the_fid_setup_drew(tmp_path):
+    """Building Inception draws from torch's global stream, and a sweep's worker builds it for its
+    first trial only (later trials reuse it): the seed governing initialisation and dropout must
+    come after the FID setup, or a trial's model depends on which trials its worker ran before."""
+
+    class DrawingFeatures(StandInFeatures):
+        def __call__(self, images):
+            torch.rand(100)  # as building the network does, the first time only
+            return super().__call__(images)
+
+    config = tiny_config(fid={"num_samples": 8, "final_num_samples": 0, "cache_dir": str(tmp_path / "cache")})
+    drawn = create_trainer(config, tmp_path / "drawn", features=DrawingFeatures(), progress=False)
+    dropout_after_drawn = torch.rand(8)
+    # The reference is in the cache now: this setup draws nothing, as a worker's second trial.
+    undrawn = create_trainer(config, tmp_path / "undrawn", features=DrawingFeatures(), progress=False)
+    dropout_after_undrawn = torch.rand(8)
+    assert all(torch.equal(a, b) for a, b in zip(drawn.model.parameters(), undrawn.model.parameters()))
+    assert torch.equal(dropout_after_drawn, dropout_after_undrawn)
 
 
 def test_an_ema_too_slow_for_the_run_length_is_flagged(tmp_path):
