@@ -16,12 +16,12 @@ from typing import Callable, List, Optional
 import typer
 
 from analysis.status import show_status
+from cli.lines import note
+from cli.sweep_end import end_of_sweep
 from diffusion_lib.config import ConfigError, load_config
 from record.driver_lock import refuse_if_driven
 from record.experiment import require_experiment
 from record.noise import DEFAULT_CUT_Z
-from record.repair import restore_lost_milestones
-from sweeps.closing import closing_lines, errored_trials, lost_milestones
 from sweeps.console import one_line_warnings
 from sweeps.resume_plan import resume_plan
 
@@ -30,11 +30,6 @@ one_line_warnings()
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help=__doc__.split("\n")[0])
 
 SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set train.batch_size=128 (repeatable).")
-
-
-def note(line: str) -> None:
-    """A line to the user on stderr, so that stdout holds the command's result alone."""
-    typer.echo(line, err=True)
 
 
 def exits_2_on_bad_input(command: Callable) -> Callable:
@@ -159,35 +154,7 @@ def run(
     except NoSpaceLeft as full:
         note(f"error: {full}")
         raise typer.Exit(code=1) from None
-    with closing_lines() as ctrl_c:
-        code = report_results(spec, results, analyze=analyze_after)
-    if ctrl_c.pressed:
-        note(f"analysis interrupted; the sweep itself finished: `sweep analyze {spec.experiment_path}` writes it")
-        raise typer.Exit(code=ctrl_c.exit_code)
-    raise typer.Exit(code=code)
-
-
-def report_results(spec, results, *, analyze: bool) -> int:
-    """Put back the milestone rows a trial's record lost (`record.repair`), print the outcome of a
-    sweep and where to look, write the analysis; return the exit code: 1 when a trial errored
-    (after its retries) and the spec fails on trial errors, or when a finished trial's record
-    still lacks milestones, else 0. The outcome is `sweep status`'s table, in the record's words,
-    so the run ends as status reads it."""
-    for line in restore_lost_milestones(spec.experiment_path):
-        note(line)
-    status(spec.experiment_path, watch=False, interval=0.0)
-    if analyze:
-        from analysis.report import analyze_location
-
-        note("analysing: tables, plots, sample grids and the report")
-        report, _ = analyze_location(spec.experiment_path, progress=sys.stderr.isatty())
-        typer.echo(f"report: {report} (and report.html beside it)")
-    typer.echo(f"TensorBoard: tensorboard --logdir {spec.experiment_path}")
-    if errors := errored_trials(results):
-        note(errors)
-    if lost := lost_milestones(spec.experiment_path):
-        note(lost)
-    return 1 if (errors and spec.fail_on_trial_error) or lost else 0
+    raise typer.Exit(code=end_of_sweep(spec, results, analyze=analyze_after))
 
 
 @app.command()

@@ -69,14 +69,12 @@ def test_the_readme_main_job_runs_as_printed(tmp_path):
     report = clone / "runs" / "smoke" / "analysis" / "report.md"
     assert f"report: {report}" in done.stdout and report.is_file()
     # The spec runs its better learning rate first, so ASHA has a bar at the first rung to cut the
-    # trailing arm against, as the spec says it does.
+    # trailing arm against, as the spec says it does. (Whether it also cuts one of the leading pair,
+    # a difference within noise, depends on which of the two reports first: ASHA knows no noise.)
     trials = pq.read_table(report.parent / "trials.parquet", columns=["state", "optim.lr", "final.step"]).to_pylist()
-    assert sorted((t["optim.lr"], t["state"], t["final.step"]) for t in trials) == [
-        (1e-4, "stopped", 10),
-        (1e-4, "stopped", 10),
-        (1e-3, "finished", 20),
-        (1e-3, "finished", 20),
-    ], trials
+    outcomes = {lr: sorted((t["state"], t["final.step"]) for t in trials if t["optim.lr"] == lr) for lr in (1e-3, 1e-4)}
+    assert outcomes[1e-4] == [("stopped", 10), ("stopped", 10)], trials
+    assert outcomes[1e-3] in ([("finished", 20), ("finished", 20)], [("finished", 20), ("stopped", 10)]), trials
     assert "LinAlgWarning" not in done.stderr and "Token authentication" not in done.stderr
     # One story on a console that is not a terminal: no colour codes, the FID notes once for the
     # sweep (not once per trial), and the product's lines last.

@@ -17,7 +17,8 @@ import torch
 from typer.testing import CliRunner
 
 from analysis.curves import floor_gap
-from cli.main import app, report_results
+from cli.main import app
+from cli.sweep_end import report_results
 from diffusion_lib.losses import DiffusionLoss
 from diffusion_lib.run_files import FLOOR_FILE
 from diffusion_lib.trainer import Trainer
