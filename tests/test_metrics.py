@@ -38,7 +38,7 @@ def closed_form_frechet(mu1, cov1, mu2, cov2) -> float:
 
 
 def test_a_second_sweep_on_the_same_data_reuses_the_machines_reference(tmp_path, standin_features):
-    from sweeps.runner import with_shared_fid_reference
+    from sweeps.shared_reference import with_shared_fid_reference
     from sweeps.spec import load_spec
 
     fid = {"num_samples": 8, "final_num_samples": 0, "ref_num_images": 32, "cache_dir": str(tmp_path / "cache")}
