@@ -82,13 +82,15 @@ def _trial_lines(spec: SweepSpec, *, sampled: bool) -> list[str]:
 
 
 def _trial_label(spec: SweepSpec, index: int, *, sampled: bool) -> str:
-    """Trial `index` (from 0): each grid point's `num_samples` trials in turn, each of those its
-    `repeats` seeds in turn."""
+    """Trial `index` (from 0) in Ray Tune's order, the order of its trial names: the grid's first
+    key varying fastest, the repeats' seeds (searched after every other key) slowest, and the
+    whole grid once more for each of `num_samples`."""
     if spec.algorithm == "optuna":
         return f"(Optuna TPE suggestion, seed {spec.seed})"
-    point = spec.grid_point(index // (spec.num_samples * spec.repeats))
+    within_sample = index % (spec.num_grid_points * spec.repeats)
+    point = spec.grid_point(within_sample % spec.num_grid_points)
     if spec.repeats > 1:
-        point[SEED_KEY] = spec.seeds[index % spec.repeats]
+        point[SEED_KEY] = spec.seeds[within_sample // spec.num_grid_points]
     return (short_params(point) or "(base config)") + ("  + sampled" if sampled else "")
 
 

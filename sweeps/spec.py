@@ -178,10 +178,11 @@ class SweepSpec:
         return math.prod(len(self.search[key].args) for key in self.grid_keys)
 
     def grid_point(self, index: int) -> dict[str, Any]:
-        """The grid's point `index` (from 0), the last grid key varying fastest, made alone: a
-        100,000-point grid is described by its first and last points without making the others."""
+        """The grid's point `index` (from 0) in Ray Tune's order, the first grid key varying
+        fastest, made alone: a 100,000-point grid is described by its first and last points
+        without making the others."""
         positions = {}
-        for key in reversed(self.grid_keys):
+        for key in self.grid_keys:
             index, positions[key] = divmod(index, len(self.search[key].args))
         return {key: self.search[key].args[positions[key]] for key in self.grid_keys}
 

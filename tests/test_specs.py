@@ -33,6 +33,24 @@ def test_min_snr_spec_is_the_gamma_grid_plus_the_baseline():
     assert spec.scheduler.type == "asha" and spec.max_total_steps() == 10_000
 
 
+def test_the_dry_run_numbers_the_trials_as_ray_tune_names_them(tmp_path):
+    """Trial 1 of the list is Ray's trial 00000, and so on: the grid's first key fastest, the
+    repeats' seeds slowest, the whole grid again for each sample."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from sweeps.describe import describe
+    from sweeps.runner import param_space
+    from sweeps.spec import short_params
+
+    search = {"optim.lr": {"grid": [1e-4, 2e-4]}, "train.batch_size": {"grid": [4, 8, 16]}}
+    spec = load_spec(write_spec(tmp_path, search=search, repeats=2, num_samples=2))
+    listed = [line.split(None, 1)[1] for line in describe(spec).splitlines() if re.match(r"^\s+\d+\s", line)]
+    named = [
+        short_params(config) for _ in range(spec.num_samples) for _, config in generate_variants(param_space(spec))
+    ]
+    assert len(listed) == spec.num_trials == 24 and listed == named, (listed, named)
+
+
 BAD_SPECS = [
     ({"search": {"train.batch_sise": {"grid": [4]}}}, "train.batch_sise"),
     ({"search": {"optim.lr": {"gaussian": [0, 1]}}}, "optim.lr"),
