@@ -24,6 +24,7 @@ from diffusion_lib.run_files import (
     METRICS_FILE,
     checkpoint_damage,
     checkpoint_name,
+    checkpoint_step,
     metrics_line,
     read_metrics,
     write_metrics,
@@ -373,30 +374,41 @@ def test_sigterm_then_a_damaged_checkpoint_named_planned_for_and_resumed_past_th
     assert "sweep not running: interrupted (Ctrl-C or SIGTERM)" in sweep.status()
     trial = sweep.trial()
     folder, step = sweep.restored_by_ray()
-    emptied = trial / folder / checkpoint_name(step)
-    emptied.write_bytes(b"")
-    older = [path for path in trial.glob("checkpoint_*/step_*.pt") if path.parent.name < folder]
-    assert older, "the case needs a checkpoint older than the one Ray restores"
-    fallback = max(older, key=lambda path: path.name)
+    # Every checkpoint from the one Ray's saved state names back to the oldest is emptied: Ray's
+    # state, saved as SIGTERM lands, can name the newest report's checkpoint while Ray restores the
+    # one before it (its checkpoint bookkeeping a report behind), so either may be the one restored.
+    stored = sorted(trial.glob("checkpoint_*/step_*.pt"), reverse=True)
+    emptied = [path for path in stored if stored[-1].parent.name < path.parent.name <= folder]
+    assert emptied and emptied[0].parent.name == folder, "the case needs a checkpoint older than the one Ray restores"
+    for path in emptied:
+        path.write_bytes(b"")
+    fallback = stored[-1]
     fallback_step = int(fallback.stem.removeprefix("step_"))
     before = sweep.rows()
 
-    # The plan: the checkpoint Ray restores (not the record's newest, which may be a report
-    # newer), unreadable, and the one the trial will continue from.
+    # The plan: the checkpoint Ray's state names (not the record's newest, which may be a report
+    # newer) and each older one, unreadable, and the one the trial will continue from.
     plan = CliRunner().invoke(app, ["run", str(sweep.spec), "--no-analyze", "--resume", "--dry-run"])
     assert plan.exit_code == 0, plan.output[-2000:]
+    unreadable = "; ".join(
+        f"checkpoint at step {checkpoint_step(path.name)} unreadable (empty file)" for path in emptied
+    )
     assert plan.stdout.splitlines()[1:] == [
-        f"    {trial.name}  interrupted: checkpoint at step {step} unreadable (empty file); "
-        f"continues from its checkpoint at step {fallback_step}"
+        f"    {trial.name}  interrupted: {unreadable}; continues from its checkpoint at step {fallback_step}"
     ], plan.stdout
 
-    # The resume: the damaged file named where it is in the experiment, the fallback said in one
-    # line, the trial finished, every milestone once, those recorded before kept as they were.
+    # The resume: the damaged files named where they are in the experiment, the fallback said in
+    # one line, the trial finished, every milestone once, those recorded before kept as they were.
     resumed = sweep.run("--resume")
     said = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, said[-3000:]
-    fell_back = f"checkpoint {emptied} unreadable (empty file); continues from step {fallback_step} ({fallback})"
-    assert f"trial {trial.name}: {fell_back}" in said
+    fell_back = f"unreadable (empty file); continues from step {fallback_step} ({fallback})"
+    assert any(
+        f"trial {trial.name}: checkpoint " in line
+        and f"checkpoint {emptied[-1]} unreadable (empty file)" in line
+        and line.endswith(fell_back)
+        for line in said.splitlines()
+    ), said[-3000:]
     assert "trial-ckpt-" not in said
     after = sweep.rows()
     assert [r["step"] for r in after] == [20, 40, 60, 80, 100]
