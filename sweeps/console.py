@@ -41,7 +41,7 @@ class OneLine(logging.Filter):
 
 def one_line_console() -> None:
     """This process's console in one-line messages: warnings, and Ray's storage complaints. Run
-    in the driver and, at each trial's start, in its worker (sweeps/trainable.py)."""
+    in the driver and in every worker of the sweep (`worker_setup.set_up_worker`)."""
     one_line_warnings()
     for name in RAY_STORAGE_LOGGERS:
         logger = logging.getLogger(name)

@@ -30,9 +30,7 @@ def end_at_exit() -> None:
     """For a process whose exit is not in our hands (a Ray worker ends by `sys.exit` when its task
     loop does): the last atexit handler registered runs first, so this one runs the others, then
     ends the process. Its status is then 0, whatever the `sys.exit` that ended the task loop said
-    (0 when the loop ends, 1 on SIGTERM). Called again (a worker's next trial), it stays the one
-    handler to run first."""
-    atexit.unregister(_end_here)
+    (0 when the loop ends, 1 on SIGTERM)."""
     atexit.register(_end_here)
 
 

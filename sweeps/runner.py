@@ -18,6 +18,7 @@ from record import states, storage
 from record.driver_lock import DriverLock
 from record.files import RAY_ERROR_FILE, Interruption, Summary, SweepFile, TrialOutcome, one_line_error
 
+from . import worker_setup
 from .asha import Asha
 from .console import one_line_console, sweep_reporter
 from .interrupt import CtrlC, ray_init_keeps_stop_handlers
@@ -296,6 +297,7 @@ def start_ray(address: Optional[str]) -> None:
             address=address,
             include_dashboard=False,
             logging_level=logging.WARNING,
+            runtime_env=worker_setup.RUNTIME_ENV,
         )
 
 

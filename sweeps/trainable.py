@@ -43,9 +43,6 @@ from diffusion_lib.trainer import Trainer
 from record import storage
 from record.files import RAY_CHECKPOINT_GLOB, TrialFile, resume_order, searched_values
 
-from .console import one_line_console
-from .process_exit import end_at_exit
-
 # (config, run_dir, *, checkpoint_dir, resume_from, progress) -> Trainer; tests hand in their own.
 TrainerFactory = Callable[..., Trainer]
 
@@ -61,11 +58,6 @@ def train_trial(
     """Ray Tune function trainable; `searched` is the trial's point in the search space. With
     `fid_notes_said`, the launcher has said what limits the FIDs' comparability for all trials.
     `experiment` (a path or URI) is where Ray stores the trial's checkpoints."""
-    # This worker's console in one-line messages, and its exit without the interpreter's teardown.
-    # Here, not as Ray's worker_process_setup_hook: a job-level runtime_env keeps trials off the
-    # workers Ray has already started.
-    one_line_console()
-    end_at_exit()
     config = base.with_overrides(searched_values(searched))
     if fid_notes_said:
         warnings.simplefilter("ignore", FidComparabilityWarning)

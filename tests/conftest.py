@@ -154,11 +154,12 @@ def run_sweep_with_standin_fid(spec, *test_modules):
     reference pass: asserted) and in every trial; `test_modules` ship to the workers by value."""
     import ray
 
+    from sweeps import worker_setup
     from sweeps.runner import run_sweep
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_setup.RUNTIME_ENV)
     # An empty machine cache (fid.cache_dir's default), so that the launcher's one reference pass
     # is there to count whatever sweeps this process ran before.
     machine_cache = os.environ["XDG_CACHE_HOME"]

@@ -189,8 +189,8 @@ def test_an_exit_with_a_message_is_status_1_with_the_message_on_stderr(capsys):
 
 def test_a_sweep_worker_ends_after_every_atexit_handler_and_without_the_module_teardown(tmp_path):
     """Ray's worker ends by sys.exit, its own atexit handlers registered at import: `end_at_exit`
-    (called by every trial, so twice here) runs them, flushes the output and ends the process
-    before the interpreter tears its modules down (a module-level object's __del__ never runs)."""
+    (the sweep's worker setup) runs them, flushes the output and ends the process before the
+    interpreter tears its modules down (a module-level object's __del__ never runs)."""
     marker = tmp_path / "ray-atexit-ran"
     probe = (
         "import atexit, sys\n"
@@ -198,14 +198,14 @@ def test_a_sweep_worker_ends_after_every_atexit_handler_and_without_the_module_t
         "class Module:\n"
         "    def __del__(self): print('torn down', flush=True)\n"
         "kept = Module()\n"
-        "from sweeps.process_exit import end_at_exit\n"
-        "end_at_exit(); end_at_exit()\n"
+        "from sweeps.worker_setup import set_up_worker\n"
+        "set_up_worker()\n"
         "print('worked')\n"
         "sys.exit(0)\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout == "worked\n" and marker.is_file(), done.stdout + done.stderr
     plain = subprocess.run(
-        [sys.executable, "-c", probe.replace("end_at_exit(); end_at_exit()\n", "")], capture_output=True, text=True
+        [sys.executable, "-c", probe.replace("set_up_worker()\n", "")], capture_output=True, text=True
     )
     assert plain.stdout == "worked\ntorn down\n"  # the probe can tell a teardown

@@ -24,6 +24,7 @@ from diffusion_lib.run_files import FLOOR_FILE
 from diffusion_lib.trainer import Trainer
 from record.experiment import load_experiment
 from record.files import REFERENCE_DIR, StoppedEarly
+from sweeps import worker_setup
 from sweeps.console import sweep_reporter
 from sweeps.runner import run_sweep
 from sweeps.spec import load_spec
@@ -39,7 +40,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module: a second ray.init in a process that ran Tune can hang here."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_setup.RUNTIME_ENV)
     yield
     ray.shutdown()
 
