@@ -292,6 +292,7 @@ def start_ray(address: Optional[str]) -> None:
     if ray.is_initialized():
         return
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    worker_setup.skip_prestarted_workers()
     with ray_init_keeps_stop_handlers():
         ray.init(
             address=address,

@@ -149,17 +149,27 @@ def trainer_with_standin_fid(config: RunConfig, run_dir: Path, **kwargs) -> Trai
     return create_trainer(config, run_dir, features=StandInFeatures(), **kwargs)
 
 
+def start_test_ray() -> None:
+    """A local Ray in the test process, its workers set up as `sweep run` sets up its own, their
+    console kept out of the test's output."""
+    import ray
+
+    from sweeps import worker_setup
+
+    worker_setup.skip_prestarted_workers()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_setup.RUNTIME_ENV)
+
+
 def run_sweep_with_standin_fid(spec, *test_modules):
     """A real Ray sweep in this process with the stand-in extractor in the launcher (the sweep's one
     reference pass: asserted) and in every trial; `test_modules` ship to the workers by value."""
     import ray
 
-    from sweeps import worker_setup
     from sweeps.runner import run_sweep
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_setup.RUNTIME_ENV)
+        start_test_ray()
     # An empty machine cache (fid.cache_dir's default), so that the launcher's one reference pass
     # is there to count whatever sweeps this process ran before.
     machine_cache = os.environ["XDG_CACHE_HOME"]

@@ -1,6 +1,7 @@
 """Run configs: defaults, overrides, and bad input rejected with exit 2 before any work."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -209,3 +210,22 @@ def test_a_sweep_worker_ends_after_every_atexit_handler_and_without_the_module_t
         [sys.executable, "-c", probe.replace("set_up_worker()\n", "")], capture_output=True, text=True
     )
     assert plain.stdout == "worked\ntorn down\n"  # the probe can tell a teardown
+
+
+@pytest.mark.parametrize("users_setting", [None, "1"])
+def test_a_local_ray_is_started_without_the_idle_workers_unless_the_user_asks(monkeypatch, users_setting):
+    """The raylet that `ray.init` starts reads Ray's settings from the environment of that moment."""
+    import ray
+
+    from sweeps import runner
+
+    name = "RAY_prestart_worker_first_driver"
+    environment = {key: value for key, value in os.environ.items() if key != name}
+    if users_setting:
+        environment[name] = users_setting
+    monkeypatch.setattr(os, "environ", environment)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    at_init = {}
+    monkeypatch.setattr(ray, "init", lambda **options: at_init.update(os.environ))
+    runner.start_ray(None)
+    assert at_init[name] == (users_setting or "0")

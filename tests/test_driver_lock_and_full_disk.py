@@ -25,9 +25,17 @@ from cli.main import app
 from diffusion_lib.config import ConfigError
 from record.driver_lock import DriverLock, refuse_if_driven
 from record.files import DRIVER_ENDED_FILE, DRIVER_LOCK_FILE
-from sweeps import worker_setup
 
-from conftest import REPO, StandInFeatures, as_from_a_terminal, tiny_run, write_ray_state, write_spec, write_sweep_file
+from conftest import (
+    REPO,
+    StandInFeatures,
+    as_from_a_terminal,
+    start_test_ray,
+    tiny_run,
+    write_ray_state,
+    write_spec,
+    write_sweep_file,
+)
 
 HOST = socket.gethostname()
 
@@ -207,7 +215,7 @@ def test_a_disk_too_small_for_the_fid_reference_leaves_nothing_to_confuse_resume
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_setup.RUNTIME_ENV)
+    start_test_ray()
     yield
     ray.shutdown()
 

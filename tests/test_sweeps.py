@@ -24,13 +24,19 @@ from diffusion_lib.run_files import FLOOR_FILE
 from diffusion_lib.trainer import Trainer
 from record.experiment import load_experiment
 from record.files import REFERENCE_DIR, StoppedEarly
-from sweeps import worker_setup
 from sweeps.console import sweep_reporter
 from sweeps.runner import run_sweep
 from sweeps.spec import load_spec
 
 import conftest
-from conftest import TINY_RUN, run_sweep_with_standin_fid, sessions_by_status, trainer_with_parts, write_spec
+from conftest import (
+    TINY_RUN,
+    run_sweep_with_standin_fid,
+    sessions_by_status,
+    start_test_ray,
+    trainer_with_parts,
+    write_spec,
+)
 
 pytestmark = pytest.mark.slow  # every test here starts Ray
 
@@ -40,7 +46,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module: a second ray.init in a process that ran Tune can hang here."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=worker_setup.RUNTIME_ENV)
+    start_test_ray()
     yield
     ray.shutdown()
 
