@@ -37,3 +37,17 @@ def end_at_exit() -> None:
 def _end_here() -> None:
     atexit.unregister(_end_here)
     exit_now(0)
+
+
+def exit_when_an_exit_is_lost() -> None:
+    """A `sys.exit` raised where Python cannot raise it (a weakref callback, a `__del__`, a garbage
+    collector callback) is printed as "Exception ignored in: …" with its traceback, and the process
+    goes on. A Ray worker's SIGTERM handler raises one wherever the signal lands, and Ray sends
+    SIGTERM to every worker as it shuts down: the process ends instead, as the signal asked."""
+    sys.unraisablehook = _exit_if_lost
+
+
+def _exit_if_lost(unraisable) -> None:
+    if isinstance(unraisable.exc_value, SystemExit):
+        exit_now(0)  # the status `end_at_exit` gives the exit the signal meant
+    sys.__unraisablehook__(unraisable)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 
 from .console import one_line_console
-from .process_exit import end_at_exit
+from .process_exit import end_at_exit, exit_when_an_exit_is_lost
 
 
 def set_up_worker() -> None:
-    """The console's one-line messages, and an exit without the interpreter's teardown."""
+    """The console's one-line messages, and an exit without the interpreter's teardown, also
+    where Ray's SIGTERM lands in a callback that cannot raise its exit."""
     one_line_console()
     end_at_exit()
+    exit_when_an_exit_is_lost()
 
 
 # How `ray.init` is told to run it in every worker (Ray imports it there by name).

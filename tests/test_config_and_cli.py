@@ -212,6 +212,31 @@ def test_a_sweep_worker_ends_after_every_atexit_handler_and_without_the_module_t
     assert plain.stdout == "worked\ntorn down\n"  # the probe can tell a teardown
 
 
+def test_a_sweep_worker_ends_quietly_when_its_exit_is_raised_where_python_ignores_it():
+    """Ray's SIGTERM handler raises SystemExit wherever the signal lands; in a weakref or garbage
+    collector callback Python prints it as an ignored exception and goes on. Other exceptions
+    raised there are still printed as Python prints them."""
+    probe = (
+        "import sys, weakref\n"
+        "from sweeps.worker_setup import set_up_worker\n"
+        "set_up_worker()\n"
+        "class Thing: pass\n"
+        "first, second = Thing(), Thing()\n"
+        "watches = [weakref.ref(first, lambda ref: 1 / 0), weakref.ref(second, lambda ref: sys.exit(1))]\n"
+        "del first\n"
+        "print('went on', flush=True)\n"
+        "del second\n"
+        "print('went on after the exit')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (0, "went on\n"), done.stdout + done.stderr
+    assert "ZeroDivisionError" in done.stderr and "SystemExit" not in done.stderr
+    plain = subprocess.run(
+        [sys.executable, "-c", probe.replace("set_up_worker()\n", "")], capture_output=True, text=True
+    )
+    assert plain.stdout.endswith("went on after the exit\n") and "SystemExit" in plain.stderr  # as Python does
+
+
 @pytest.mark.parametrize("users_setting", [None, "1"])
 def test_a_local_ray_is_started_without_the_idle_workers_unless_the_user_asks(monkeypatch, users_setting):
     """The raylet that `ray.init` starts reads Ray's settings from the environment of that moment."""
