@@ -160,7 +160,7 @@ class FidConfig:
         None, Check(lambda v: v is None or v >= 2, "an integer >= 2 or null")
     )  # None: all
     reference: Optional[str] = None  # reference statistics (.npz) computed beforehand, e.g. once per sweep
-    cache_dir: Optional[str] = None  # reference-statistics cache; default $XDG_CACHE_HOME/diffusion_sweeps/fid
+    cache_dir: Optional[str] = None  # reference statistics and FID floors; default $XDG_CACHE_HOME/diffusion_sweeps/fid
     batch_size: int = opt(200, AT_LEAST_1)  # Inception batch
 
     @property

@@ -88,23 +88,34 @@ def test_the_floor_is_the_fid_of_held_out_real_features_at_the_run_count(tmp_pat
     assert FidFloor.read(tmp_path) == floor  # stored, and read back whole
 
 
-def test_a_stored_floor_is_reused_and_too_few_held_out_images_get_a_sentence(tmp_path):
-    config = tiny_config(fid={"num_samples": 16, "final_num_samples": 48, "ref_num_images": 32})
+def test_a_stored_or_cached_floor_is_reused_and_too_few_held_out_images_get_a_sentence(tmp_path):
+    config = tiny_config(
+        fid={"num_samples": 16, "final_num_samples": 48, "ref_num_images": 32, "cache_dir": str(tmp_path / "cache")}
+    )
     data = load_dataset(config.data)  # 64 shapes: 32 held out
     features = StandInFeatures()
     reference = FidReference.from_features(features(data.images[:32]), "ref.npz")
     calls = features.calls
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
 
-    floor = fid_floor(config, data, features, reference, tmp_path)
+    floor = fid_floor(config, data, features, reference, first)
     assert features.calls == calls + 1 and floor.held_out_images == 32
     assert floor.at(16).fid > 0 and floor.at(48) == FloorPoint(48, None, None)
     assert "only 32 real images outside the 32-image reference" in floor.sentence(48)
     assert "score" not in floor.sentence(48)  # a sentence, not a guessed number
 
-    assert fid_floor(config, data, features, reference, tmp_path) == floor
+    assert fid_floor(config, data, features, reference, first) == floor
     assert features.calls == calls + 1  # the stored floor, no second pass
+    assert fid_floor(config, data, features, reference, second) == floor == FidFloor.read(second)
+    assert features.calls == calls + 1  # another experiment on the same data: the machine's cached floor
+
     other = FidReference.from_features(features(data.images[:30]), "other.npz")
-    assert fid_floor(config, data, features, other, tmp_path).reference == "other.npz"  # not another's floor
+    assert fid_floor(config, data, features, other, first).reference == "other.npz"  # not another's floor
+    same_name = FidReference.from_features(features(data.images[1:33]), "ref.npz")
+    calls = features.calls
+    assert fid_floor(config, data, features, same_name, tmp_path).at(16) != floor.at(16)
+    assert features.calls == calls + 1  # other statistics under the same name: measured, not taken from the cache
 
 
 def test_no_held_out_images_when_the_reference_holds_them_all(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import math
 import os
 import tempfile
@@ -285,18 +286,44 @@ def fid_floor(
 ) -> FidFloor:
     """The FID floor under a run's conditions: real images outside `reference` (the first images
     of `data`) scored against it at `fid.num_samples` and `fid.final_num_samples`, each with its
-    jackknife standard error, as a milestone FID is. Written to `folder/fid_floor.json`; a floor
-    already there for the same reference, held-out images and counts is reused."""
+    jackknife standard error, as a milestone FID is. Written to `folder/fid_floor.json` and kept in
+    the machine's cache (`fid.cache_dir`), as the reference is: a floor already in either for the
+    same reference, held-out images and counts is reused, and costs no Inception pass."""
     counts = sorted({n for n in (config.fid.num_samples, config.fid.final_num_samples) if n})
     held_out, source = held_out_images(config.data, data, reference.num_images)
+
+    def measured_here(floor: Optional[FidFloor]) -> bool:
+        return (
+            floor is not None
+            and floor.reference == reference.name
+            and floor.held_out_fingerprint == held_out.fingerprint
+            and [p.num_samples for p in floor.points] == counts
+        )
+
     stored = FidFloor.read(folder)
-    if (
-        stored is not None
-        and stored.reference == reference.name
-        and stored.held_out_fingerprint == held_out.fingerprint
-        and [p.num_samples for p in stored.points] == counts
-    ):
+    if measured_here(stored):
         return stored
+    cached = _floor_cache_folder(config.fid, reference, held_out, counts)
+    floor = FidFloor.read(cached)
+    if not measured_here(floor):
+        floor = _measure_floor(features, reference, held_out, source, counts)
+        cached.mkdir(parents=True, exist_ok=True)
+        floor.write(cached)
+    floor.write(folder)
+    return floor
+
+
+def _floor_cache_folder(config: FidConfig, reference: FidReference, held_out: ImageDataset, counts: list[int]) -> Path:
+    """The cache's folder for one floor, named by what it depends on: the reference's statistics
+    (its images and the Inception weights that saw them), the held-out images, the counts."""
+    key = hashlib.sha256(reference.frechet.mu.tobytes())
+    key.update(f"{reference.num_images} {held_out.fingerprint} {counts}".encode())
+    return Path(config.cache_dir or default_cache_dir()) / "floors" / key.hexdigest()[:20]
+
+
+def _measure_floor(
+    features: FeatureExtractor, reference: FidReference, held_out: ImageDataset, source: str, counts: list[int]
+) -> FidFloor:
     enough = [n for n in counts if 4 <= n <= len(held_out)]
     held_out_features = features(held_out.images[: max(enough)]) if enough else None
     points = []
@@ -306,9 +333,7 @@ def fid_floor(
             points.append(FloorPoint(n, result.fid, result.fid_stderr))
         else:
             points.append(FloorPoint(n, None, None))
-    floor = FidFloor(reference.name, reference.num_images, source, len(held_out), held_out.fingerprint, tuple(points))
-    floor.write(folder)
-    return floor
+    return FidFloor(reference.name, reference.num_images, source, len(held_out), held_out.fingerprint, tuple(points))
 
 
 class FidComparabilityWarning(UserWarning):
