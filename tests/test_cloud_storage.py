@@ -386,8 +386,8 @@ def test_fid_reference_is_computed_once_uploaded_and_downloaded_by_the_trials(aw
     references = [key for key in files if key.startswith("fid_reference/")]
     assert len(references) == 1 and references[0].endswith(".npz")
     name = references[0].split("/")[1]
-    # The launcher's one reference is also the machine's (fid.cache_dir), for the next sweep.
-    assert [p.name for p in (tmp_path / "fid_cache").iterdir()] == [name]
+    # The launcher's one reference is also the machine's (fid.cache_dir), for the next sweep, as is its floor.
+    assert sorted(p.name for p in (tmp_path / "fid_cache").iterdir()) == ["floors", name]
     reference_uri = storage.join(f"s3://{BUCKET}/fid/tiny?{query}", "fid_reference", name)
     trial_files = [key for key in files if key.endswith("/trial.json")]
     assert len(trial_files) == 2

@@ -21,6 +21,7 @@ from diffusion_lib.metrics.curvature import hutchinson_trace
 from diffusion_lib.metrics.fid import FeatureStats, InceptionFeatures, reference_statistics
 from diffusion_lib.metrics.frechet import FrechetReference
 from diffusion_lib.milestone import HPARAMS_METRICS
+from diffusion_lib.run_files import FidFloor
 from diffusion_lib.run_log import RunLog, write_hparams_config, write_session_end
 
 from conftest import CIFAR_ROOT, FID_WEIGHTS, TINY_RUN, needs_cifar, needs_fid_weights, tiny_config, write_spec
@@ -37,7 +38,7 @@ def closed_form_frechet(mu1, cov1, mu2, cov2) -> float:
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(cov1 + cov2 - 2 * sqrt_psd(s1 @ cov2 @ s1)))
 
 
-def test_a_second_sweep_on_the_same_data_reuses_the_machines_reference(tmp_path, standin_features):
+def test_a_second_sweep_on_the_same_data_reuses_the_machines_reference_and_floor(tmp_path, standin_features):
     from sweeps.shared_reference import with_shared_fid_reference
     from sweeps.spec import load_spec
 
@@ -56,13 +57,12 @@ def test_a_second_sweep_on_the_same_data_reuses_the_machines_reference(tmp_path,
         data = load_dataset(spec.run_config.data)
         before = standin_features.calls
         shared = with_shared_fid_reference(spec, data, standin_features)
-        # The floor's held-out pass is the experiment's own; the reference pass is the cache's.
-        reference_passes = standin_features.calls - before - 1
-        stored.append((reference_passes, Path(shared.run_config.fid.reference)))
+        stored.append((standin_features.calls - before, Path(shared.run_config.fid.reference)))
     (first_passes, first_file), (second_passes, second_file) = stored
-    assert (first_passes, second_passes) == (1, 0)
+    assert (first_passes, second_passes) == (2, 0)  # the reference's and the floor's held-out pass, then none
     assert first_file.parent.parent.name == "first" and second_file.parent.parent.name == "second"
     assert first_file.read_bytes() == second_file.read_bytes()  # each experiment keeps its copy
+    assert FidFloor.read(tmp_path / "runs" / "first") == FidFloor.read(tmp_path / "runs" / "second") is not None
 
 
 def test_fid_of_features_equals_the_closed_form_frechet_distance():
