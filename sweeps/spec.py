@@ -229,9 +229,10 @@ class SweepSpec:
         return storage.experiment_location(self.storage, self.name)
 
 
-# One folder inside the storage: `..`, `/` or a leading dot would put the experiment elsewhere or hide it.
-EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-EXPERIMENT_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit"
+# One folder inside the storage: `..`, `/` or a leading dot would put the experiment elsewhere or
+# hide it; a name longer than a file name may be (255 bytes on most filesystems) fails mid-sweep.
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+EXPERIMENT_NAME_RULE = "up to 128 letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 
 def check_experiment_name(name: str) -> None:
