@@ -244,6 +244,20 @@ def _current_summary(path: Path, warnings: list[str]) -> Optional[Summary]:
     return summary
 
 
+def unreadable_ray_state(path: Path) -> Optional[str]:
+    """Why the latest of Ray's experiment states in `path` (the one `Tuner.restore` reads) is not
+    JSON, as a byte-full disk can leave it; None when it is, or when there is none. Ray's restore
+    would log the failure, go on without its trials and start one with an empty config."""
+    newest = max(path.glob(RAY_STATE_GLOB), default=None)  # experiment_state-YYYY-MM-DD_HH-MM-SS.json
+    if newest is None:
+        return None
+    try:
+        json.loads(newest.read_text())
+    except (OSError, ValueError) as err:
+        return f"Ray's experiment state {newest.name} is unreadable ({type(err).__name__}: {err})"
+    return None
+
+
 def _read_ray_state(path: Path, warnings: list[str]) -> tuple[Optional[float], Optional[dict[str, dict]]]:
     """(time of the newest `experiment_state-*.json`, {trial folder: {"status", "searched",
     "checkpoint", "step"}}). The time is the sweep's heartbeat whatever the content. The content

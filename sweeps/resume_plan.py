@@ -9,7 +9,7 @@ from pathlib import Path
 from diffusion_lib.config import ConfigError
 from diffusion_lib.run_files import checkpoint_damage, checkpoint_step
 from record import states, storage
-from record.experiment import Trial, load_experiment
+from record.experiment import Trial, load_experiment, unreadable_ray_state
 from record.files import resume_order
 from record.mirror import mirror_experiment
 
@@ -27,11 +27,23 @@ def resume_plan(experiment_path: str, num_trials: int) -> list[str]:
             experiment = load_experiment(folder)
         except ConfigError as err:
             raise ConfigError(storage.named_as(experiment_path, folder)(str(err))) from None
+        refuse_unreadable_ray_state(experiment_path, folder)
         lines = [f"resuming {experiment_path}:"]
         lines += [f"    {trial.trial_id}  {trial.state}: {_plan(trial)}" for trial in experiment.trials]
     if len(experiment.trials) < num_trials:
         lines.append(f"    {num_trials - len(experiment.trials)} more not created yet: start fresh")
     return lines
+
+
+def refuse_unreadable_ray_state(experiment_path: str, folder: Path) -> None:
+    """A ConfigError when Ray's latest experiment state in `folder` (the experiment, or its local
+    mirror) cannot be read: Ray cannot resume the sweep, and its records still stand."""
+    if damage := unreadable_ray_state(folder):
+        where = experiment_path
+        raise ConfigError(
+            f"--resume: {damage} in {where}, so Ray cannot resume the sweep; "
+            f"the trials' records stand: `sweep status {where}` and `sweep analyze {where}` read them"
+        )
 
 
 def _plan(trial: Trial) -> str:

@@ -17,6 +17,7 @@ from diffusion_lib.run_log import write_hparams_config
 from record import states, storage
 from record.driver_lock import DriverLock
 from record.files import RAY_ERROR_FILE, Interruption, Summary, SweepFile, TrialOutcome, one_line_error
+from record.mirror import mirror_experiment
 
 from . import worker_setup
 from .asha import Asha
@@ -24,6 +25,7 @@ from .console import one_line_console, sweep_reporter
 from .interrupt import CtrlC, ray_init_keeps_stop_handlers
 from .optuna_search import StoppedAsPrunedOptunaSearch
 from .racing import DynamicsRacingScheduler, RacingScheduler, RacingStateCallback
+from .resume_plan import refuse_unreadable_ray_state
 from .session_end import SessionEndCallback
 from .shared_reference import shares_fid_reference, with_shared_fid_reference
 from .spec import SweepSpec, short_params
@@ -239,17 +241,20 @@ def drive_sweep(
 
 
 def check_experiment_location(spec: SweepSpec, resume: bool) -> None:
-    """An experiment there to resume (or none to overwrite)."""
+    """An experiment there to resume, with a state Ray can read (or none to overwrite)."""
     from ray import tune
 
-    exists = tune.Tuner.can_restore(spec.experiment_path)
+    path = spec.experiment_path
+    exists = tune.Tuner.can_restore(path)
     if resume and not exists:
-        raise ConfigError(f"--resume: no experiment to resume at {spec.experiment_path}")
+        raise ConfigError(f"--resume: no experiment to resume at {path}")
     if not resume and exists:
         raise ConfigError(
-            f"{spec.experiment_path} already holds experiment {spec.name!r}; "
-            "pass --resume to finish it or --name to start another"
+            f"{path} already holds experiment {spec.name!r}; pass --resume to finish it or --name to start another"
         )
+    if resume:
+        with storage.local_folder(path, seed=mirror_experiment, upload_changes=False) as folder:
+            refuse_unreadable_ray_state(path, folder)
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from diffusion_lib.run_files import (
 )
 from record import states
 from record.experiment import load_experiment
-from record.files import INTERRUPTED_FILE, resume_order
+from record.files import DRIVER_ENDED_FILE, INTERRUPTED_FILE, resume_order
 from record.repair import restore_lost_milestones
 from sweeps.closing import lost_milestones
 from sweeps.resume_plan import resume_plan
@@ -202,6 +202,29 @@ def test_a_resumed_log_keeps_the_recorded_rows_and_records_a_milestone_measured_
     log.close()
     warnings: list[str] = []
     assert read_metrics(run / METRICS_FILE, warnings) == [*recorded, row(80)] and not warnings
+
+
+def test_a_ray_state_cut_short_is_refused_by_the_plan_before_ray_would_start_a_trial_without_config(tmp_path):
+    """A byte-full disk cut Ray's latest experiment state short: Ray's restore would log the
+    failure, drop every trial and start one with an empty config. The plan (and `sweep run
+    --resume`, tests/test_resume_faults.py's SIGTERM case) refuses it, naming the file; an
+    older, whole state beside it does not matter, since Ray reads the latest."""
+    experiment = tmp_path / "runs" / "tiny"
+    write_sweep_file(experiment, {"optim.lr": {"grid": [1e-4]}}, metric="train/loss")
+    write_trial(experiment, TRIAL, [row(20)], searched={"optim.lr": 1e-4}, total_steps=40)
+    older = write_ray_state(experiment, {TRIAL: "RUNNING"})
+    latest = older.with_name("experiment_state-2026-01-02_00-00-00.json")
+    latest.write_text(older.read_text())
+    assert resume_plan(str(experiment), num_trials=1)[1].startswith(f"    {TRIAL}  ")
+    latest.write_text(older.read_text()[:100])
+    with pytest.raises(ConfigError) as refused:
+        resume_plan(str(experiment), num_trials=1)
+    assert str(refused.value).startswith(
+        f"--resume: Ray's experiment state {latest.name} is unreadable (JSONDecodeError: "
+    ) and str(refused.value).endswith(
+        f"so Ray cannot resume the sweep; the trials' records stand: "
+        f"`sweep status {experiment}` and `sweep analyze {experiment}` read them"
+    )
 
 
 def test_the_plan_names_the_checkpoint_ray_restores_and_where_a_damaged_one_falls_back_to(tmp_path, checkpoint_bytes):
@@ -432,3 +455,19 @@ def test_sigterm_then_a_damaged_checkpoint_named_planned_for_and_resumed_past_th
     assert sweep.rows() == after
     (line,) = [line for line in sweep.status().splitlines() if line.startswith(trial.name)]
     assert " finished " in line and " 100/100 " in line and not line.endswith(states.LACKS_ITS_END)
+
+    # Then Ray's latest state cut short (a byte-full disk): the resume is refused before Ray
+    # starts, and changes nothing but the driver's own note of its end (in this process: the
+    # refusal comes before any torch or Ray work).
+    state = max(sweep.experiment.glob("experiment_state-*.json"))
+    state.write_text(state.read_text()[:500])
+
+    def record() -> dict[Path, int]:
+        return {
+            p: p.stat().st_mtime_ns for p in sweep.experiment.rglob("*") if p.is_file() and p.name != DRIVER_ENDED_FILE
+        }
+
+    before_refusal = record()
+    refused = CliRunner().invoke(app, ["run", str(sweep.spec), "--no-analyze", "--resume"])
+    assert refused.exit_code == 2 and f"--resume: Ray's experiment state {state.name} is unreadable" in refused.output
+    assert record() == before_refusal
