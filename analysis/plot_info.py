@@ -228,7 +228,7 @@ def best_by_key_info(experiment: Experiment, key: str) -> Optional[BestByKeyInfo
 # --- Sample grids: the ones the best trials recorded; the denoising diagnostic ----------------
 
 DENOISE_FILE = "denoise.png"
-DENOISE_CAPTION = "Denoising diagnostic of the best checkpoint: x0 | x_t | x̂0, rows t = 0, T/4, T/2, 3T/4, T−1"
+DENOISE_ROWS = "x0 | x_t | x̂0, rows t = 0, T/4, T/2, 3T/4, T−1"
 
 
 @dataclass(frozen=True)
@@ -246,10 +246,12 @@ class SampleGridInfo:
 @dataclass(frozen=True)
 class DenoiseInfo:
     """Where the denoising diagnostic is drawn from: the best trial that kept a checkpoint, at its
-    best checkpointed milestone (Ray keeps only the newest and the best checkpoint)."""
+    best checkpointed milestone (Ray keeps only the newest and the best checkpoint); the caption
+    names both, and says so when that is not the best trial or not its best milestone."""
 
     trial_id: str
     checkpoint: Path
+    caption: str
 
 
 @dataclass(frozen=True)
@@ -284,10 +286,18 @@ def sample_grids_info(experiment: Experiment, top_k: int) -> SampleGridsInfo:
 def _denoise_info(experiment: Experiment, ranked: list[Trial]) -> Optional[DenoiseInfo]:
     """The first of the `ranked` trials (best first) with a checkpoint, at its best checkpointed
     milestone; None when none has one."""
-    for trial in ranked:
+    for rank, trial in enumerate(ranked):
         milestone = experiment.best(trial, checkpointed=True)
-        if milestone is not None:
-            return DenoiseInfo(trial.trial_id, trial.checkpoints[milestone[STEP.name]])
+        if milestone is None:
+            continue
+        step, metric = milestone[STEP.name], experiment.metric
+        notes = [f"{rank} better trial{'s' if rank > 1 else ''} kept no checkpoint of a milestone"] if rank else []
+        best_step = experiment.best(trial)[STEP.name]
+        if best_step != step:
+            notes.append(f"the checkpoint of its best milestone, step {best_step}, was not kept")
+        drawn_from = f"{trial.trial_id} at step {step} ({metric} {milestone[metric]:.4g})"
+        caption = "; ".join([f"Denoising diagnostic of {drawn_from}: {DENOISE_ROWS}", *notes])
+        return DenoiseInfo(trial.trial_id, trial.checkpoints[step], caption)
     return None
 
 

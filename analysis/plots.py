@@ -19,7 +19,6 @@ from diffusion_lib.config import ConfigError  # noqa: E402
 
 from .grids import denoising_diagnostic  # noqa: E402
 from .plot_info import (  # noqa: E402
-    DENOISE_CAPTION,
     DENOISE_FILE,
     BestByKeyInfo,
     Caption,
@@ -97,7 +96,7 @@ def draw_sample_grids(info: SampleGridsInfo, out: Path) -> tuple[list[Caption], 
     if info.denoise is not None:
         try:
             denoising_diagnostic(info.denoise.checkpoint, out / DENOISE_FILE)
-            images.append((DENOISE_CAPTION, out / DENOISE_FILE))
+            images.append((info.denoise.caption, out / DENOISE_FILE))
         except ConfigError as err:
             warnings.append(f"{info.denoise.trial_id}: {err}")
     return images, warnings

@@ -21,7 +21,7 @@ from analysis.curves import PAIRED_IN_RUN, curvature_correlation, floor_gap, got
 from analysis.decisions import configurations
 from analysis.plot_info import (
     COLOURED,
-    DENOISE_CAPTION,
+    DENOISE_ROWS,
     FloorBand,
     best_by_key_info,
     figure_infos,
@@ -393,14 +393,23 @@ def test_sample_grids_are_the_top_trials_recorded_grids_of_their_best_milestones
         f"Rank 2: lr=0.001, step 200, val/fid 300 {own}",
         f"Rank 3: lr=0.001, step 100, val/fid 350 {own}",
     ]
-    # The denoising diagnostic needs a checkpoint: the best trial's best kept one.
+    # The denoising diagnostic needs a checkpoint: the best trial's best kept one, and its caption
+    # says which, and why it is not the best milestone's.
     assert (info.denoise.trial_id, info.denoise.checkpoint) == ("b", tmp_path / "b" / "step_200.pt")
+    assert info.denoise.caption == (
+        f"Denoising diagnostic of b at step 200 (val/fid 295): {DENOISE_ROWS}; "
+        "the checkpoint of its best milestone, step 100, was not kept"
+    )
     assert info.warnings == ()
+    from_the_second = sample_grids_info(Experiment(tmp_path, trials=[d, c]), top_k=3).denoise
+    assert from_the_second.caption == (
+        f"Denoising diagnostic of c at step 100 (val/fid 400): {DENOISE_ROWS}; "
+        "1 better trial kept no checkpoint of a milestone"
+    )
 
     nothing_kept = sample_grids_info(Experiment(tmp_path, trials=[d]), top_k=3)
     assert [g.trial_id for g in nothing_kept.grids] == ["d"] and nothing_kept.denoise is None
     assert nothing_kept.warnings == ("no trial has a checkpoint for a milestone with val/fid; no denoising diagnostic",)
-    assert DENOISE_CAPTION.startswith("Denoising diagnostic of the best checkpoint")
 
 
 def test_what_an_image_shows_is_computed_without_matplotlib():
