@@ -35,6 +35,7 @@ from .files import (
     trial_label,
 )
 from .noise import Measurement
+from .ray_checkpoint import restored_checkpoint
 
 
 @dataclass
@@ -301,16 +302,19 @@ def _read_ray_state(path: Path, warnings: list[str]) -> tuple[Optional[float], O
 
 
 def _latest_report(run_metadata: str) -> dict[str, Any]:
-    """{"checkpoint": its checkpoint_* folder, "step": its step} of the latest report in a
-    trial's run metadata (the second half of its entry in Ray's state), each left out when the
-    metadata does not hold it. Ray restores a trial from its latest checkpoint, which it keeps
-    pickled; every report of a trial carries a checkpoint (`sweeps.trainable`), so the latest
-    report's, which Ray keeps as JSON, is that one."""
+    """{"checkpoint": the checkpoint_* folder Ray restores the trial from, "step": the step of
+    its latest report}, from a trial's run metadata (the second half of its entry in Ray's
+    state), each left out when the metadata does not hold it. The checkpoint is the one Ray's
+    checkpoint manager holds (`record.ray_checkpoint`); where that cannot be read, the latest
+    report's, which names the same folder but for a report whose checkpoint Ray has not taken yet
+    (every report of a trial carries one: `sweeps.trainable`)."""
     try:
-        last_result = json.loads(run_metadata).get("last_result") or {}
+        metadata = json.loads(run_metadata)
+        last_result = metadata.get("last_result") or {}
     except (ValueError, TypeError, AttributeError):
         return {}
-    report = {"checkpoint": last_result.get("checkpoint_dir_name"), "step": last_result.get(STEP.name)}
+    checkpoint = restored_checkpoint(metadata) or last_result.get("checkpoint_dir_name")
+    report = {"checkpoint": checkpoint, "step": last_result.get(STEP.name)}
     valid = {"checkpoint": str, "step": int}
     return {key: value for key, value in report.items() if isinstance(value, valid[key])}
 

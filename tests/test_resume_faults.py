@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -256,6 +257,64 @@ def test_the_plan_names_the_checkpoint_ray_restores_and_where_a_damaged_one_fall
     assert plan_line(f"file://{experiment}") == falls_back
 
 
+def record_ray_run_metadata(state: Path, trial: str, kept: dict[str, int], last_report: tuple[str, int]) -> None:
+    """The trial's run metadata in Ray's state as Ray writes it, with Ray's own classes and
+    encoder: its checkpoint manager holding the `kept` checkpoint folders (folder: step, in
+    order), and `last_report` (folder, step) as its latest report."""
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint, CheckpointConfig
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    metadata = _TrainingRunMetadata()
+    metadata.checkpoint_manager = _CheckpointManager(CheckpointConfig(num_to_keep=len(kept)))
+    for folder, step in kept.items():
+        checkpoint = Checkpoint(str(state.parent / trial / folder))
+        metadata.checkpoint_manager.register_checkpoint(_TrainingResult(checkpoint, {"step": step}))
+    metadata.last_result = {"step": last_report[1], "checkpoint_dir_name": last_report[0], "done": False}
+    raw = json.loads(state.read_text())
+    for entry in raw["trial_data"]:
+        if json.loads(entry[0])["relative_logdir"] == trial:
+            entry[1] = metadata.get_json_state()
+    stamp = state.stat().st_mtime
+    state.write_text(json.dumps(raw))
+    os.utime(state, (stamp, stamp))
+
+
+def test_the_plan_reads_the_checkpoint_ray_restores_from_its_checkpoint_manager_without_ray(tmp_path, checkpoint_bytes):
+    """Ray saved its state between the step-60 report and the registration of its checkpoint: the
+    report names checkpoint_000002, and Ray's checkpoint manager, which Ray restores from, holds
+    checkpoint_000001 (step 40) as its latest. Read without Ray: its pickle's classes are stand-ins."""
+    experiment = tmp_path / "exp"
+    write_sweep_file(experiment, {"optim.lr": {"grid": [1e-4]}}, metric="train/loss")
+    trial = write_trial(experiment, TRIAL, [row(s) for s in (20, 40, 60)], searched={"optim.lr": 1e-4}, total_steps=100)
+    for index, step in enumerate((20, 40, 60)):
+        ray_checkpoint(trial, f"checkpoint_00000{index}", step, checkpoint_bytes)
+    state = write_ray_state(experiment, {TRIAL: "RUNNING"}, age_s=600)
+    record_ray_run_metadata(state, TRIAL, {"checkpoint_000000": 20, "checkpoint_000001": 40}, ("checkpoint_000002", 60))
+    code = "import sys, record.experiment; sys.exit('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+    assert load_experiment(experiment).trials[0].ray_checkpoint == "checkpoint_000001"
+    assert resume_plan(str(experiment), num_trials=1)[1] == (
+        f"    {TRIAL}  interrupted: continues from its checkpoint at step 40"
+    )
+    record_ray_run_metadata(state, TRIAL, {"checkpoint_000000": 20, "checkpoint_000002": 60}, ("checkpoint_000002", 60))
+    assert load_experiment(experiment).trials[0].ray_checkpoint == "checkpoint_000002"
+
+
+def test_a_checkpoint_manager_that_is_not_rays_runs_nothing_and_the_latest_report_stands(tmp_path):
+    from record.ray_checkpoint import restored_checkpoint
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    pickled = {"checkpoint_manager": {"_type": "CLOUDPICKLE_FALLBACK", "value": pickle.dumps(Payload()).hex()}}
+    assert restored_checkpoint(pickled) is None and not (tmp_path / "ran").exists()
+    assert restored_checkpoint({}) is None and restored_checkpoint({"checkpoint_manager": None}) is None
+
+
 def test_a_finished_trial_whose_record_lost_its_last_row_reads_finished_and_gets_it_back(tmp_path):
     """The summary says finished; metrics.jsonl ends in a torn line (step 40 of 40); the trial's
     newest checkpoint holds the record as it was reported."""
@@ -365,13 +424,15 @@ class Sweep:
     def _rows_so_far(self) -> list[dict]:
         return [r for path in self.experiment.glob(f"*/{METRICS_FILE}") for r in read_metrics(path)]
 
-    def restored_by_ray(self) -> tuple[str, int]:
-        """The checkpoint folder and step of the trial's latest report in Ray's newest state: the
-        checkpoint `--resume` restores."""
+    def restored_by_ray(self) -> str:
+        """The checkpoint folder `--resume` restores: the latest in the trial's checkpoint manager
+        in Ray's newest state, unpickled by Ray itself."""
+        from ray.tune.utils.serialization import _loads_with_cloudpickle
+
         newest = max(self.experiment.glob("experiment_state-*.json"))
         (entry,) = json.loads(newest.read_text())["trial_data"]
-        last = json.loads(entry[1])["last_result"]
-        return last["checkpoint_dir_name"], last["step"]
+        manager = _loads_with_cloudpickle(entry[1])["checkpoint_manager"]
+        return Path(manager.latest_checkpoint_result.checkpoint.path).name
 
 
 @pytest.mark.slow
@@ -395,10 +456,9 @@ def test_sigterm_then_a_damaged_checkpoint_named_planned_for_and_resumed_past_th
     assert (sweep.experiment / INTERRUPTED_FILE).is_file()
     assert "sweep not running: interrupted (Ctrl-C or SIGTERM)" in sweep.status()
     trial = sweep.trial()
-    folder, step = sweep.restored_by_ray()
-    # Every checkpoint from the one Ray's saved state names back to the oldest is emptied: Ray's
-    # state, saved as SIGTERM lands, can name the newest report's checkpoint while Ray restores the
-    # one before it (its checkpoint bookkeeping a report behind), so either may be the one restored.
+    folder = sweep.restored_by_ray()
+    # Every checkpoint from the one Ray restores back to the oldest is emptied (Ray's state, saved
+    # as SIGTERM lands, can name a newer report's checkpoint that Ray has not taken yet).
     stored = sorted(trial.glob("checkpoint_*/step_*.pt"), reverse=True)
     emptied = [path for path in stored if stored[-1].parent.name < path.parent.name <= folder]
     assert emptied and emptied[0].parent.name == folder, "the case needs a checkpoint older than the one Ray restores"
@@ -408,8 +468,8 @@ def test_sigterm_then_a_damaged_checkpoint_named_planned_for_and_resumed_past_th
     fallback_step = int(fallback.stem.removeprefix("step_"))
     before = sweep.rows()
 
-    # The plan: the checkpoint Ray's state names (not the record's newest, which may be a report
-    # newer) and each older one, unreadable, and the one the trial will continue from.
+    # The plan: the checkpoint Ray restores (not the record's newest, which may be a report newer)
+    # and each older one, unreadable, and the one the trial will continue from.
     plan = CliRunner().invoke(app, ["run", str(sweep.spec), "--no-analyze", "--resume", "--dry-run"])
     assert plan.exit_code == 0, plan.output[-2000:]
     unreadable = "; ".join(
