@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from diffusion_lib.build import create_trainer
 from diffusion_lib.config import SEED_KEY, ConfigError
@@ -23,6 +23,7 @@ from . import worker_setup
 from .asha import Asha
 from .console import one_line_console, sweep_reporter
 from .interrupt import CtrlC, ray_init_keeps_stop_handlers
+from .local_ray import EndWhenLocalRayDies
 from .optuna_search import StoppedAsPrunedOptunaSearch
 from .racing import DynamicsRacingScheduler, RacingScheduler, RacingStateCallback
 from .resume_plan import refuse_unreadable_ray_state
@@ -228,16 +229,30 @@ def drive_sweep(
     # What analysis and `sweep status` need to read the experiment from files alone, on any storage.
     SweepFile(spec.metric, spec.mode, spec.recorded_search()).write(path)
     say(f"starting {states.trial_count(spec.num_trials)}")
-    with CtrlC() as ctrl_c:
+    with CtrlC() as ctrl_c, EndWhenLocalRayDies(ctrl_c, lambda: _end_without_ray(path, ctrl_c.exit_code, say)):
         results = tuner.fit()
     finished = results.num_terminated + results.num_errors  # early-stopped trials count as terminated
     if ctrl_c.pressed or finished < spec.num_trials:  # Ray saved its state and returned early
-        message = "interrupted with trials unfinished; the state is saved: `sweep run SPEC --resume` finishes it"
-        Interruption(message).write(path)
-        raise SweepInterrupted(message, ctrl_c.exit_code)
+        Interruption(UNFINISHED).write(path)
+        raise SweepInterrupted(UNFINISHED, ctrl_c.exit_code)
     summary(results, spec).write(path)
     Interruption.remove(path)  # a resumed sweep has ended: the note of its interruption is history
     return results
+
+
+UNFINISHED = "interrupted with trials unfinished; the state is saved: `sweep run SPEC --resume` finishes it"
+
+
+def _end_without_ray(path: str, exit_code: int, say: Callable[[str], None]) -> NoReturn:
+    """The end of a sweep whose stop signal also ended the Ray daemons this driver started
+    (`sweeps.local_ray`): Tune has saved its state but cannot shut its trials down, so the driver
+    ends here, from the watching thread, as an interrupted sweep ends."""
+    say("the stop signal also ended Ray's own processes (sent to the whole process group); workers stopped")
+    Interruption(UNFINISHED).write(path)
+    say(UNFINISHED)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def check_experiment_location(spec: SweepSpec, resume: bool) -> None:

@@ -184,3 +184,37 @@ def test_a_ctrl_c_whose_keyboard_interrupt_was_swallowed_still_ends_the_sweep_be
     with pytest.raises(runner.SweepInterrupted, match="interrupted before any trial started") as stopped:
         runner.drive_sweep(spec)
     assert stopped.value.exit_code == 130
+
+
+def test_a_stop_signal_that_ended_the_local_ray_ends_the_sweep_with_its_workers_killed(tmp_path):
+    """Stand-ins: a `raylet` child (a copy of sleep under that name), a worker it started (its
+    environment names it) and another process. The end comes only after a stop signal and the
+    raylet's death, and only when Tune has not returned within the grace; then the raylet's
+    worker is killed and no other process. tests/test_resume_faults.py's SIGTERM case is the real one."""
+    import shutil
+    import threading
+
+    from sweeps.interrupt import CtrlC
+    from sweeps.local_ray import RAYLET_ENV, EndWhenLocalRayDies
+
+    shutil.copy(shutil.which("sleep"), tmp_path / "raylet")
+    raylet = subprocess.Popen([str(tmp_path / "raylet"), "60"])
+    worker = subprocess.Popen(["sleep", "60"], env={**os.environ, RAYLET_ENV: str(raylet.pid)})
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        ctrl_c, ended = CtrlC(), threading.Event()
+        with EndWhenLocalRayDies(ctrl_c, ended.set, grace_s=0.3, poll_s=0.05):
+            raylet.terminate()
+            time.sleep(0.5)
+            assert not ended.is_set()  # a raylet that died without a stop signal is Ray's affair
+        ctrl_c.received = signal.SIGTERM
+        with EndWhenLocalRayDies(ctrl_c, ended.set, grace_s=5.0, poll_s=0.05):
+            time.sleep(0.5)  # Tune returned within the grace
+        assert not ended.is_set() and worker.poll() is None
+        with EndWhenLocalRayDies(ctrl_c, ended.set, grace_s=0.3, poll_s=0.05):
+            assert ended.wait(10)
+        assert worker.wait(10) == -signal.SIGKILL and bystander.poll() is None
+    finally:
+        for process in (raylet, worker, bystander):
+            process.kill()
+            process.wait()
