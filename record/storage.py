@@ -359,6 +359,19 @@ def download_tree(location: str, local_dir: str | os.PathLike) -> Path:
     return Path(local_dir)
 
 
+def download_matching(location: str, local_dir: str | os.PathLike, pattern: str) -> Path:
+    """The files directly under `location` whose names match `pattern` (fnmatch) into `local_dir`."""
+    import fnmatch
+
+    import pyarrow.fs
+
+    fs, root = resolve(location)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root.rstrip("/"), allow_not_found=True))
+    files = [i for i in infos if i.type == pyarrow.fs.FileType.File]
+    fetch_all(fs, [(Path(local_dir) / i.base_name, i) for i in files if fnmatch.fnmatch(i.base_name, pattern)])
+    return Path(local_dir)
+
+
 def _make_parent(fs, path: str) -> None:
     """Object stores need no folders (and creating one writes a marker object): only filesystems
     with real directories get the parent made."""

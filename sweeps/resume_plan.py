@@ -10,7 +10,7 @@ from diffusion_lib.config import ConfigError
 from diffusion_lib.run_files import checkpoint_damage, checkpoint_step
 from record import states, storage
 from record.experiment import Trial, load_experiment, unreadable_ray_state
-from record.files import resume_order
+from record.files import RAY_STATE_GLOB, resume_order
 from record.mirror import mirror_experiment
 
 KEPT = (states.FINISHED, states.STOPPED)  # what a resume leaves as it is
@@ -22,12 +22,12 @@ def resume_plan(experiment_path: str, num_trials: int) -> list[str]:
     metrics.jsonl lost), unfinished and errored ones continue from the checkpoint Ray restores,
     or, when that file is damaged, from the one the trial falls back to (`sweeps.trainable`);
     the rest start fresh."""
+    refuse_unreadable_ray_state(experiment_path)
     with storage.local_folder(experiment_path, seed=_mirror_for_the_plan, upload_changes=False) as folder:
         try:
             experiment = load_experiment(folder)
         except ConfigError as err:
             raise ConfigError(storage.named_as(experiment_path, folder)(str(err))) from None
-        refuse_unreadable_ray_state(experiment_path, folder)
         lines = [f"resuming {experiment_path}:"]
         lines += [f"    {trial.trial_id}  {trial.state}: {_plan(trial)}" for trial in experiment.trials]
     if len(experiment.trials) < num_trials:
@@ -35,15 +35,21 @@ def resume_plan(experiment_path: str, num_trials: int) -> list[str]:
     return lines
 
 
-def refuse_unreadable_ray_state(experiment_path: str, folder: Path) -> None:
-    """A ConfigError when Ray's latest experiment state in `folder` (the experiment, or its local
-    mirror) cannot be read: Ray cannot resume the sweep, and its records still stand."""
-    if damage := unreadable_ray_state(folder):
-        where = experiment_path
+def refuse_unreadable_ray_state(location: str) -> None:
+    """A ConfigError when Ray's latest experiment state at `location` (a path or URI; only its
+    state files are fetched from a URI) cannot be read: Ray cannot resume the sweep, and its
+    records still stand."""
+    with storage.local_folder(location, seed=_ray_states, upload_changes=False) as folder:
+        damage = unreadable_ray_state(folder)
+    if damage:
         raise ConfigError(
-            f"--resume: {damage} in {where}, so Ray cannot resume the sweep; "
-            f"the trials' records stand: `sweep status {where}` and `sweep analyze {where}` read them"
+            f"--resume: {damage} in {location}, so Ray cannot resume the sweep; "
+            f"the trials' records stand: `sweep status {location}` and `sweep analyze {location}` read them"
         )
+
+
+def _ray_states(location: str, folder: Path) -> None:
+    storage.download_matching(location, folder, RAY_STATE_GLOB)
 
 
 def _plan(trial: Trial) -> str:

@@ -17,7 +17,6 @@ from diffusion_lib.run_log import write_hparams_config
 from record import states, storage
 from record.driver_lock import DriverLock
 from record.files import RAY_ERROR_FILE, Interruption, Summary, SweepFile, TrialOutcome, one_line_error
-from record.mirror import mirror_experiment
 
 from . import worker_setup
 from .asha import Asha
@@ -42,6 +41,9 @@ def trial_dirname(trial) -> str:
 class NoSpaceLeft(Exception):
     """The experiment's disk filled up (or its quota ran out) while the sweep wrote to it: one line
     naming the path and what to do once there is space again. Not bad input: exit 1, not 2."""
+
+
+UNFINISHED = "interrupted with trials unfinished; the state is saved: `sweep run SPEC --resume` finishes it"
 
 
 class SweepInterrupted(Exception):
@@ -240,9 +242,6 @@ def drive_sweep(
     return results
 
 
-UNFINISHED = "interrupted with trials unfinished; the state is saved: `sweep run SPEC --resume` finishes it"
-
-
 def _end_without_ray(path: str, exit_code: int, say: Callable[[str], None]) -> NoReturn:
     """The end of a sweep whose stop signal also ended the Ray daemons this driver started
     (`sweeps.local_ray`): Tune has saved its state but cannot shut its trials down, so the driver
@@ -268,8 +267,7 @@ def check_experiment_location(spec: SweepSpec, resume: bool) -> None:
             f"{path} already holds experiment {spec.name!r}; pass --resume to finish it or --name to start another"
         )
     if resume:
-        with storage.local_folder(path, seed=mirror_experiment, upload_changes=False) as folder:
-            refuse_unreadable_ray_state(path, folder)
+        refuse_unreadable_ray_state(path)
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:

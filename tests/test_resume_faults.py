@@ -218,6 +218,8 @@ def test_a_ray_state_cut_short_is_refused_by_the_plan_before_ray_would_start_a_t
     latest.write_text(older.read_text())
     assert resume_plan(str(experiment), num_trials=1)[1].startswith(f"    {TRIAL}  ")
     latest.write_text(older.read_text()[:100])
+    with pytest.raises(ConfigError, match=f"Ray's experiment state {latest.name} is unreadable"):
+        resume_plan(f"file://{experiment}", num_trials=1)  # on a URI, the state files alone are fetched
     with pytest.raises(ConfigError) as refused:
         resume_plan(str(experiment), num_trials=1)
     assert str(refused.value).startswith(
